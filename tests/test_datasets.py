@@ -1,0 +1,171 @@
+"""Tests for the Fashion-MNIST builder (on Debian's real package) and the bundled fruit sample."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m9.datasets import FASHION_MNIST_LABELS, NOTICE_NAME, DatasetError, _read_idx, build_fashion_mnist
+
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SAMPLE = Path(__file__).resolve().parent.parent / "m9" / "sample"
+PER_CLASS = 3
+
+
+def _jpegs(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.jpg"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------------------
+
+needs_package = pytest.mark.skipif(
+    not SYSTEM_FASHION_MNIST.is_dir() and not (shutil.which("apt-get") and shutil.which("dpkg-deb")),
+    reason="needs /usr/share/datasets/fashion-mnist, or apt-get and dpkg-deb to download it",
+)
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """Build a per_class=3 tree once from the system's package, or a .deb apt-get downloads."""
+    output = tmp_path_factory.mktemp("fashion-mnist")
+    counts = build_fashion_mnist(output, per_class=PER_CLASS)
+    return output, counts
+
+
+@needs_package
+def test_fashion_mnist_counts_and_layout(fashion: tuple[Path, dict[str, int]]) -> None:
+    output, counts = fashion
+    assert counts == {"Training": 10 * PER_CLASS, "Test": 10 * PER_CLASS}
+    assert sorted(p.name for p in output.iterdir()) == sorted(["Training", "Test", NOTICE_NAME])
+    for split in ("Training", "Test"):
+        assert sorted(p.name for p in (output / split).iterdir()) == sorted(FASHION_MNIST_LABELS)
+        for label in FASHION_MNIST_LABELS:
+            names = [p.name for p in (output / split / label).iterdir()]
+            assert len(names) == PER_CLASS
+            assert all(re.fullmatch(r"\d+\.jpg", n) for n in names), names
+
+
+@needs_package
+def test_fashion_mnist_images_are_100px_rgb_jpegs(fashion: tuple[Path, dict[str, int]]) -> None:
+    output, _ = fashion
+    for path in _jpegs(output):
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (100, 100)), path
+
+
+@needs_package
+def test_fashion_mnist_labels_follow_the_idx_files(fashion: tuple[Path, dict[str, int]]) -> None:
+    # The first labels of Fashion-MNIST: training 9 0 0 3 0 2 7 2 5 5, test 9 2 1 1 6 1 4 6 5 7.
+    output, _ = fashion
+    assert sorted(p.name for p in (output / "Training" / "t-shirt_top").iterdir()) == [
+        "1.jpg",
+        "2.jpg",
+        "4.jpg",
+    ]
+    assert (output / "Training" / "ankle_boot" / "0.jpg").is_file()
+    assert sorted(p.name for p in (output / "Test" / "trouser").iterdir()) == ["2.jpg", "3.jpg", "5.jpg"]
+    # A grey garment on black: the corner is dark, there is a bright garment, the channels agree.
+    with Image.open(output / "Training" / "ankle_boot" / "0.jpg") as image:
+        pixels = np.asarray(image, dtype=np.int16)
+    assert pixels[0, 0].max() < 16
+    assert pixels.max() > 200
+    assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() < 8
+
+
+@needs_package
+def test_fashion_mnist_copies_the_mit_notice(fashion: tuple[Path, dict[str, int]]) -> None:
+    output, _ = fashion
+    notice = (output / NOTICE_NAME).read_text(encoding="utf-8")
+    assert "Zalando SE" in notice
+    assert "Permission is hereby granted, free of charge" in notice
+
+
+@needs_package
+def test_fashion_mnist_rerun_keeps_existing_images(fashion: tuple[Path, dict[str, int]]) -> None:
+    output, counts = fashion
+    before = {p: p.stat().st_mtime_ns for p in _jpegs(output)}
+    source = SYSTEM_FASHION_MNIST if SYSTEM_FASHION_MNIST.is_dir() else None
+    assert build_fashion_mnist(output, per_class=PER_CLASS, source=source) == counts
+    assert {p: p.stat().st_mtime_ns for p in _jpegs(output)} == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"per_class": 0}, "per_class must be at least 1"),
+        ({"splits": ("Train",)}, "splits must be some of Training, Test"),
+        ({"source": Path("/nonexistent/fashion-mnist")}, "does not exist"),
+    ],
+)
+def test_fashion_mnist_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        build_fashion_mnist(tmp_path / "out", **kwargs)
+
+
+def test_fashion_mnist_source_without_idx_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no Fashion-MNIST idx files"):
+        build_fashion_mnist(tmp_path / "out", source=tmp_path)
+
+
+def test_read_idx_rejects_a_file_that_is_not_idx(tmp_path: Path) -> None:
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(gzip.compress(b"<html>not found</html>"))
+    with pytest.raises(DatasetError, match="is not an idx file"):
+        _read_idx(bad, ndim=1)
+
+
+def test_read_idx_rejects_a_truncated_file(tmp_path: Path) -> None:
+    short = tmp_path / "labels.gz"
+    short.write_bytes(gzip.compress(b"\0\0\x08\x01" + (5).to_bytes(4, "big") + b"\1\2"))
+    with pytest.raises(DatasetError, match="not \\(5,\\)"):
+        _read_idx(short, ndim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bundled sample
+# ---------------------------------------------------------------------------------------------------
+
+
+def _angles(folder: Path) -> set[int]:
+    return {int(re.fullmatch(rf"{folder.name}_r(\d+)\.jpg", p.name).group(1)) for p in folder.iterdir()}
+
+
+def test_sample_has_both_splits_with_the_same_48_labels() -> None:
+    training = sorted(p.name for p in (SAMPLE / "Training").iterdir())
+    test = sorted(p.name for p in (SAMPLE / "Test").iterdir())
+    assert len(training) == 48
+    assert training == test
+    assert all(re.fullmatch(r"[a-z0-9_]+", label) for label in training)
+
+
+def test_sample_views_differ_between_training_and_test() -> None:
+    for label_dir in (SAMPLE / "Training").iterdir():
+        training = _angles(label_dir)
+        test = _angles(SAMPLE / "Test" / label_dir.name)
+        assert len(training) >= 2 and test, label_dir.name
+        assert not training & test, label_dir.name
+
+
+def test_sample_images_are_100px_rgb_jpegs() -> None:
+    paths = _jpegs(SAMPLE)
+    assert len(paths) >= 48 * 2
+    for path in paths:
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (100, 100)), path
+
+
+def test_sample_carries_its_license_and_stays_small() -> None:
+    notice = (SAMPLE / "NOTICE.md").read_text(encoding="utf-8")
+    assert "tuxpaint-stamps-default" in notice and "scripts/make_sample.py" in notice
+    copying = (SAMPLE / "COPYING").read_text(encoding="utf-8")
+    assert "License: GPL-2" in copying
+    total = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
+    assert total < 2 * 1024 * 1024
