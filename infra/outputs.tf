@@ -1,0 +1,60 @@
+output "bucket_name" {
+  description = "S3 bucket for inputs (inputs/), workdirs (runs/), scratch (tmp/), logs (logs/) and bootstrap files (bootstrap/)."
+  value       = aws_s3_bucket.data.id
+}
+
+output "kms_key_arn" {
+  description = "KMS key encrypting the bucket, the EMR local disks and the EMR logs."
+  value       = aws_kms_key.data.arn
+}
+
+output "cluster_id" {
+  description = "EMR cluster id (j-...)."
+  value       = aws_emr_cluster.main.id
+}
+
+output "master_dns" {
+  description = "DNS name of the master node (private: reachable from inside the VPC, or through SSM)."
+  value       = aws_emr_cluster.main.master_public_dns
+}
+
+output "upload_inputs_command" {
+  description = "Command that copies a local folder of images to the inputs/ prefix."
+  value       = "aws s3 sync ./images/ s3://${aws_s3_bucket.data.id}/inputs/ --region ${var.region}"
+}
+
+output "submit_run_command" {
+  description = "Command that runs the whole pipeline (ingest, embed on Ray, PCA) as an EMR step; replace RUN_ID."
+  value = join(" ", [
+    "aws emr add-steps --region ${var.region} --cluster-id ${aws_emr_cluster.main.id} --steps",
+    "'Type=CUSTOM_JAR,Name=m9-run,ActionOnFailure=CONTINUE,Jar=command-runner.jar,Args=[${join(",", [
+      "${var.m9_venv}/bin/m9", "run",
+      "--input", "s3://${aws_s3_bucket.data.id}/inputs/",
+      "--workdir", "s3://${aws_s3_bucket.data.id}/runs/RUN_ID/",
+      "--actors", tostring(var.embed_actors),
+      "--k", tostring(var.pca_k),
+      "--ray-address", "auto",
+    ])}]'",
+  ])
+}
+
+output "step_status_command" {
+  description = "Command that lists the cluster's steps and their state."
+  value       = "aws emr list-steps --region ${var.region} --cluster-id ${aws_emr_cluster.main.id}"
+}
+
+output "ssm_session_command" {
+  description = "Command that opens a Session Manager shell on the master node (no SSH port needed)."
+  value = join(" ", [
+    "aws ssm start-session --region ${var.region} --target",
+    "\"$(aws emr list-instances --region ${var.region} --cluster-id ${aws_emr_cluster.main.id} --instance-group-types MASTER --query 'Instances[0].Ec2InstanceId' --output text)\"",
+  ])
+}
+
+output "teardown_commands" {
+  description = "Commands that stop billing: terminate the cluster now, or destroy everything (the bucket survives unless force_destroy_bucket or it is empty)."
+  value = [
+    "aws emr terminate-clusters --region ${var.region} --cluster-ids ${aws_emr_cluster.main.id}",
+    "terraform -chdir=infra destroy",
+  ]
+}
