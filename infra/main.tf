@@ -375,7 +375,6 @@ resource "aws_internet_gateway" "main" {
 }
 
 resource "aws_eip" "nat" {
-  #checkov:skip=CKV2_AWS_19:This address belongs to the NAT gateway, not to an instance.
   domain = "vpc"
 
   depends_on = [aws_internet_gateway.main]
@@ -459,7 +458,6 @@ resource "aws_vpc_endpoint" "ssm" {
 # master and core/task nodes, which also carries Ray's ports) and removes them
 # on deletion; Terraform therefore ignores the inline rules.
 resource "aws_security_group" "emr_master" {
-  #checkov:skip=CKV2_AWS_5:Attached through aws_emr_cluster.ec2_attributes, which checkov does not follow.
   name                   = "${var.name}-emr-master"
   description            = "EMR-managed: master node"
   vpc_id                 = aws_vpc.main.id
@@ -473,7 +471,6 @@ resource "aws_security_group" "emr_master" {
 }
 
 resource "aws_security_group" "emr_core" {
-  #checkov:skip=CKV2_AWS_5:Attached through aws_emr_cluster.ec2_attributes, which checkov does not follow.
   name                   = "${var.name}-emr-core"
   description            = "EMR-managed: core and task nodes"
   vpc_id                 = aws_vpc.main.id
@@ -489,7 +486,6 @@ resource "aws_security_group" "emr_core" {
 # Required for clusters in a private subnet: EMR's control plane talks to the
 # master through it.
 resource "aws_security_group" "emr_service_access" {
-  #checkov:skip=CKV2_AWS_5:Attached through aws_emr_cluster.ec2_attributes, which checkov does not follow.
   name                   = "${var.name}-emr-service-access"
   description            = "EMR-managed: service access for a private subnet"
   vpc_id                 = aws_vpc.main.id
@@ -518,7 +514,6 @@ resource "aws_vpc_security_group_egress_rule" "emr_https" {
 
 # Optional SSH, only from the listed networks (empty by default: no rule at all).
 resource "aws_security_group" "ssh" {
-  #checkov:skip=CKV2_AWS_5:Attached through aws_emr_cluster.ec2_attributes, which checkov does not follow.
   count = length(var.allowed_ssh_cidrs) > 0 ? 1 : 0
 
   name        = "${var.name}-ssh"
