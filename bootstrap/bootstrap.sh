@@ -33,6 +33,7 @@
 #   M9_RAY_OBJECT_STORE_BYTES  object store size; default M9_RAY_OBJECT_STORE_FRACTION (0.15) of RAM,
 #                          well below Ray's 30% default because YARN containers share the memory
 #   M9_RAY_EXTRA_ARGS      extra `ray start` arguments (split on spaces)
+#   RAY_AUTH_MODE          Ray's own setting; disabled unless set (see start_ray_node)
 #   M9_WAIT_TIMEOUT_S      how long the background part waits     (3600)
 #   M9_POLL_INTERVAL_S     how often it looks                    (5)
 set -euo pipefail
@@ -237,6 +238,11 @@ fetch_weights() {
 
 start_ray_node() {
   local ray args=() extra=() head
+  # Recent Ray turns token auth on for `ray start --head`, with a token only the
+  # head's ~/.ray has, so the other nodes (and m9's drivers) could not join. The
+  # GCS is reachable only inside the cluster's EMR-managed security groups; to
+  # use tokens anyway, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on every node.
+  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
   ray=$(ray_bin)
   args=(--num-cpus "$(ray_num_cpus)" --object-store-memory "$(ray_object_store_bytes)" --disable-usage-stats)
   [[ -n ${M9_RAY_NODE_IP:-} ]] && args+=(--node-ip-address "$M9_RAY_NODE_IP")
