@@ -9,12 +9,13 @@
 #   others: wait until the head's port answers, then `ray start --address`
 #
 # Usage (arguments override the environment, which overrides the defaults):
-#   bootstrap.sh --artifacts s3://BUCKET/bootstrap/ [--venv DIR] [--ray-port N]
-#                [--ray-cpu-fraction F]
+#   bootstrap.sh --artifacts s3://BUCKET/bootstrap/ [--venv DIR] [--cache-dir DIR]
+#                [--ray-port N] [--ray-cpu-fraction F]
 #
 # Environment (everything needed to simulate an EMR node in a test):
 #   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz and constraints.txt
 #   M9_VENV                venv to create                        (/opt/m9/venv)
+#   M9_CACHE_DIR           weights cache, also exported to the Ray nodes (m9's default: ~/.cache/m9)
 #   M9_PYTHON              interpreter for the venv              (python3.11)
 #   M9_SKIP_INSTALL=1      no venv/pip; use `ray` from PATH (and skip weights)
 #   M9_SKIP_WEIGHTS=1      do not fetch the model weights
@@ -50,6 +51,7 @@ while (($# > 0)); do
   case $1 in
     --artifacts) ARTIFACTS_URI=$2; shift 2 ;;
     --venv) VENV=$2; shift 2 ;;
+    --cache-dir) export M9_CACHE_DIR=$2; shift 2 ;;
     --ray-port) RAY_PORT=$2; shift 2 ;;
     --ray-cpu-fraction) RAY_CPU_FRACTION=$2; shift 2 ;;
     __ray-node) MODE="ray-node"; shift ;; # internal: the backgrounded second half
@@ -223,13 +225,13 @@ install_m9() {
 }
 
 fetch_weights() {
+  local cache=${M9_CACHE_DIR:-$HOME/.cache/m9}
+  ensure_dir "$cache"
   if [[ -n ${M9_WEIGHTS_URI:-} ]]; then
-    local cache=${M9_CACHE_DIR:-$HOME/.cache/m9}
-    ensure_dir "$cache"
     log "copying weights from $M9_WEIGHTS_URI to $cache"
     aws s3 cp --recursive --only-show-errors "$M9_WEIGHTS_URI" "$cache"
   else
-    log "fetching MobileNetV2 weights with m9 weights fetch"
+    log "fetching MobileNetV2 weights into $cache with m9 weights fetch"
     PATH="$VENV/bin:$PATH" "$VENV/bin/m9" weights fetch
   fi
 }

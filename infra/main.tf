@@ -754,6 +754,7 @@ locals {
           Properties = {
             PYSPARK_PYTHON        = local.venv_python
             PYSPARK_DRIVER_PYTHON = local.venv_python
+            M9_CACHE_DIR          = var.m9_cache_dir
           }
         },
       ]
@@ -761,8 +762,9 @@ locals {
     {
       Classification = "spark-defaults"
       Properties = {
-        "spark.pyspark.python"        = local.venv_python
-        "spark.pyspark.driver.python" = local.venv_python
+        "spark.pyspark.python"           = local.venv_python
+        "spark.pyspark.driver.python"    = local.venv_python
+        "spark.executorEnv.M9_CACHE_DIR" = var.m9_cache_dir
       }
     },
   ]
@@ -823,6 +825,7 @@ resource "aws_emr_cluster" "main" {
     args = [
       "--artifacts", "${local.bucket_uri}/bootstrap/",
       "--venv", var.m9_venv,
+      "--cache-dir", var.m9_cache_dir,
       "--ray-port", tostring(var.ray_port),
       "--ray-cpu-fraction", tostring(var.ray_cpu_fraction),
     ]
@@ -844,6 +847,21 @@ resource "aws_emr_cluster" "main" {
     aws_route_table_association.private,
     aws_vpc_endpoint.s3,
     aws_s3_bucket_policy.data,
+  ]
+}
+
+# The step runs on the master as the hadoop user: Spark on YARN (m9 would
+# otherwise start a local Spark), Ray through the head the bootstrap started,
+# weights from the cache the bootstrap filled.
+locals {
+  run_step_args = [
+    "/usr/bin/env", "M9_SPARK_MASTER=yarn", "M9_CACHE_DIR=${var.m9_cache_dir}",
+    "${var.m9_venv}/bin/m9", "run",
+    "--input", "${local.bucket_uri}/inputs/",
+    "--workdir", "${local.bucket_uri}/runs/RUN_ID/",
+    "--actors", tostring(var.embed_actors),
+    "--k", tostring(var.pca_k),
+    "--ray-address", "auto",
   ]
 }
 

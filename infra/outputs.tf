@@ -23,18 +23,16 @@ output "upload_inputs_command" {
   value       = "aws s3 sync ./images/ s3://${aws_s3_bucket.data.id}/inputs/ --region ${var.region}"
 }
 
+output "run_step_args" {
+  description = "Arguments of the EMR step that runs the whole pipeline (ingest, embed on Ray, PCA); RUN_ID is a placeholder."
+  value       = local.run_step_args
+}
+
 output "submit_run_command" {
-  description = "Command that runs the whole pipeline (ingest, embed on Ray, PCA) as an EMR step; replace RUN_ID."
+  description = "Command that submits the pipeline as an EMR step; replace RUN_ID (a new name per run, or an old one to resume it)."
   value = join(" ", [
     "aws emr add-steps --region ${var.region} --cluster-id ${aws_emr_cluster.main.id} --steps",
-    "'Type=CUSTOM_JAR,Name=m9-run,ActionOnFailure=CONTINUE,Jar=command-runner.jar,Args=[${join(",", [
-      "${var.m9_venv}/bin/m9", "run",
-      "--input", "s3://${aws_s3_bucket.data.id}/inputs/",
-      "--workdir", "s3://${aws_s3_bucket.data.id}/runs/RUN_ID/",
-      "--actors", tostring(var.embed_actors),
-      "--k", tostring(var.pca_k),
-      "--ray-address", "auto",
-    ])}]'",
+    "'Type=CUSTOM_JAR,Name=m9-run,ActionOnFailure=CONTINUE,Jar=command-runner.jar,Args=[${join(",", local.run_step_args)}]'",
   ])
 }
 

@@ -118,6 +118,17 @@ variable "m9_venv" {
   }
 }
 
+variable "m9_cache_dir" {
+  type        = string
+  description = "Where the bootstrap puts the MobileNetV2 weights (M9_CACHE_DIR). Shared by the hadoop user (steps, Ray) and YARN containers, so not under a home directory."
+  default     = "/opt/m9/cache"
+
+  validation {
+    condition     = can(regex("^/[A-Za-z0-9._/-]+$", var.m9_cache_dir))
+    error_message = "m9_cache_dir must be an absolute path without spaces."
+  }
+}
+
 variable "ray_cpu_fraction" {
   type        = number
   description = "Share of each node's vCPUs offered to Ray (rounded down, at least 1). The rest is left to YARN/Spark executors and the node's daemons, so Ray actors and Spark tasks do not oversubscribe the same cores."

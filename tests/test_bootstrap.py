@@ -201,7 +201,7 @@ def _kill_tagged(tag: str) -> None:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=10)
+        psutil.wait_procs(procs, timeout=3)
     left = _tagged(tag)
     assert not left, f"could not stop {left}"
 

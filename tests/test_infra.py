@@ -20,9 +20,7 @@ PLAN_BUCKET = "m9-plan-test"
 PLAN_BUCKET_ARN = f"arn:aws:s3:::{PLAN_BUCKET}"
 
 TERRAFORM = shutil.which("terraform")
-needs_terraform = pytest.mark.skipif(
-    TERRAFORM is None, reason="terraform is not installed"
-)
+needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")
 
 # Dummy credentials and no account lookups: the plan runs offline and only in
 # the test's copy of infra/, so real users never get these settings.
@@ -51,9 +49,7 @@ def _terraform_env() -> dict[str, str]:
     return env
 
 
-def _tf(
-    workdir: Path, *args: str, check: bool = True
-) -> subprocess.CompletedProcess[str]:
+def _tf(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [TERRAFORM, *args, "-no-color"],
         cwd=workdir,
@@ -72,9 +68,7 @@ def _tf(
 def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of infra/ (+ the files it uploads) with the provider override, initialised offline."""
     root = tmp_path_factory.mktemp("tf")
-    shutil.copytree(
-        INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform*", "*.tfplan")
-    )
+    shutil.copytree(INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform*", "*.tfplan"))
     shutil.copytree(BOOTSTRAP, root / "bootstrap")
     constraints = REPO / "constraints.txt"
     if constraints.exists():
@@ -109,17 +103,11 @@ def plan(tf_workdir: Path) -> dict:
 
 def _changes(plan: dict, type_: str) -> list[dict]:
     """Planned 'after' values of every resource (or data source) of one type."""
-    return [
-        rc["change"]["after"] for rc in plan["resource_changes"] if rc["type"] == type_
-    ]
+    return [rc["change"]["after"] for rc in plan["resource_changes"] if rc["type"] == type_]
 
 
 def _one(plan: dict, type_: str, name: str) -> dict:
-    hits = [
-        rc["change"]["after"]
-        for rc in plan["resource_changes"]
-        if rc["type"] == type_ and rc["name"] == name
-    ]
+    hits = [rc["change"]["after"] for rc in plan["resource_changes"] if rc["type"] == type_ and rc["name"] == name]
     assert len(hits) == 1, f"expected one {type_}.{name}, found {len(hits)}"
     return hits[0]
 
@@ -136,9 +124,7 @@ def test_terraform_fmt() -> None:
         text=True,
         env=_terraform_env(),
     )
-    assert proc.returncode == 0, (
-        f"run `terraform fmt -recursive infra`:\n{proc.stdout}{proc.stderr}"
-    )
+    assert proc.returncode == 0, f"run `terraform fmt -recursive infra`:\n{proc.stdout}{proc.stderr}"
 
 
 @needs_terraform
@@ -146,10 +132,7 @@ def test_offline_mirror_pins_provider() -> None:
     versions = (INFRA / "versions.tf").read_text()
     pinned = re.search(r'version\s*=\s*"~>\s*([0-9.]+)"', versions)
     assert pinned, "the aws provider must be pinned with ~>"
-    mirrored = sorted(
-        p.name
-        for p in Path("/opt/tf-plugins/registry.terraform.io/hashicorp/aws").glob("*")
-    )
+    mirrored = sorted(p.name for p in Path("/opt/tf-plugins/registry.terraform.io/hashicorp/aws").glob("*"))
     if mirrored:
         assert any(v.startswith(pinned.group(1)) for v in mirrored), (
             pinned.group(1),
@@ -164,29 +147,20 @@ def test_terraform_validate(tf_workdir: Path) -> None:
 
 def test_every_variable_and_output_is_documented() -> None:
     text = "\n".join(p.read_text() for p in INFRA.glob("*.tf"))
-    blocks = re.findall(
-        r'^(variable|output) "(\w+)" \{\n(.*?)^\}', text, flags=re.DOTALL | re.MULTILINE
-    )
+    blocks = re.findall(r'^(variable|output) "(\w+)" \{\n(.*?)^\}', text, flags=re.DOTALL | re.MULTILINE)
     assert len(blocks) > 20
     for kind, name, body in blocks:
-        assert re.search(r"^  description\s*=", body, re.MULTILINE), (
-            f"{kind} {name} has no description"
-        )
+        assert re.search(r"^  description\s*=", body, re.MULTILINE), f"{kind} {name} has no description"
         # Terraform outputs have no type argument; variables must declare one.
         if kind == "variable":
-            assert re.search(r"^  type\s*=", body, re.MULTILINE), (
-                f"variable {name} has no type"
-            )
+            assert re.search(r"^  type\s*=", body, re.MULTILINE), f"variable {name} has no type"
 
 
 @needs_terraform
 def test_plan_uses_eu_west_1(plan: dict) -> None:
     assert plan["variables"]["region"]["value"] == "eu-west-1"
     assert _one(plan, "aws_subnet", "private")["availability_zone"] == "eu-west-1a"
-    assert (
-        _one(plan, "aws_vpc_endpoint", "s3")["service_name"]
-        == "com.amazonaws.eu-west-1.s3"
-    )
+    assert _one(plan, "aws_vpc_endpoint", "s3")["service_name"] == "com.amazonaws.eu-west-1.s3"
 
 
 @needs_terraform
@@ -199,9 +173,7 @@ def test_non_eu_region_is_rejected(tf_workdir: Path, region: str) -> None:
 
 @needs_terraform
 def test_ssh_from_everywhere_is_rejected(tf_workdir: Path) -> None:
-    proc = _tf(
-        tf_workdir, *_plan_args('-var=allowed_ssh_cidrs=["0.0.0.0/0"]'), check=False
-    )
+    proc = _tf(tf_workdir, *_plan_args('-var=allowed_ssh_cidrs=["0.0.0.0/0"]'), check=False)
     assert proc.returncode != 0
     assert "must not include 0.0.0.0/0" in proc.stderr
 
@@ -211,12 +183,7 @@ def test_bucket_is_encrypted_versioned_and_owner_enforced(plan: dict) -> None:
     sse = _one(plan, "aws_s3_bucket_server_side_encryption_configuration", "data")
     default = sse["rule"][0]["apply_server_side_encryption_by_default"][0]
     assert default["sse_algorithm"] in {"aws:kms", "AES256"}
-    assert (
-        _one(plan, "aws_s3_bucket_versioning", "data")["versioning_configuration"][0][
-            "status"
-        ]
-        == "Enabled"
-    )
+    assert _one(plan, "aws_s3_bucket_versioning", "data")["versioning_configuration"][0]["status"] == "Enabled"
     ownership = _one(plan, "aws_s3_bucket_ownership_controls", "data")
     assert ownership["rule"][0]["object_ownership"] == "BucketOwnerEnforced"
     assert _one(plan, "aws_s3_bucket", "data")["bucket"] == PLAN_BUCKET
@@ -243,19 +210,13 @@ def test_bucket_policy_denies_plain_http(plan: dict) -> None:
     assert deny["actions"] == ["s3:*"]
     assert set(deny["resources"]) == {PLAN_BUCKET_ARN, f"{PLAN_BUCKET_ARN}/*"}
     assert deny["principals"] == [{"type": "*", "identifiers": ["*"]}]
-    assert deny["condition"] == [
-        {"test": "Bool", "variable": "aws:SecureTransport", "values": ["false"]}
-    ]
+    assert deny["condition"] == [{"test": "Bool", "variable": "aws:SecureTransport", "values": ["false"]}]
 
 
 @needs_terraform
 def test_bucket_lifecycle_expires_logs_and_tmp(plan: dict) -> None:
     rules = _one(plan, "aws_s3_bucket_lifecycle_configuration", "data")["rule"]
-    expiring = {
-        r["filter"][0]["prefix"]: r["expiration"][0]["days"]
-        for r in rules
-        if r["expiration"]
-    }
+    expiring = {r["filter"][0]["prefix"]: r["expiration"][0]["days"] for r in rules if r["expiration"]}
     assert set(expiring) == {"logs/", "tmp/"}
     assert all(days >= 1 for days in expiring.values())
 
@@ -270,9 +231,7 @@ def _ingress_cidrs(plan: dict) -> list[str]:
         cidrs += [rule.get("cidr_ipv4"), rule.get("cidr_ipv6")]
     for rule in _changes(plan, "aws_security_group_rule"):
         if rule["type"] == "ingress":
-            cidrs += (rule.get("cidr_blocks") or []) + (
-                rule.get("ipv6_cidr_blocks") or []
-            )
+            cidrs += (rule.get("cidr_blocks") or []) + (rule.get("ipv6_cidr_blocks") or [])
     return [c for c in cidrs if c]
 
 
@@ -282,11 +241,7 @@ def test_no_ingress_from_the_internet(plan: dict) -> None:
     assert cidrs, "expected at least the VPC-internal endpoint rule"
     assert "0.0.0.0/0" not in cidrs and "::/0" not in cidrs
     # No SSH at all unless allowed_ssh_cidrs is set.
-    assert not [
-        r
-        for r in _changes(plan, "aws_vpc_security_group_ingress_rule")
-        if r["from_port"] == 22
-    ]
+    assert not [r for r in _changes(plan, "aws_vpc_security_group_ingress_rule") if r["from_port"] == 22]
 
 
 @needs_terraform
@@ -296,11 +251,7 @@ def test_ssh_only_from_allowed_cidrs(tf_workdir: Path) -> None:
         *_plan_args('-var=allowed_ssh_cidrs=["203.0.113.0/24"]', "-out=ssh.tfplan"),
     )
     ssh_plan = json.loads(_tf(tf_workdir, "show", "-json", "ssh.tfplan").stdout)
-    ssh = [
-        r
-        for r in _changes(ssh_plan, "aws_vpc_security_group_ingress_rule")
-        if r["from_port"] == 22
-    ]
+    ssh = [r for r in _changes(ssh_plan, "aws_vpc_security_group_ingress_rule") if r["from_port"] == 22]
     assert [r["cidr_ipv4"] for r in ssh] == ["203.0.113.0/24"]
     assert "0.0.0.0/0" not in _ingress_cidrs(ssh_plan)
 
@@ -318,17 +269,33 @@ def test_emr_cluster(plan: dict) -> None:
     assert args[args.index("--artifacts") + 1] == f"s3://{PLAN_BUCKET}/bootstrap/"
     # Spark must run the interpreter of the venv the bootstrap installs m9 into.
     venv = args[args.index("--venv") + 1]
-    configurations = {
-        c["Classification"]: c for c in json.loads(cluster["configurations_json"])
-    }
+    configurations = {c["Classification"]: c for c in json.loads(cluster["configurations_json"])}
     spark_env = configurations["spark-env"]["Configurations"][0]["Properties"]
     assert spark_env["PYSPARK_PYTHON"] == f"{venv}/bin/python"
-    assert (
-        configurations["spark-defaults"]["Properties"]["spark.pyspark.python"]
-        == f"{venv}/bin/python"
-    )
+    assert configurations["spark-defaults"]["Properties"]["spark.pyspark.python"] == f"{venv}/bin/python"
+    # The weights the bootstrap fetches are where Spark and the step look.
+    cache_dir = args[args.index("--cache-dir") + 1]
+    assert spark_env["M9_CACHE_DIR"] == cache_dir
+    spark_defaults = configurations["spark-defaults"]["Properties"]
+    assert spark_defaults["spark.executorEnv.M9_CACHE_DIR"] == cache_dir
     # No task group unless asked for.
     assert _changes(plan, "aws_emr_instance_group") == []
+
+
+@needs_terraform
+def test_run_step_uses_yarn_ray_and_the_bucket(plan: dict) -> None:
+    args = plan["planned_values"]["outputs"]["run_step_args"]["value"]
+    m9 = args.index("/opt/m9/venv/bin/m9")
+    assert args[:m9] == [
+        "/usr/bin/env",
+        "M9_SPARK_MASTER=yarn",
+        "M9_CACHE_DIR=/opt/m9/cache",
+    ]
+    opts = dict(zip(args[m9 + 2 :: 2], args[m9 + 3 :: 2], strict=True))
+    assert args[m9 + 1] == "run"
+    assert opts["--input"] == f"s3://{PLAN_BUCKET}/inputs/"
+    assert opts["--workdir"].startswith(f"s3://{PLAN_BUCKET}/runs/")
+    assert opts["--ray-address"] == "auto"
 
 
 @needs_terraform
@@ -351,10 +318,7 @@ def test_emr_security_configuration_encrypts_at_rest(plan: dict) -> None:
         for r in plan["configuration"]["root_module"]["resources"]
         if r["address"] == "aws_emr_security_configuration.main"
     )
-    assert (
-        "aws_kms_key.data.arn"
-        in sc_config["expressions"]["configuration"]["references"]
-    )
+    assert "aws_kms_key.data.arn" in sc_config["expressions"]["configuration"]["references"]
     text = (INFRA / "main.tf").read_text()
     for needle in (
         "EnableAtRestEncryption    = true",
@@ -365,9 +329,7 @@ def test_emr_security_configuration_encrypts_at_rest(plan: dict) -> None:
 
 
 def _s3_statements(policy: dict) -> list[dict]:
-    return [
-        s for s in policy["statement"] if any(a.startswith("s3:") for a in s["actions"])
-    ]
+    return [s for s in policy["statement"] if any(a.startswith("s3:") for a in s["actions"])]
 
 
 @needs_terraform
@@ -393,19 +355,13 @@ def test_instance_profile_is_scoped_to_the_bucket(plan: dict) -> None:
     # "*" only for SSM channel actions, which have no resource type in IAM.
     for s in policy["statement"]:
         if "*" in (s.get("resources") or []):
-            assert all(
-                a.startswith(("ssmmessages:", "ec2messages:")) for a in s["actions"]
-            ), s["sid"]
+            assert all(a.startswith(("ssmmessages:", "ec2messages:")) for a in s["actions"]), s["sid"]
 
 
 @needs_terraform
 def test_no_broad_managed_policies(plan: dict) -> None:
-    attached = [
-        a["policy_arn"] for a in _changes(plan, "aws_iam_role_policy_attachment")
-    ]
-    assert attached == [
-        "arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"
-    ]
+    attached = [a["policy_arn"] for a in _changes(plan, "aws_iam_role_policy_attachment")]
+    assert attached == ["arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"]
 
 
 # --- linters ----------------------------------------------------------------------
@@ -422,21 +378,15 @@ def _checkov() -> str | None:
 
 
 def test_checkov_skips_have_reasons() -> None:
-    skips = re.findall(
-        r"#checkov:skip=([A-Z0-9_]+)(?::(.*))?", (INFRA / "main.tf").read_text()
-    )
+    skips = re.findall(r"#checkov:skip=([A-Z0-9_]+)(?::(.*))?", (INFRA / "main.tf").read_text())
     for check_id, reason in skips:
-        assert reason and len(reason.split()) >= 5, (
-            f"checkov skip {check_id} needs a real reason"
-        )
+        assert reason and len(reason.split()) >= 5, f"checkov skip {check_id} needs a real reason"
 
 
 def test_checkov_passes() -> None:
     checkov = _checkov()
     if checkov is None:
-        pytest.skip(
-            "checkov not found: python3 -m venv .venv-tools && .venv-tools/bin/pip install checkov==3.3.30"
-        )
+        pytest.skip("checkov not found: python3 -m venv .venv-tools && .venv-tools/bin/pip install checkov==3.3.30")
     proc = subprocess.run(
         [
             checkov,
@@ -455,10 +405,7 @@ def test_checkov_passes() -> None:
     )
     report = json.loads(proc.stdout)
     summary = report["summary"]
-    failed = [
-        f"{c['check_id']} {c['resource']}: {c['check_name']}"
-        for c in report["results"]["failed_checks"]
-    ]
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in report["results"]["failed_checks"]]
     assert summary["failed"] == 0, "\n".join(failed)
     assert summary["parsing_errors"] == 0
     assert summary["passed"] > 100
@@ -470,9 +417,7 @@ def test_shellcheck_bootstrap() -> None:
         pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
     scripts = sorted(str(p) for p in BOOTSTRAP.glob("*.sh"))
     assert scripts
-    proc = subprocess.run(
-        [shellcheck, "-x", *scripts], capture_output=True, check=False, text=True
-    )
+    proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, check=False, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -493,6 +438,4 @@ def test_docker_compose_deploy_profile() -> None:
             text=True,
             env=_terraform_env(),
         ).stdout
-        assert f"v{TERRAFORM_VERSION}" in out, (
-            "docker-compose.yml and the installed terraform differ"
-        )
+        assert f"v{TERRAFORM_VERSION}" in out, "docker-compose.yml and the installed terraform differ"
