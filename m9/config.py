@@ -1,0 +1,81 @@
+"""Frozen per-stage configuration with named defaults, each with the reason for its value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Where `m9` writes when no output is given: a folder in the working directory, easy to find and delete.
+DEFAULT_WORKDIR = "m9-out"
+
+#: About 1,000 images per Parquet file: a few MB of JPEG bytes, big enough that per-file overhead is
+#: negligible, small enough that a 2-actor machine still gets several blocks to share, and the unit of resume.
+DEFAULT_IMAGES_PER_FILE = 1000
+
+#: Extensions the ingest admits (any case); everything else in the tree is ignored and counted as ignored.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+#: MobileNetV2's ImageNet input size; the weights were trained at this resolution.
+IMAGE_SIZE = 224
+
+#: Width of MobileNetV2's pooled feature vector (the last 1×1 conv has 1280 channels).
+FEATURE_DIM = 1280
+
+#: Actors in the embed pool: one per core keeps every core busy without oversubscribing them.
+DEFAULT_ACTORS = max(1, os.cpu_count() or 1)
+
+#: Images per forward pass: measured on a 2-core machine, 16 is at the knee where larger batches stop
+#: paying (activations start to fall out of cache) while warm-up and tail latency stay small.
+DEFAULT_BATCH_SIZE = 16
+
+#: Components kept by `m9 reduce`: the seed's choice, enough for >90 % of variance on Fruits-360-like data.
+DEFAULT_K = 50
+
+#: Variance thresholds for which variance.json reports the smallest k that reaches them.
+VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
+
+#: Pillow refuses images above this many pixels (its own decompression-bomb default is 89.5 M); a larger
+#: image is rejected with a reason rather than decoded, so one file cannot exhaust an actor's memory.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def cache_dir() -> Path:
+    """m9's cache folder (weights, jars): $M9_CACHE_DIR, else $XDG_CACHE_HOME/m9, else ~/.cache/m9."""
+    if os.environ.get("M9_CACHE_DIR"):
+        return Path(os.environ["M9_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "m9"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What `m9 ingest` reads and writes."""
+
+    input: str
+    output: str
+    images_per_file: int = DEFAULT_IMAGES_PER_FILE
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What `m9 embed` reads, writes and how it distributes the model."""
+
+    input: str
+    output: str
+    actors: int = DEFAULT_ACTORS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    ray_address: str | None = None
+    weights: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """What `m9 reduce` reads and writes, and how many components it keeps."""
+
+    input: str
+    output: str
+    k: int = DEFAULT_K
+    overwrite: bool = False

@@ -1,0 +1,91 @@
+"""Ray helpers: join or start a Ray cluster, and count model loads across actors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from m9.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+#: Name of the small actor that counts model loads, so a run can report how many happened.
+LOAD_COUNTER = "m9-model-loads"
+
+#: Object store for a local Ray: 2 GB holds many batches of image bytes and features, and leaves the
+#: rest of a laptop's memory to the TensorFlow actors.
+LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Use the running Ray if this process has one; else join `address` or start a local Ray, and stop
+    what was started on exit. `address` is a Ray address (`auto`, `host:port`, `ray://…`)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
+             "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                **quiet,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EngineError(
+            f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}" if address
+            else f"Ray could not start: {str(exc).splitlines()[0]}"
+        ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    """CPUs the connected Ray cluster offers."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def _counter_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class LoadCounter:
+        def __init__(self):
+            self.loads = []
+
+        def record(self, node: str, pid: int) -> None:
+            self.loads.append((node, pid))
+
+        def get(self) -> list:
+            return self.loads
+
+    return LoadCounter
+
+
+def start_load_counter():
+    """Create the (run-scoped) actor that model-loading actors report to."""
+    return _counter_class().options(name=LOAD_COUNTER).remote()
+
+
+def record_model_load() -> None:
+    """Tell the run's load counter, if there is one, that this process loaded the model."""
+    import ray
+
+    try:
+        counter = ray.get_actor(LOAD_COUNTER)
+    except ValueError:
+        return
+    ctx = ray.get_runtime_context()
+    ray.get(counter.record.remote(ctx.get_node_id(), os.getpid()))

@@ -1,0 +1,17 @@
+"""Exceptions a user can cause; the CLI turns them into one `Error: …` line."""
+
+
+class M9Error(Exception):
+    """A problem the user can fix (bad input, bad option, missing tool); shown without a traceback."""
+
+
+class InputError(M9Error):
+    """The input is missing, empty or not what the stage expects."""
+
+
+class WeightsError(M9Error):
+    """No usable MobileNetV2 ImageNet weights could be obtained or verified."""
+
+
+class EngineError(M9Error):
+    """Spark, Java or Ray could not be started or reached."""

@@ -1,0 +1,252 @@
+"""Embed: a fixed pool of Ray actors, each loading MobileNetV2 once, turns ingested images into features."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from m9 import engine_ray, stage, storage
+from m9 import weights as m9weights
+from m9.config import FEATURE_DIM, EmbedConfig
+from m9.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: CPUs each Ray Data read task claims. Small, so that read tasks always find room beside actors that
+#: together claim the rest: a 2-CPU machine whose actors claim whole CPUs starves the reads and hangs.
+READ_TASK_CPUS = 0.25
+
+#: CPUs kept free of actor claims. Ray Data's file-listing step claims one whole CPU (not configurable in
+#: Ray 2.60) before any read starts; with less than one CPU free beside the actors, the run never starts.
+#: Claims are bookkeeping, not limits: the actors' TensorFlow threads still use every core.
+READ_RESERVE_CPUS = 1.0
+
+#: Work items hold this many batches' worth of rows: enough to keep an actor's batches full, few enough
+#: that a 2-actor machine has several items per 1,000-image shard to share out.
+SLICE_BATCHES = 4
+
+#: Columns embed reads from the ingest output; `content` is dropped once the features are computed.
+INPUT_COLUMNS = ["image_id", "path", "label", "split", "content"]
+
+#: Subfolders of the embed output.
+EMBEDDINGS, ERRORS = "embeddings", "errors"
+
+EMBEDDINGS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("split", pa.string()),
+     ("features", pa.list_(pa.float32()))]
+)
+ERRORS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("split", pa.string()),
+     ("error", pa.string())]
+)
+
+
+class EmbedActor:
+    """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled."""
+
+    def __init__(self, weights_path: str | None, threads: int, batch_size: int):
+        from m9.model import Embedder
+
+        path = weights_path or str(m9weights.fetch())
+        self.embedder = Embedder(path, threads=threads, batch_size=batch_size, verify=weights_path is None)
+        engine_ray.record_model_load()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features, errors = self.embedder.embed(list(batch["content"]))
+        return {
+            "image_id": batch["image_id"],
+            "path": batch["path"],
+            "label": batch["label"],
+            "split": batch["split"],
+            "shard": batch["shard"],
+            "features": features,
+            "error": np.array([e or "" for e in errors], dtype=object),
+        }
+
+
+def part_name(shard_uri: str) -> str:
+    """The output file name for an input shard: its own name, so a re-run can tell which shards are done."""
+    return PurePosixPath(shard_uri.replace("\\", "/")).name
+
+
+def plan_resources(cpus: float, actors: int) -> tuple[float, int]:
+    """(CPUs each actor claims, TensorFlow threads each actor runs) for `actors` actors on `cpus` CPUs."""
+    per_actor = max(0.01, (cpus - READ_RESERVE_CPUS) / actors)
+    threads = max(1, math.floor(cpus / actors))
+    return round(per_actor, 4), threads
+
+
+class _ShardWriter:
+    """Collects embedded rows per input shard and commits a shard's two files once all its rows are in."""
+
+    def __init__(self, output: str, expected: dict[str, int]):
+        self.output, self.expected = output, expected
+        self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.seen: dict[str, int] = defaultdict(int)
+        self.embedded = self.rejected = 0
+
+    def add(self, shard: str, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        self.rows[shard].append({k: v[rows] for k, v in batch.items()})
+        self.seen[shard] += len(rows)
+        if self.seen[shard] == self.expected[shard]:
+            self._commit(shard)
+        elif self.seen[shard] > self.expected[shard]:
+            raise RuntimeError(f"shard {shard}: {self.seen[shard]} rows returned for {self.expected[shard]}")
+
+    def _commit(self, shard: str) -> None:
+        parts = self.rows.pop(shard)
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(cols["image_id"].astype(str), kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        ok = cols["error"] == ""
+        meta = {k: [None if v is None else str(v) for v in cols[k]] for k in ("image_id", "path", "label", "split")}
+        features = np.asarray(cols["features"], dtype=np.float32).reshape(-1, FEATURE_DIM)
+        good = pa.table(
+            {**{k: pa.array([v for v, keep in zip(vals, ok) if keep], pa.string()) for k, vals in meta.items()},
+             "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM).cast(
+                 pa.list_(pa.float32()))},
+            schema=EMBEDDINGS_SCHEMA,
+        )
+        bad = pa.table(
+            {**{k: pa.array([v for v, keep in zip(vals, ok) if not keep], pa.string()) for k, vals in meta.items()},
+             "error": pa.array([str(e) for e in cols["error"][~ok]], pa.string())},
+            schema=ERRORS_SCHEMA,
+        )
+        name = part_name(shard)
+        # errors/ first, embeddings/ last: a shard counts as done only when its embeddings file exists.
+        _write_table(storage.join(self.output, ERRORS, name), bad)
+        _write_table(storage.join(self.output, EMBEDDINGS, name), good)
+        self.embedded += good.num_rows
+        self.rejected += bad.num_rows
+
+
+def _write_table(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _count_rows(uris: list[str]) -> dict[str, int]:
+    counts = {}
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        counts[uri] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return counts
+
+
+def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
+    """Work items of at most max_rows rows: one per Parquet row group, cut further when a group is larger.
+
+    Ray Data would hand a whole small file to one actor; slicing by row group lets every actor work from
+    the first second, and keeps each read small (m9 ingest writes row groups of ROW_GROUP_BYTES).
+    """
+    items = []
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        meta = pq.ParquetFile(path, filesystem=fs).metadata
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            for start in range(0, rows, max_rows):
+                items.append({"shard": uri, "row_group": group, "start": start, "stop": min(rows, start + max_rows)})
+    return items
+
+
+def read_slices(items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata)."""
+    tables = []
+    for shard, group, start, stop in zip(items["shard"], items["row_group"], items["start"], items["stop"]):
+        fs, path = storage.filesystem(str(shard))
+        table = pq.ParquetFile(path, filesystem=fs).read_row_group(int(group), columns=INPUT_COLUMNS)
+        table = table.slice(int(start), int(stop) - int(start))
+        tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
+    table = pa.concat_tables(tables)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _summarize(out: str, shards: list[str]) -> dict[str, int]:
+    """Rows committed in embeddings/ and errors/ for the given shards."""
+    names = [part_name(s) for s in shards]
+    embedded = sum(_count_rows([storage.join(out, EMBEDDINGS, n) for n in names]).values())
+    error_files = [storage.join(out, ERRORS, n) for n in names]
+    rejected = sum(_count_rows([e for e in error_files if storage.exists(e)]).values())
+    return {"embedded": embedded, "rejected": rejected}
+
+
+def embed(cfg: EmbedConfig) -> dict:
+    """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/."""
+    import ray
+
+    src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
+    if cfg.actors < 1:
+        raise InputError("--actors must be at least 1")
+    if cfg.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    shards = storage.list_files(src, ".parquet")
+    if not shards:
+        raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
+    done = stage.guard_output(out, "embed", src, cfg.overwrite)
+    if done is not None:
+        log.info("embed: %s already holds this input's output; skipping", out)
+        return {**done, "skipped": True}
+    pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
+    expected = _count_rows(pending)
+    rows_in = sum(_count_rows(shards).values())
+    weights_path = str(m9weights.resolve(cfg.weights)) if cfg.weights else None
+    if weights_path is None:
+        m9weights.fetch()  # fail fast, on the driver, with one clear line if no weights can be had
+    started = time.perf_counter()
+    loads: list = []
+    if pending:
+        with engine_ray.connect(cfg.ray_address):
+            cpus = engine_ray.cluster_cpus()
+            actor_cpus, threads = plan_resources(cpus, cfg.actors)
+            writer = _ShardWriter(out, expected)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.execution_options.preserve_order = False
+            items = plan_slices(pending, SLICE_BATCHES * cfg.batch_size)
+            counter = engine_ray.start_load_counter()
+            ds = (
+                ray.data.from_items(items, override_num_blocks=len(items))
+                .map_batches(read_slices, batch_size=1, num_cpus=READ_TASK_CPUS, batch_format="numpy")
+                .map_batches(
+                    EmbedActor,
+                    fn_constructor_kwargs={"weights_path": weights_path, "threads": threads,
+                                           "batch_size": cfg.batch_size},
+                    compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                    num_cpus=actor_cpus,
+                    batch_size=cfg.batch_size,
+                    batch_format="numpy",
+                )
+            )
+            log.info("embed: %d images in %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), "
+                     "batch %d", sum(expected.values()), len(pending), len(items), cfg.actors, threads,
+                     actor_cpus, cfg.batch_size)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                shards = batch.pop("shard")
+                for shard in np.unique(shards):
+                    writer.add(str(shard), batch, np.flatnonzero(shards == shard))
+            loads = ray.get(counter.get.remote())
+            if writer.rows:
+                missing = {part_name(s): expected[s] - writer.seen[s] for s in writer.rows}
+                raise RuntimeError(f"embed finished with incomplete shards: {missing}")
+    counts = _summarize(out, shards)
+    counts.update(rows_in=rows_in, shards=len(shards), shards_skipped=len(shards) - len(pending),
+                  model_loads=len(loads))
+    if counts["embedded"] + counts["rejected"] != rows_in:
+        raise RuntimeError(f"embed lost rows: {rows_in} in, {counts['embedded']} embedded + "
+                           f"{counts['rejected']} rejected")
+    wall = time.perf_counter() - started
+    log.info("embed: %d embedded, %d rejected, %d model loads, %.1f s", counts["embedded"],
+             counts["rejected"], len(loads), wall)
+    return stage.write_manifest(out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size,
+                                wall_s=round(wall, 2))

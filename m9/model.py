@@ -1,0 +1,151 @@
+"""The one model core every engine calls: decode → preprocess → MobileNetV2 forward pass → 1280 floats."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from m9.config import FEATURE_DIM, IMAGE_SIZE, MAX_IMAGE_PIXELS
+
+log = logging.getLogger(__name__)
+
+#: White, the background alpha is composited onto (Fruits-360 photographs fruit on white).
+BACKGROUND = (255, 255, 255)
+
+
+class DecodeError(ValueError):
+    """An image that cannot become a model input; its message is the reason stored in errors/."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white; 16-bit and float greys scaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return im.convert("RGB")
+
+
+def decode(content: bytes | None) -> np.ndarray:
+    """Image bytes → float32 array (224, 224, 3) in [-1, 1], exactly as m9 feeds MobileNetV2.
+
+    Pillow decode, EXIF orientation applied, RGB (alpha onto white), bilinear resize to 224×224,
+    float32, x / 127.5 - 1. Raises DecodeError with a one-line reason.
+    """
+    if not content:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(content))
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DecodeError(f"too large: {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"too large: {exc}") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError …) for bad bytes
+        raise DecodeError(f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+
+
+def decode_many(contents: Sequence[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a batch: the stacked inputs of the good images, and per image None or the reason it failed."""
+    arrays, errors = [], []
+    for content in contents:
+        try:
+            arrays.append(decode(content))
+            errors.append(None)
+        except DecodeError as exc:
+            errors.append(str(exc))
+    stacked = np.stack(arrays) if arrays else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    return stacked, errors
+
+
+def configure_threads(threads: int | None) -> None:
+    """Limit TensorFlow's CPU threads in this process (only possible before its runtime starts)."""
+    if not threads:
+        return
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        # One op at a time: MobileNetV2 is a chain, and inter-op threads would only compete for the cores.
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log.debug("TensorFlow already initialised; thread settings unchanged")
+
+
+def build_backbone():
+    """Keras MobileNetV2, 224×224, no top, average pooling → 1280, with no weights loaded yet."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    return keras.applications.MobileNetV2(
+        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), include_top=False, weights=None, pooling="avg"
+    )
+
+
+def load_model(weights_path: str, threads: int | None = None, verify: bool = True):
+    """The backbone with the given weights; verified against the ImageNet checksum unless told not to."""
+    configure_threads(threads)
+    model = build_backbone()
+    model.load_weights(str(weights_path))
+    if verify:
+        from m9 import weights
+
+        weights.verify(model)
+    return model
+
+
+class Embedder:
+    """Holds one loaded model; turns a batch of image bytes into features and per-image errors."""
+
+    def __init__(self, weights_path: str, threads: int | None = None, batch_size: int = 16, verify: bool = True):
+        import tensorflow as tf
+
+        self.model = load_model(weights_path, threads, verify=verify)
+        self.batch_size = batch_size
+        self._forward = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32)],
+            reduce_retracing=True,
+        )
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        """Preprocessed inputs (n, 224, 224, 3) → features (n, 1280) float32, in slices of batch_size."""
+        if len(inputs) == 0:
+            return np.zeros((0, FEATURE_DIM), np.float32)
+        out = [
+            self._forward(inputs[i : i + self.batch_size]).numpy()
+            for i in range(0, len(inputs), self.batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def embed(self, contents: Sequence[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
+        """Image bytes → (features (n, 1280) with zeros where an image failed, per-image error or None)."""
+        inputs, errors = decode_many(contents)
+        good = self.forward(inputs)
+        features = np.zeros((len(contents), FEATURE_DIM), np.float32)
+        features[[i for i, e in enumerate(errors) if e is None]] = good
+        return features, errors

@@ -1,0 +1,104 @@
+"""Reduce: Spark ML PCA of the embeddings (of the centered data), as Parquet, CSV and a variance report."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from m9 import spark as m9spark
+from m9 import stage, storage
+from m9.config import FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
+from m9.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Output names under the reduce folder.
+PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
+
+
+def _embeddings_dir(src: str) -> str:
+    """Accept either an embed output folder (with embeddings/) or the embeddings folder itself."""
+    inner = storage.join(src, "embeddings")
+    return inner if storage.list_files(inner, ".parquet") else src
+
+
+def variance_report(ratios: list[float], k: int, rows: int) -> dict:
+    """Explained-variance ratios, their running sum, and the smallest k reaching each threshold."""
+    cumulative = np.cumsum(ratios).tolist()
+    reached = {}
+    for t in VARIANCE_THRESHOLDS:
+        hit = next((i + 1 for i, c in enumerate(cumulative) if c >= t - 1e-12), None)
+        reached[f"{round(t * 100)}%"] = hit
+    return {
+        "k": k,
+        "rows": rows,
+        "centered": True,
+        "explained_variance_ratio": [float(r) for r in ratios],
+        "cumulative": [float(c) for c in cumulative],
+        "total_explained": float(cumulative[-1]),
+        "smallest_k_reaching": reached,
+    }
+
+
+def reduce(cfg: ReduceConfig) -> dict:
+    """Fit PCA with k components on the embeddings under cfg.input; write pca/, pca.csv, variance.json."""
+    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
+    emb = _embeddings_dir(src)
+    if not storage.list_files(emb, ".parquet"):
+        raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
+    done = stage.guard_output(out, "reduce", src, cfg.overwrite)
+    if done is not None and done.get("k") == cfg.k:
+        log.info("reduce: %s already holds this input's output with k=%d; skipping", out, cfg.k)
+        return {**done, "skipped": True}
+    if done is not None:
+        storage.remove(out)
+    with m9spark.session("m9-reduce") as spark:
+        frame = spark.read.parquet(m9spark.spark_uri(emb)).select(
+            "image_id", "path", "label", "split", array_to_vector(F.col("features")).alias("features")
+        )
+        rows = frame.count()
+        limit = min(FEATURE_DIM, rows)
+        if not 1 <= cfg.k <= limit:
+            raise InputError(f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
+                             f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)")
+        # Spark's PCAModel.transform does not center; m9's components are those of the centered data.
+        scaler = StandardScaler(inputCol="features", outputCol="centered", withMean=True, withStd=False).fit(frame)
+        centered = scaler.transform(frame)
+        model = PCA(k=cfg.k, inputCol="centered", outputCol="pca_vec").fit(centered)
+        result = (
+            model.transform(centered)
+            .select("image_id", "path", "label", "split", vector_to_array("pca_vec", "float32").alias("pca"))
+            .orderBy("image_id")
+        )
+        result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
+        ratios = model.explainedVariance.toArray().tolist()
+        table = pa.Table.from_pandas(
+            spark.read.parquet(m9spark.spark_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
+            preserve_index=False,
+        )
+    _write_csv(storage.join(out, CSV_NAME), table, cfg.k)
+    report = variance_report(ratios, cfg.k, rows)
+    storage.write_json(storage.join(out, VARIANCE_NAME), report)
+    log.info("reduce: %d rows → %d components explaining %.1f %% of the variance", rows, cfg.k,
+             100 * report["total_explained"])
+    return stage.write_manifest(out, "reduce", src, {"rows": rows}, k=cfg.k,
+                                total_explained=report["total_explained"],
+                                smallest_k_reaching=report["smallest_k_reaching"])
+
+
+def _write_csv(uri: str, table: pa.Table, k: int) -> None:
+    """pca.csv with header image_id,path,label,split,pc_1..pc_k."""
+    pcs = np.asarray(table.column("pca").to_pylist(), dtype=np.float32).reshape(-1, k)
+    columns = {name: table.column(name) for name in ("image_id", "path", "label", "split")}
+    columns.update({f"pc_{i + 1}": pa.array(pcs[:, i]) for i in range(k)})
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(columns), buf, pacsv.WriteOptions(quoting_style="needed", quoting_header="none"))
+    storage.write_bytes_atomic(uri, buf.getvalue())

@@ -1,0 +1,66 @@
+"""What every stage shares: its manifest (the commit marker of a finished output) and the output guard."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from m9 import __version__, storage
+from m9.errors import InputError
+
+#: The file a stage writes last into its output folder; its presence means the output is complete.
+MANIFEST = "_m9.json"
+
+#: Names a stage may leave in its own output while it runs: a re-run may replace them without asking.
+_OWN_FILES = re.compile(r"^(part-.*|_SUCCESS|_temporary|\.part-.*|\..*\.crc|_m9.*|errors|embeddings|.*\.tmp-.*)$")
+
+
+def read_manifest(output: str) -> dict | None:
+    """The manifest of a finished stage output, or None."""
+    return storage.read_json(storage.join(output, MANIFEST))
+
+
+def write_manifest(output: str, stage: str, input: str, counts: dict, **extra) -> dict:
+    """Mark output as finished by stage, with what it read and what it counted."""
+    manifest = {
+        "stage": stage,
+        "m9_version": __version__,
+        "input": input,
+        "counts": counts,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    storage.write_json(storage.join(output, MANIFEST), manifest)
+    return manifest
+
+
+def guard_output(output: str, stage: str, input: str, overwrite: bool) -> dict | None:
+    """Decide what to do with an existing output folder before a stage writes into it.
+
+    Returns the manifest when the same stage already finished on the same input (the caller may skip);
+    clears the folder when overwrite is set; raises InputError when it holds something else.
+    """
+    if overwrite:
+        storage.remove(output)
+        return None
+    manifest = read_manifest(output)
+    if manifest is not None:
+        if manifest.get("stage") == stage and manifest.get("input") == input:
+            return manifest
+        raise InputError(
+            f"{output} holds the output of `m9 {manifest.get('stage')}` on {manifest.get('input')}; "
+            f"choose another output folder or pass --overwrite to replace it"
+        )
+    if not storage.exists(output):
+        return None
+    fs, path = storage.filesystem(output)
+    import pyarrow.fs as pafs
+
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+    foreign = [n for n in names if not _OWN_FILES.match(n)]
+    if foreign:
+        raise InputError(
+            f"{output} already holds files m9 did not write (e.g. {sorted(foreign)[0]}); "
+            f"choose another output folder or pass --overwrite to replace it"
+        )
+    return None
