@@ -67,9 +67,7 @@ localInstance {{
 def _fake_node(root: Path, name: str, master: bool, provisioned: bool) -> Path:
     info = root / name
     info.mkdir()
-    (info / "instance.json").write_text(
-        json.dumps({"isMaster": master, "instanceGroupId": f"ig-{name}"})
-    )
+    (info / "instance.json").write_text(json.dumps({"isMaster": master, "instanceGroupId": f"ig-{name}"}))
     (info / "extraInstanceData.json").write_text(
         json.dumps(
             {
@@ -83,15 +81,11 @@ def _fake_node(root: Path, name: str, master: bool, provisioned: bool) -> Path:
     return info
 
 
-def _node_env(
-    info: Path, index: int, tag: str, gcs_port: int, temp_dir: str
-) -> dict[str, str]:
+def _node_env(info: Path, index: int, tag: str, gcs_port: int, temp_dir: str) -> dict[str, str]:
     """Everything that makes bootstrap.sh treat this folder as an EMR node on loopback."""
     # Several raylets on one host: every port Ray would otherwise fix must differ.
     nm, om, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
-    base = (
-        WORKER_PORT_BASE + index * 20
-    )  # worker ports are picked from a range, not checked
+    base = WORKER_PORT_BASE + index * 20  # worker ports are picked from a range, not checked
     extra = [
         f"--node-manager-port={nm}",
         f"--object-manager-port={om}",
@@ -137,9 +131,7 @@ def _run_bootstrap(env: dict[str, str]) -> float:
     )
     elapsed = time.monotonic() - start
     log = Path(env["M9_BOOTSTRAP_LOG"])
-    assert proc.returncode == 0, (
-        f"{proc.stdout}\n{proc.stderr}\n{log.read_text() if log.exists() else ''}"
-    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{log.read_text() if log.exists() else ''}"
     return elapsed
 
 
@@ -175,10 +167,7 @@ def _tagged(tag: str) -> list[psutil.Process]:
     procs = []
     for p in psutil.process_iter():
         try:
-            if (
-                needle in Path(f"/proc/{p.pid}/environ").read_bytes()
-                and p.status() != psutil.STATUS_ZOMBIE
-            ):
+            if needle in Path(f"/proc/{p.pid}/environ").read_bytes() and p.status() != psutil.STATUS_ZOMBIE:
                 procs.append(p)
         except (
             OSError,
@@ -208,9 +197,7 @@ def _kill_tagged(tag: str) -> None:
 
 def _logs(infos: list[Path]) -> str:
     return "\n".join(
-        f"--- {i.name}\n{(i / 'bootstrap.log').read_text()}"
-        for i in infos
-        if (i / "bootstrap.log").exists()
+        f"--- {i.name}\n{(i / 'bootstrap.log').read_text()}" for i in infos if (i / "bootstrap.log").exists()
     )
 
 
@@ -225,9 +212,7 @@ def emr_sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"{NODE_IP}:{gcs_port}"
 
     master = _fake_node(root, "master", master=True, provisioned=False)
-    cores = [
-        _fake_node(root, f"core{i}", master=False, provisioned=True) for i in (1, 2)
-    ]
+    cores = [_fake_node(root, f"core{i}", master=False, provisioned=True) for i in (1, 2)]
     infos = [master, *cores]
     try:
         t0 = time.monotonic()
@@ -238,14 +223,9 @@ def emr_sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         # The master must hold the head back until EMR has provisioned it.
         time.sleep(1.5)
-        assert (
-            "waiting for EMR to finish provisioning"
-            in (master / "bootstrap.log").read_text()
-        )
+        assert "waiting for EMR to finish provisioning" in (master / "bootstrap.log").read_text()
         with socket.socket() as s:
-            assert s.connect_ex((NODE_IP, gcs_port)) != 0, (
-                "Ray head started before provisioning finished"
-            )
+            assert s.connect_ex((NODE_IP, gcs_port)) != 0, "Ray head started before provisioning finished"
         (master / "job-flow-state.txt").write_text(_job_flow_state(provisioned=True))
 
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -256,9 +236,7 @@ def emr_sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break
             time.sleep(1)
         assert len(nodes) == 3, f"{len(nodes)} alive Ray nodes\n{_logs(infos)}"
-        print(
-            f"emr_sim_cluster: 3 Ray nodes alive {time.monotonic() - t0:.1f}s after the first bootstrap"
-        )
+        print(f"emr_sim_cluster: 3 Ray nodes alive {time.monotonic() - t0:.1f}s after the first bootstrap")
         yield address
     finally:
         _kill_tagged(tag)
@@ -270,28 +248,19 @@ def test_three_ray_nodes_join(emr_sim_cluster: str) -> None:
     assert len(nodes) == 3
     # Ray replaces --node-ip-address 127.0.0.1 by the host's own interface
     # address; either way the traffic never leaves this machine.
-    local_addresses = {
-        a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-    }
+    local_addresses = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
     assert {n["NodeManagerAddress"] for n in nodes} <= local_addresses
     # --num-cpus from the bootstrap, not Ray's guess from the machine.
     assert [n["Resources"]["CPU"] for n in nodes] == [1.0, 1.0, 1.0]
 
 
-def test_bootstrap_logs_each_role(
-    emr_sim_cluster: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_bootstrap_logs_each_role(emr_sim_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.getbasetemp()
     logs = {p.parent.name: p.read_text() for p in root.glob("emr*/*/bootstrap.log")}
     assert set(logs) == {"master", "core1", "core2"}
-    assert (
-        "node role: master" in logs["master"] and "starting Ray head" in logs["master"]
-    )
+    assert "node role: master" in logs["master"] and "starting Ray head" in logs["master"]
     for core in ("core1", "core2"):
-        assert (
-            "node role: worker" in logs[core]
-            and f"joining Ray at {emr_sim_cluster}" in logs[core]
-        )
+        assert "node role: worker" in logs[core] and f"joining Ray at {emr_sim_cluster}" in logs[core]
         assert "Ray node is up" in logs[core]
 
 
@@ -322,9 +291,7 @@ def _failing_env(tmp_path: Path, artifacts: Path) -> dict[str, str]:
         ),
     ],
 )
-def test_install_fails_loudly(
-    tmp_path: Path, files: dict[str, str], message: str
-) -> None:
+def test_install_fails_loudly(tmp_path: Path, files: dict[str, str], message: str) -> None:
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     for name, content in files.items():
@@ -340,9 +307,7 @@ def test_install_fails_loudly(
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert message in (tmp_path / "bootstrap.log").read_text()
-    assert not (tmp_path / "venv").exists(), (
-        "nothing may be installed from incomplete artifacts"
-    )
+    assert not (tmp_path / "venv").exists(), "nothing may be installed from incomplete artifacts"
 
 
 def test_unknown_argument_is_an_error() -> None:
