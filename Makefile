@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TOOLS := .venv-tools
-CHECKOV_VERSION ?= 3.2.500
+CHECKOV_VERSION ?= 3.3.30
 STAMP := $(VENV)/.m9-installed
 
 .PHONY: help run test install dev weights tools lint fmt clean

@@ -10,7 +10,7 @@ import sys
 import click
 
 from m9 import __version__
-from m9.config import (DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR)
+from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR
 from m9.errors import M9Error
 
 
@@ -145,7 +145,8 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, overwrite)
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
-    from m9.pipeline import RunConfig, run as run_pipeline, sample_dir
+    from m9.pipeline import RunConfig, sample_dir
+    from m9.pipeline import run as run_pipeline
 
     cfg = RunConfig(input_ or sample_dir(), workdir, actors, k, batch_size, ray_address=ray_address,
                     weights=weights, overwrite=overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 from m9.errors import EngineError
@@ -17,6 +18,24 @@ LOAD_COUNTER = "m9-model-loads"
 #: Object store for a local Ray: 2 GB holds many batches of image bytes and features, and leaves the
 #: rest of a laptop's memory to the TensorFlow actors.
 LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
+
+
+#: Seconds to wait for a Ray head's port before calling the address unreachable.
+CONNECT_TIMEOUT_S = 5
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    if address == "auto" or "://" in address and not address.startswith("ray://"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"--ray-address {address}: expected `auto`, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise EngineError(f"cannot reach Ray at {address}: {exc.strerror or exc}; is the cluster running?") from None
 
 
 @contextlib.contextmanager
@@ -32,6 +51,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
              "logging_level": logging.WARNING}
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, **quiet)
         else:
             ray.init(

@@ -232,9 +232,9 @@ def embed(cfg: EmbedConfig) -> dict:
                      "batch %d", sum(expected.values()), len(pending), len(items), cfg.actors, threads,
                      actor_cpus, cfg.batch_size)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                shards = batch.pop("shard")
-                for shard in np.unique(shards):
-                    writer.add(str(shard), batch, np.flatnonzero(shards == shard))
+                batch_shards = batch.pop("shard")
+                for shard in np.unique(batch_shards):
+                    writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
             loads = ray.get(counter.get.remote())
             if writer.rows:
                 missing = {part_name(s): expected[s] - writer.seen[s] for s in writer.rows}

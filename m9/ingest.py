@@ -6,6 +6,8 @@ import logging
 import math
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from m9 import spark as m9spark
 from m9 import stage, storage
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
@@ -38,28 +40,59 @@ def _check_input(src: str) -> None:
         raise InputError(f"input {src} is not a folder" if Path(src).exists() else f"input {src} does not exist")
 
 
-def images_frame(spark, src: str):
-    """The images under src as a DataFrame with m9's ingest schema (lazy; nothing is read yet)."""
+def _is_image(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def list_tree(src: str) -> list[tuple[str, int]]:
+    """(path inside the filesystem, size) of every file under src that Spark would see.
+
+    Hadoop skips names starting with '.' or '_' (hidden and bookkeeping files); so does this listing.
+    Spark's file scans also drop zero-byte files without a word, so m9 lists the tree itself to find them.
+    """
+    fs, root = storage.filesystem(src)
+    files = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root) :].lstrip("/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        files.append((info.path, info.size))
+    return files
+
+
+def images_frame(spark, src: str, empty_files: list[str] = ()):
+    """The images under src as a DataFrame with m9's ingest schema (lazy; nothing is read yet).
+
+    empty_files are filesystem paths of zero-byte images, which Spark's scan skips; they are added back
+    with empty content so that embed rejects them with a reason instead of losing them.
+    """
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     root = m9spark.spark_uri(src)
     # What Spark reports for each file starts with the root's path, after its scheme (file:/x or s3a://b/x).
-    root_path = root.split(":", 1)[1].lstrip("/")
+    scheme, root_path = root.split(":", 1)
+    root_path = root_path.lstrip("/")
     raw = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", _glob())
         .load(root)
+        # Spark reports paths as URIs (a space is %20); decode them, keeping a literal '+' a '+'.
+        .select(F.expr("url_decode(replace(path, '+', '%2B'))").alias("decoded"), "length", "content")
     )
-    # Spark reports paths as URIs (a space is %20); decode them, keeping a literal '+' a '+'.
-    decoded = F.expr("url_decode(replace(path, '+', '%2B'))")
+    if empty_files:
+        prefix = "file:" if scheme == "file" else f"{scheme}://"
+        schema = T.StructType([T.StructField("decoded", T.StringType()), T.StructField("length", T.LongType()),
+                               T.StructField("content", T.BinaryType())])
+        raw = raw.unionByName(spark.createDataFrame([(prefix + p, 0, bytearray()) for p in empty_files], schema))
     rel = F.expr(f"substring(decoded, instr(decoded, '{root_path}') + {len(root_path) + 1})")
-    dirs = F.slice(F.split(F.col("rel"), "/"), 1, F.size(F.split(F.col("rel"), "/")) - 1)
-    lower_dirs = F.transform(dirs, lambda d: F.lower(d))
+    parts = F.split(F.col("rel"), "/")
+    lower_dirs = F.transform(F.slice(parts, 1, F.size(parts) - 1), lambda d: F.lower(d))
     return (
-        raw.select("path", "length", "content")
-        .withColumn("decoded", decoded)
-        .withColumn("rel", F.regexp_replace(rel, "^/+", ""))
+        raw.withColumn("rel", F.regexp_replace(rel, "^/+", ""))
         .select(
             F.substring(F.sha2(F.col("rel"), 256), 1, ID_HEX_CHARS).alias("image_id"),
             F.regexp_replace(F.regexp_replace("decoded", "^file:(//)?", ""), "^s3[an]://", "s3://").alias("path"),
@@ -76,14 +109,6 @@ def images_frame(spark, src: str):
     )
 
 
-def _count_all_files(spark, src: str) -> int:
-    """Every non-hidden file under src, images or not (only paths are read, not contents)."""
-    return (
-        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(m9spark.spark_uri(src))
-        .select("path").count()
-    )
-
-
 def ingest(cfg: IngestConfig) -> dict:
     """Read every jpg/jpeg/png under cfg.input into Parquet files of about cfg.images_per_file rows."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
@@ -94,13 +119,18 @@ def ingest(cfg: IngestConfig) -> dict:
     if done is not None:
         log.info("ingest: %s already holds this input's output; skipping", out)
         return {**done, "skipped": True}
+    listed = list_tree(src)
+    images = [(path, size) for path, size in listed if _is_image(path.rsplit("/", 1)[-1])]
+    if not images:
+        raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
+    ignored = len(listed) - len(images)
     with m9spark.session("m9-ingest") as spark:
-        frame = images_frame(spark, src).cache()
+        frame = images_frame(spark, src, [path for path, size in images if size == 0]).cache()
         found = frame.count()
-        if found == 0:
+        if found != len(images):
             frame.unpersist()
-            raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
-        ignored = _count_all_files(spark, src) - found
+            raise InputError(f"Spark found {found} images under {src} but the listing has {len(images)}; "
+                             f"was the folder changed during the run? Re-run the same command.")
         files = math.ceil(found / cfg.images_per_file)
         (
             frame.repartition(files, "image_id")

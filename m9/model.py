@@ -63,7 +63,8 @@ def decode(content: bytes | None) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"too large: {exc}") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError …) for bad bytes
-        raise DecodeError(f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise DecodeError(f"cannot decode: {type(exc).__name__}: {first_line}") from None
     return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
 
 

@@ -8,8 +8,16 @@ from dataclasses import dataclass
 from importlib import resources
 
 from m9 import storage
-from m9.config import (DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR,
-                       EmbedConfig, IngestConfig, ReduceConfig)
+from m9.config import (
+    DEFAULT_ACTORS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGES_PER_FILE,
+    DEFAULT_K,
+    DEFAULT_WORKDIR,
+    EmbedConfig,
+    IngestConfig,
+    ReduceConfig,
+)
 
 log = logging.getLogger(__name__)
 

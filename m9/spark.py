@@ -81,15 +81,6 @@ def spark_uri(uri: str) -> str:
     return Path(storage.normalize(uri)).as_uri()
 
 
-def public_uri(spark_path: str) -> str:
-    """Map a URI Spark reports back to m9's spelling (`s3://…` or a plain local path)."""
-    if spark_path.startswith(("s3a://", "s3n://")):
-        return "s3://" + spark_path.split("://", 1)[1]
-    if spark_path.startswith("file:"):
-        return spark_path[len("file:") :].replace("///", "/", 1) if spark_path.startswith("file:///") else spark_path[5:]
-    return spark_path
-
-
 @contextlib.contextmanager
 def session(app_name: str = "m9", master: str | None = None, conf: dict | None = None) -> Iterator:
     """Yield the active SparkSession if there is one, else start one and stop it on exit."""

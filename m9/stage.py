@@ -27,7 +27,7 @@ def write_manifest(output: str, stage: str, input: str, counts: dict, **extra) -
         "m9_version": __version__,
         "input": input,
         "counts": counts,
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
     storage.write_json(storage.join(output, MANIFEST), manifest)

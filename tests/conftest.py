@@ -1,0 +1,81 @@
+"""Shared fixtures: one real Spark session, one real local Ray and one pipeline run for the whole suite."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parent.parent / "m9" / "sample"
+
+#: Small resources for the suite's own Ray (as Ray's own tests do): two CPUs, a small object store.
+TEST_RAY_CPUS = 2
+TEST_OBJECT_STORE_BYTES = 512 * 1024**2
+
+#: k for the suite's PCA: small enough to be quick, large enough to compare a real spectrum.
+TEST_K = 12
+
+
+def write_bad_images(folder: Path) -> dict[str, str]:
+    """A truncated JPEG, a zero-byte .jpg and a text file named .png; returns name → expected reason start."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = next(SAMPLE.glob("Training/*/*.jpg")).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not a picture\n")
+    return {"truncated.jpg": "cannot decode", "empty.jpg": "empty file", "notes.png": "cannot decode"}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A real local Spark session for the whole suite (m9's stages reuse an active session)."""
+    from m9 import spark as m9spark
+
+    with m9spark.session("m9-tests", master="local[2]") as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with small resources, started once."""
+    import ray
+
+    ray.init(num_cpus=TEST_RAY_CPUS, object_store_memory=TEST_OBJECT_STORE_BYTES, include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def weights_path() -> Path:
+    from m9 import weights
+
+    return weights.fetch()
+
+
+@pytest.fixture(scope="session")
+def images_tree(tmp_path_factory) -> Path:
+    """The bundled sample plus three broken files under Training/broken/."""
+    root = tmp_path_factory.mktemp("images")
+    shutil.copytree(SAMPLE, root, dirs_exist_ok=True)
+    write_bad_images(root / "Training" / "broken")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline(spark, ray_local, weights_path, images_tree, tmp_path_factory) -> dict:
+    """ingest → embed → reduce on images_tree, once; returns folders and each stage's manifest."""
+    from m9.config import EmbedConfig, IngestConfig, ReduceConfig
+    from m9.inference import embed
+    from m9.ingest import ingest
+    from m9.reduce import reduce
+
+    work = tmp_path_factory.mktemp("work")
+    dirs = {name: str(work / name) for name in ("images", "embed", "reduce")}
+    return {
+        "dirs": dirs,
+        "ingest": ingest(IngestConfig(str(images_tree), dirs["images"], images_per_file=100)),
+        "embed": embed(EmbedConfig(dirs["images"], dirs["embed"], actors=2, batch_size=8)),
+        "reduce": reduce(ReduceConfig(dirs["embed"], dirs["reduce"], k=TEST_K)),
+    }

