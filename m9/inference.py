@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -181,6 +182,35 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
     return {"embedded": embedded, "rejected": rejected}
 
 
+def embed_batches(shards: list[str], actors: int, batch_size: int,
+                  weights_path: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
+    batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
+    import ray
+
+    cpus = engine_ray.cluster_cpus()
+    actor_cpus, threads = plan_resources(cpus, actors)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.preserve_order = False
+    items = plan_slices(shards, SLICE_BATCHES * batch_size)
+    ds = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(read_slices, batch_size=1, num_cpus=READ_TASK_CPUS, batch_format="numpy")
+        .map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={"weights_path": weights_path, "threads": threads, "batch_size": batch_size},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus,
+            batch_size=batch_size,
+            batch_format="numpy",
+        )
+    )
+    log.info("embed: %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), batch %d",
+             len(shards), len(items), actors, threads, actor_cpus, batch_size)
+    yield from ds.iter_batches(batch_format="numpy", batch_size=None)
+
+
 def embed(cfg: EmbedConfig) -> dict:
     """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/."""
     import ray
@@ -207,31 +237,9 @@ def embed(cfg: EmbedConfig) -> dict:
     loads: list = []
     if pending:
         with engine_ray.connect(cfg.ray_address):
-            cpus = engine_ray.cluster_cpus()
-            actor_cpus, threads = plan_resources(cpus, cfg.actors)
             writer = _ShardWriter(out, expected)
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = sys.stderr.isatty()
-            ctx.execution_options.preserve_order = False
-            items = plan_slices(pending, SLICE_BATCHES * cfg.batch_size)
             counter = engine_ray.start_load_counter()
-            ds = (
-                ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(read_slices, batch_size=1, num_cpus=READ_TASK_CPUS, batch_format="numpy")
-                .map_batches(
-                    EmbedActor,
-                    fn_constructor_kwargs={"weights_path": weights_path, "threads": threads,
-                                           "batch_size": cfg.batch_size},
-                    compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                    num_cpus=actor_cpus,
-                    batch_size=cfg.batch_size,
-                    batch_format="numpy",
-                )
-            )
-            log.info("embed: %d images in %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), "
-                     "batch %d", sum(expected.values()), len(pending), len(items), cfg.actors, threads,
-                     actor_cpus, cfg.batch_size)
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for batch in embed_batches(pending, cfg.actors, cfg.batch_size, weights_path):
                 batch_shards = batch.pop("shard")
                 for shard in np.unique(batch_shards):
                     writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
