@@ -107,11 +107,15 @@ def build_backbone():
     )
 
 
-def load_model(weights_path: str, threads: int | None = None, verify: bool = True):
-    """The backbone with the given weights; verified against the ImageNet checksum unless told not to."""
+def load_model(weights_path: str | None, threads: int | None = None, verify: bool = True, arrays: list | None = None):
+    """The backbone with weights from a file, or from `arrays` (model.get_weights(), e.g. a Spark broadcast);
+    verified against the ImageNet checksum unless told not to."""
     configure_threads(threads)
     model = build_backbone()
-    model.load_weights(str(weights_path))
+    if arrays is not None:
+        model.set_weights(arrays)
+    else:
+        model.load_weights(str(weights_path))
     if verify:
         from m9 import weights
 
@@ -122,10 +126,11 @@ def load_model(weights_path: str, threads: int | None = None, verify: bool = Tru
 class Embedder:
     """Holds one loaded model; turns a batch of image bytes into features and per-image errors."""
 
-    def __init__(self, weights_path: str, threads: int | None = None, batch_size: int = 16, verify: bool = True):
+    def __init__(self, weights_path: str | None, threads: int | None = None, batch_size: int = 16,
+                 verify: bool = True, arrays: list | None = None):
         import tensorflow as tf
 
-        self.model = load_model(weights_path, threads, verify=verify)
+        self.model = load_model(weights_path, threads, verify=verify, arrays=arrays)
         self.batch_size = batch_size
         self._forward = tf.function(
             lambda x: self.model(x, training=False),
