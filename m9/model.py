@@ -60,8 +60,13 @@ def decode(content: bytes | None) -> np.ndarray:
             im = _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     except DecodeError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Image.open itself checks the size: above 2× the limit it raises the error, between 1× and 2× it
+        # warns, which the filter above turns into an exception; both are the same "too large" rejection.
         raise DecodeError(f"too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names an in-memory buffer by address, which would differ on every run.
+        raise DecodeError("cannot decode: UnidentifiedImageError: not an image format Pillow recognises") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError …) for bad bytes
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise DecodeError(f"cannot decode: {type(exc).__name__}: {first_line}") from None
