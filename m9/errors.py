@@ -15,3 +15,7 @@ class WeightsError(M9Error):
 
 class EngineError(M9Error):
     """Spark, Java or Ray could not be started or reached."""
+
+
+class StorageError(M9Error):
+    """An S3 bucket or prefix cannot be reached, read or written (missing bucket, refused credentials)."""

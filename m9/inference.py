@@ -161,11 +161,14 @@ def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
     return items
 
 
-def read_slices(items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata)."""
+def read_slices(items: dict[str, np.ndarray], s3: storage.S3Settings | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata).
+
+    s3 carries the driver's S3 settings: a Ray worker's environment is its node's, not the driver's.
+    """
     tables = []
     for shard, group, start, stop in zip(items["shard"], items["row_group"], items["start"], items["stop"]):
-        fs, path = storage.filesystem(str(shard))
+        fs, path = storage.filesystem(str(shard), s3)
         table = pq.ParquetFile(path, filesystem=fs).read_row_group(int(group), columns=INPUT_COLUMNS)
         table = table.slice(int(start), int(stop) - int(start))
         tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
@@ -196,7 +199,8 @@ def embed_batches(shards: list[str], actors: int, batch_size: int,
     items = plan_slices(shards, SLICE_BATCHES * batch_size)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_slices, batch_size=1, num_cpus=READ_TASK_CPUS, batch_format="numpy")
+        .map_batches(read_slices, fn_kwargs={"s3": storage.S3Settings.from_env()}, batch_size=1,
+                     num_cpus=READ_TASK_CPUS, batch_format="numpy")
         .map_batches(
             EmbedActor,
             fn_constructor_kwargs={"weights_path": weights_path, "threads": threads, "batch_size": batch_size},
@@ -220,6 +224,7 @@ def embed(cfg: EmbedConfig) -> dict:
         raise InputError("--actors must be at least 1")
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    storage.check_access(read=src, write=out)
     shards = storage.list_files(src, ".parquet")
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")

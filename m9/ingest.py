@@ -112,6 +112,7 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
 def ingest(cfg: IngestConfig) -> dict:
     """Read every jpg/jpeg/png under cfg.input into Parquet files of about cfg.images_per_file rows."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
+    storage.check_access(read=src, write=out)
     _check_input(src)
     if cfg.images_per_file < 1:
         raise InputError("--images-per-file must be at least 1")
@@ -124,7 +125,8 @@ def ingest(cfg: IngestConfig) -> dict:
     if not images:
         raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
     ignored = len(listed) - len(images)
-    with m9spark.session("m9-ingest") as spark:
+    with m9spark.session("m9-ingest", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
+        m9spark.configure_s3(spark, src, out)
         frame = images_frame(spark, src, [path for path, size in images if size == 0]).cache()
         found = frame.count()
         if found != len(images):

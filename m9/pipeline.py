@@ -62,9 +62,11 @@ def run(cfg: RunConfig) -> dict:
         ("reduce", reduce, ReduceConfig(cfg.stage_dir(EMBED), cfg.stage_dir(REDUCE), cfg.k, cfg.overwrite)),
     ]
     timings, results = {}, {}
+    # A missing bucket or refused credentials must show before the JVM starts, not after.
+    storage.check_access(read=storage.normalize(cfg.input), write=storage.normalize(cfg.workdir))
     started = time.perf_counter()
     # One Spark session for ingest and reduce: starting the JVM twice would cost seconds for nothing.
-    with m9spark.session("m9-run"):
+    with m9spark.session("m9-run", s3=storage.is_s3(cfg.input) or storage.is_s3(cfg.workdir)):
         timings["spark_startup"] = round(time.perf_counter() - started, 2)
         for name, stage_fn, stage_cfg in stages:
             started = time.perf_counter()

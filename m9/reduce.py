@@ -51,6 +51,7 @@ def reduce(cfg: ReduceConfig) -> dict:
     from pyspark.sql import functions as F
 
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
+    storage.check_access(read=src, write=out)
     emb = _embeddings_dir(src)
     if not storage.list_files(emb, ".parquet"):
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
@@ -60,7 +61,8 @@ def reduce(cfg: ReduceConfig) -> dict:
         return {**done, "skipped": True}
     if done is not None:
         storage.remove(out)
-    with m9spark.session("m9-reduce") as spark:
+    with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
+        m9spark.configure_s3(spark, emb, out)
         frame = spark.read.parquet(m9spark.spark_uri(emb)).select(
             "image_id", "path", "label", "split", array_to_vector(F.col("features")).alias("features")
         )

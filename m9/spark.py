@@ -27,6 +27,34 @@ DEFAULT_MASTER = "local[*]"
 #: comfortably in 2 GB, which leaves most of a laptop's memory to TensorFlow.
 DEFAULT_DRIVER_MEMORY = "2g"
 
+#: s3a's retries of a failed S3 call (on top of the AWS SDK's own): Hadoop's default of 7 with a 500 ms
+#: base interval rides out half a minute of dropped connections and 500s before a task fails.
+S3A_RETRY_LIMIT = 7
+S3A_RETRY_INTERVAL = "500ms"
+
+#: Retries of throttled calls (503 SlowDown), from 500 ms up: S3 asks for backoff while it scales a hot
+#: prefix, which can take longer than other faults last, so allow more of them.
+S3A_THROTTLE_RETRY_LIMIT = 20
+S3A_THROTTLE_RETRY_INTERVAL = "500ms"
+
+#: The AWS SDK's own attempts per call inside each s3a retry; s3a retries the rest, so keep this modest.
+S3A_SDK_ATTEMPTS = 10
+
+#: Where s3a looks for credentials, in order: keys m9 copies from the environment (session keys first),
+#: the JVM's environment, ~/.aws profiles, and the EC2/EMR instance role.
+S3A_CREDENTIAL_PROVIDERS = ",".join([
+    "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+    "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+    "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+    "com.amazonaws.auth.profile.ProfileCredentialsProvider",
+    "org.apache.hadoop.fs.s3a.auth.IAMInstanceCredentialsProvider",
+])
+
+#: Buckets this process's JVM has opened through s3a; their cached filesystems are closed when the S3
+#: settings change, since Hadoop caches a filesystem per bucket with the settings it was created with.
+_s3a_buckets: set[str] = set()
+_s3a_applied: dict[str, str | None] = {}
+
 
 def _java_major(java: str) -> int | None:
     try:
@@ -81,9 +109,74 @@ def spark_uri(uri: str) -> str:
     return Path(storage.normalize(uri)).as_uri()
 
 
+def s3a_settings(s3: storage.S3Settings) -> dict[str, str | None]:
+    """The Hadoop settings that point s3a at the same store, with the same credentials, as pyarrow
+    (None: leave unset, so s3a's provider chain looks further)."""
+    endpoint = s3.endpoint
+    conf: dict[str, str | None] = {
+        "fs.s3a.endpoint": endpoint,
+        "fs.s3a.endpoint.region": s3.region,  # read from hadoop-aws 3.3.2 on; 3.3.1 infers it
+        # S3-compatible stores (MinIO, moto, Ceph) serve buckets as paths, not as host names.
+        "fs.s3a.path.style.access": "true" if endpoint else "false",
+        "fs.s3a.connection.ssl.enabled": "false" if endpoint and endpoint.startswith("http://") else "true",
+        "fs.s3a.aws.credentials.provider": S3A_CREDENTIAL_PROVIDERS,
+        "fs.s3a.access.key": s3.access_key if s3.secret_key else None,
+        "fs.s3a.secret.key": s3.secret_key if s3.access_key else None,
+        "fs.s3a.session.token": s3.session_token if s3.access_key and s3.secret_key else None,
+        # m9 checks each stage's input by counts and never reads a file while it is rewritten; ETag/version
+        # checks would only reject stores that answer copies and ranged reads with other ETags.
+        "fs.s3a.change.detection.mode": "none",
+        "fs.s3a.change.detection.version.required": "false",
+        # m9 checks buckets itself (storage.check_access) with a clearer message than s3a's probe gives.
+        "fs.s3a.bucket.probe": "0",
+        "fs.s3a.retry.limit": str(S3A_RETRY_LIMIT),
+        "fs.s3a.retry.interval": S3A_RETRY_INTERVAL,
+        "fs.s3a.retry.throttle.limit": str(S3A_THROTTLE_RETRY_LIMIT),
+        "fs.s3a.retry.throttle.interval": S3A_THROTTLE_RETRY_INTERVAL,
+        "fs.s3a.attempts.maximum": str(S3A_SDK_ATTEMPTS),
+    }
+    return conf
+
+
+def configure_s3(spark, *uris: str) -> None:
+    """Point the session's s3a at the store in the environment before a stage touches one of uris.
+
+    Applied at run time to the session's Hadoop configuration, so a reused session works too; the jars,
+    however, must have been on the classpath when the JVM started (session() adds them).
+    """
+    buckets = {uri.split("://", 1)[1].split("/", 1)[0] for uri in uris if storage.is_s3(uri)}
+    if not buckets or _on_emr():  # EMRFS serves s3:// with the cluster's own settings and role
+        return
+    from m9 import jars as m9jars
+
+    loaded = spark.sparkContext.getConf().get("spark.jars", "")
+    if not any(name in loaded for name in m9jars.JARS):
+        raise EngineError("this Spark session was started without the s3a jars, so it cannot read s3:// "
+                          "URIs; run `m9 jars fetch` first (m9 then adds them to every session it starts)")
+    wanted = s3a_settings(storage.S3Settings.from_env())
+    hconf = spark.sparkContext._jsc.hadoopConfiguration()
+    if wanted != _s3a_applied:
+        for key, value in wanted.items():
+            if value is None:
+                hconf.unset(key)
+            else:
+                hconf.set(key, value)
+        jvm = spark.sparkContext._jvm
+        for bucket in _s3a_buckets:  # drop filesystems created with the old settings
+            jvm.org.apache.hadoop.fs.FileSystem.get(jvm.java.net.URI(f"s3a://{bucket}/"), hconf).close()
+        _s3a_applied.clear()
+        _s3a_applied.update(wanted)
+    _s3a_buckets.update(buckets)
+
+
 @contextlib.contextmanager
-def session(app_name: str = "m9", master: str | None = None, conf: dict | None = None) -> Iterator:
-    """Yield the active SparkSession if there is one, else start one and stop it on exit."""
+def session(app_name: str = "m9", master: str | None = None, conf: dict | None = None,
+            s3: bool = False) -> Iterator:
+    """Yield the active SparkSession if there is one, else start one and stop it on exit.
+
+    Outside EMR a new session gets the cached s3a jars when they are there, and fetches them first when
+    s3 says the caller will touch S3.
+    """
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -110,6 +203,11 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
         log4j = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
         builder = builder.config("spark.driver.extraJavaOptions", log4j).config(
             "spark.executor.extraJavaOptions", log4j)
+        from m9 import jars as m9jars
+
+        s3a_jars = m9jars.fetch() if s3 else m9jars.cached()
+        if s3a_jars:  # only at start-up: a running JVM cannot take new jars
+            builder = builder.config("spark.jars", ",".join(str(j) for j in s3a_jars))
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
     try:

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from m9.errors import StorageError
+
+log = logging.getLogger(__name__)
+
 #: Environment variable naming an S3-compatible endpoint (MinIO, moto, Ceph); AWS_ENDPOINT_URL works too.
 S3_ENDPOINT_ENV = "M9_S3_ENDPOINT"
+
+#: Attempts per S3 request (pyarrow's AWS standard strategy: exponential backoff with jitter, capped at
+#: 20 s). pyarrow's default of 3 gives up inside a second of S3's 503 SlowDown bursts; 10 rides out
+#: about a minute of throttling or dropped connections, after which the store is down rather than busy.
+S3_MAX_ATTEMPTS = 10
+
+#: Seconds to wait for a TCP connection to the store: long enough for a loaded endpoint across regions,
+#: short enough that a wrong --s3-endpoint fails in seconds rather than minutes (with the retries above).
+S3_CONNECT_TIMEOUT_S = 10
+
+#: Name of the object check_access puts and deletes to test a write; `_`-prefixed, so Spark and m9's listings skip it.
+WRITE_PROBE = "_m9-write-probe"
 
 
 def is_s3(uri: str) -> bool:
@@ -42,18 +61,51 @@ def s3_endpoint() -> str | None:
     )
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or an S3 URI."""
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 is and who m9 is there, as the driver's environment says; handed to workers explicitly,
+    since a Ray worker's environment is the one its node started with, not the driver's."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        """Endpoint, region and key-pair credentials from the environment. Credentials from a profile or
+        an instance role are not read here: each process's AWS SDK finds those itself."""
+        env = os.environ
+        return cls(
+            endpoint=s3_endpoint(),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": settings.region, "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+    if settings.endpoint:
+        scheme, _, host = settings.endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/") or scheme, scheme=scheme if host else "http")
+    if settings.access_key and settings.secret_key:
+        kwargs.update(access_key=settings.access_key, secret_key=settings.secret_key,
+                      session_token=settings.session_token)
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for a local path or an S3 URI (settings from the
+    environment unless given)."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), normalize(uri)
     parsed = urlparse(uri)
-    endpoint = s3_endpoint()
-    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "http")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+    return _s3_filesystem(s3 or S3Settings.from_env()), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
 def exists(uri: str) -> bool:
@@ -128,3 +180,79 @@ def makedirs(uri: str) -> None:
     """Create a local folder (S3 has no folders to create)."""
     if not is_s3(uri):
         Path(normalize(uri)).mkdir(parents=True, exist_ok=True)
+
+
+#: S3 error codes meaning the credentials themselves were not accepted (as opposed to lacking a right).
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+
+
+def _s3_client(settings: S3Settings):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=S3_CONNECT_TIMEOUT_S,
+                    s3={"addressing_style": "path"} if settings.endpoint else None)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config,
+        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+    )
+
+
+def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> StorageError:
+    """One sentence naming what went wrong with uri and how to fix it."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    bucket = urlparse(uri).netloc
+    at = f" at {settings.endpoint}" if settings.endpoint else ""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StorageError(f"no AWS credentials found to {action} {uri}; set AWS_ACCESS_KEY_ID and "
+                            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role provides them")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"cannot reach S3{at or ' (AWS)'} to {action} {uri}: {exc}; check --s3-endpoint "
+                            f"(or ${S3_ENDPOINT_ENV} / $AWS_ENDPOINT_URL) and that the store is running")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket", "404") and status == 404:
+            return StorageError(f"bucket {bucket} does not exist{at} (needed to {action} {uri}); create it "
+                                f"(`aws s3 mb s3://{bucket}`) or fix the URI")
+        if code in _CREDENTIAL_CODES:
+            return StorageError(f"S3{at} refused m9's credentials ({code}) to {action} {uri}; set "
+                                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+                                f"keys) or AWS_PROFILE to valid credentials")
+        if code == "AccessDenied" or status == 403:
+            rights = "s3:ListBucket, s3:PutObject and s3:DeleteObject" if action == "write" else (
+                "s3:ListBucket and s3:GetObject")
+            return StorageError(f"access denied{at} to {action} {uri}; the credentials in use need {rights} "
+                                f"on bucket {bucket}")
+        return StorageError(f"cannot {action} {uri}: S3{at} answered {code or status}: "
+                            f"{exc.response.get('Error', {}).get('Message', '')}")
+    return StorageError(f"cannot {action} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def check_access(read: str | None = None, write: str | None = None) -> None:
+    """Fail with one actionable StorageError unless read can be listed and write can be written (S3 only).
+
+    Stages call this first, so a missing bucket or refused credentials show before any engine starts.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for uri, action in ((read, "read"), (write, "write")):
+        if not uri or not is_s3(uri):
+            continue
+        settings = S3Settings.from_env()
+        parsed = urlparse(uri)
+        bucket, key = parsed.netloc, parsed.path.strip("/")
+        try:
+            client = _s3_client(settings)
+            if action == "read":
+                client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+            else:
+                probe = "/".join(p for p in (key, f"{WRITE_PROBE}-{uuid.uuid4().hex}") if p)
+                client.put_object(Bucket=bucket, Key=probe, Body=b"")
+                client.delete_object(Bucket=bucket, Key=probe)
+        except (BotoCoreError, ClientError) as exc:
+            raise _explain(exc, uri, action, settings) from None

@@ -32,7 +32,8 @@ def spark():
     """A real local Spark session for the whole suite (m9's stages reuse an active session)."""
     from m9 import spark as m9spark
 
-    with m9spark.session("m9-tests", master="local[2]") as session:
+    # s3=True: the s3a jars must be on the JVM's classpath from the start for tests/test_s3.py.
+    with m9spark.session("m9-tests", master="local[2]", s3=True) as session:
         yield session
 
 
