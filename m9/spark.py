@@ -188,21 +188,26 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     # Executors' Python workers must run this interpreter (the venv's), not whatever `python3` is on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    master = master or os.environ.get("M9_SPARK_MASTER") or (None if _on_emr() else DEFAULT_MASTER)
+    builder = SparkSession.builder.appName(app_name)
+    if master:  # on EMR, spark-submit and the cluster's spark-defaults choose (YARN)
+        builder = builder.master(master)
     builder = (
-        SparkSession.builder.appName(app_name)
-        .master(master or os.environ.get("M9_SPARK_MASTER") or DEFAULT_MASTER)
-        .config("spark.driver.memory", DEFAULT_DRIVER_MEMORY)
-        .config("spark.ui.enabled", "false")
+        builder
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         # Parquet output must not carry summary metadata files into m9's folders.
         .config("spark.hadoop.parquet.enable.summary-metadata", "false")
         .config("spark.ui.showConsoleProgress", "false")
     )
-    if not _on_emr():  # EMR's own Java options (GC, logging) must stay as the cluster set them
+    if not _on_emr():  # on EMR, memory, UI and Java options (GC, logging) stay as the cluster set them
         log4j = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
-        builder = builder.config("spark.driver.extraJavaOptions", log4j).config(
-            "spark.executor.extraJavaOptions", log4j)
+        builder = (
+            builder.config("spark.driver.memory", DEFAULT_DRIVER_MEMORY)
+            .config("spark.ui.enabled", "false")
+            .config("spark.driver.extraJavaOptions", log4j)
+            .config("spark.executor.extraJavaOptions", log4j)
+        )
         from m9 import jars as m9jars
 
         s3a_jars = m9jars.fetch() if s3 else m9jars.cached()
