@@ -237,5 +237,62 @@ def data_fashion_mnist(output, per_class, source):
                f"in {output}")
 
 
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated whole numbers, e.g. 1000,4000") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r}: expected positive whole numbers")
+    return tuple(numbers)
+
+
+@main.command()
+@input_opt(default=None, help="Output of `m9 ingest` (Parquet folder); default: the bundled sample, ingested.")
+@click.option("--engines", default="ray,spark-udf,spark-predict,ceiling,decode", show_default=True,
+              help="Comma-separated engines to run.")
+@actors_opt
+@batch_opt
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images (by image_id).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs per engine; the run with the median steady rate is reported.")
+@click.option("--output", default=_default("bench"), show_default=True,
+              help="Folder for bench.json, bench.md and bench.png (scaling.json, scaling.md).")
+@click.option("--scaling", default=None, callback=_int_list, metavar="N,N,…",
+              help="Instead of the engine table: the ray engine at each size (rows re-used if the input has fewer).")
+@click.option("--ceiling-batches", default="8,16,32,64", show_default=True, callback=_int_list, metavar="B,B,…",
+              help="Batch sizes the ceiling's search tries.")
+@click.option("--ceiling-images", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images each ceiling configuration is timed over.")
+@user_errors
+def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, ceiling_batches, ceiling_images):
+    """Time the embed engines (Ray, Spark UDF, Spark predict_batch_udf) against the bare model's ceiling.
+
+    Example: m9 bench --input m9-out/images --limit 1000
+    """
+    from m9.bench import BenchConfig
+    from m9.bench import bench as run_bench
+    from m9.bench import scaling as run_scaling
+
+    cfg = BenchConfig(input_, output, tuple(e.strip() for e in engines.split(",") if e.strip()), actors,
+                      batch_size, limit, repeat, ceiling_batches, ceiling_images)
+
+    def progress(line: str) -> None:
+        click.echo(line, err=True)
+
+    if scaling:
+        result = run_scaling(cfg, list(scaling), progress)
+        click.echo(f"scaling: steady per-image cost spread {100 * result['steady_cost_spread']:.1f} % over "
+                   f"{', '.join(str(s) for s in scaling)} images; tables in {output}/scaling.md")
+        return
+    result = run_bench(cfg, progress)
+    click.echo(f"bench: {result['images']} images, engines {'agree' if result['agree'] else 'DISAGREE'} "
+               f"(max |Δ| {result['max_abs_diff']:.1e}); report in {output}/bench.md")
+    if not result["agree"]:
+        raise click.ClickException("engines produced different features")
+
+
 if __name__ == "__main__":
     main()
