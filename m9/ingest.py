@@ -44,22 +44,25 @@ def _is_image(name: str) -> bool:
     return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
-def list_tree(src: str) -> list[tuple[str, int]]:
-    """(path inside the filesystem, size) of every file under src that Spark would see.
+def list_tree(src: str) -> tuple[list[tuple[str, int]], int]:
+    """(path inside the filesystem, size) of every file under src that Spark would see, and how many
+    hidden files it skipped.
 
-    Hadoop skips names starting with '.' or '_' (hidden and bookkeeping files); so does this listing.
+    Hadoop skips names starting with '.' or '_' (hidden and bookkeeping files, or any file below such a
+    folder); so does this listing, and m9 never reads them, but it counts them so the user can see them.
     Spark's file scans also drop zero-byte files without a word, so m9 lists the tree itself to find them.
     """
     fs, root = storage.filesystem(src)
-    files = []
+    files, hidden = [], 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
+            hidden += 1
             continue
         files.append((info.path, info.size))
-    return files
+    return files, hidden
 
 
 def images_frame(spark, src: str, empty_files: list[str] = ()):
@@ -80,15 +83,17 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", _glob())
         .load(root)
-        # Spark reports paths as URIs (a space is %20); decode them, keeping a literal '+' a '+'.
-        .select(F.expr("url_decode(replace(path, '+', '%2B'))").alias("decoded"), "length", "content")
+        # Spark 3.5 reports each file's path as it is (a space stays a space, a literal "%20" stays "%20"):
+        # URL-decoding it would turn real names into names that do not exist, or fail on "100%.jpg".
+        .select(F.col("path").alias("decoded"), "length", "content")
     )
     if empty_files:
         prefix = "file:" if scheme == "file" else f"{scheme}://"
         schema = T.StructType([T.StructField("decoded", T.StringType()), T.StructField("length", T.LongType()),
                                T.StructField("content", T.BinaryType())])
         raw = raw.unionByName(spark.createDataFrame([(prefix + p, 0, bytearray()) for p in empty_files], schema))
-    rel = F.expr(f"substring(decoded, instr(decoded, '{root_path}') + {len(root_path) + 1})")
+    # Column functions, not SQL text, so that a quote in the root's path cannot break the expression.
+    rel = F.col("decoded").substr(F.instr("decoded", root_path) + len(root_path) + 1, F.lit(1 << 30))
     parts = F.split(F.col("rel"), "/")
     lower_dirs = F.transform(F.slice(parts, 1, F.size(parts) - 1), lambda d: F.lower(d))
     return (
@@ -120,7 +125,7 @@ def ingest(cfg: IngestConfig) -> dict:
     if done is not None:
         log.info("ingest: %s already holds this input's output; skipping", out)
         return {**done, "skipped": True}
-    listed = list_tree(src)
+    listed, hidden = list_tree(src)
     images = [(path, size) for path, size in listed if _is_image(path.rsplit("/", 1)[-1])]
     if not images:
         raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
@@ -147,8 +152,8 @@ def ingest(cfg: IngestConfig) -> dict:
         frame.unpersist()
     if written != found:
         raise RuntimeError(f"ingest wrote {written} rows for {found} files found")
-    counts = {"files_found": found, "rows": written, "ignored_files": ignored, "parquet_files": len(
-        storage.list_files(out, ".parquet"))}
-    log.info("ingest: %d images from %s into %d Parquet files (%d other files ignored)",
-             found, src, counts["parquet_files"], ignored)
+    counts = {"files_found": found, "rows": written, "ignored_files": ignored, "hidden_files": hidden,
+              "parquet_files": len(storage.list_files(out, ".parquet"))}
+    log.info("ingest: %d images from %s into %d Parquet files (%d other files and %d hidden files ignored)",
+             found, src, counts["parquet_files"], ignored, hidden)
     return stage.write_manifest(out, "ingest", src, counts, images_per_file=cfg.images_per_file)
