@@ -11,7 +11,7 @@ import click
 
 from m9 import __version__
 from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR
-from m9.errors import M9Error
+from m9.errors import M9Error, TooManyRejectedError
 
 
 def _default(stage: str) -> str:
@@ -38,6 +38,36 @@ def user_errors(fn):
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+def _tolerating_rejections(stage_fn, cfg) -> tuple[dict, TooManyRejectedError | None]:
+    """Run a stage; one failed only by --max-errors still wrote everything, so return its result for the
+    summary together with the error to raise after it."""
+    try:
+        return stage_fn(cfg), None
+    except TooManyRejectedError as exc:
+        return exc.result, exc
+
+
+def _ignored(counts: dict) -> str:
+    """What ingest left out: other files, and hidden ones (names starting with '.' or '_', never read)."""
+    return f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
+
+
+class MaxErrors(click.ParamType):
+    """A count of images (`10`) or a fraction of them (`0.05`)."""
+
+    name = "N|FRACTION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int | float):
+            return value
+        from m9.config import parse_max_errors
+
+        try:
+            return parse_max_errors(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,6 +100,10 @@ ray_opt = click.option("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join (`auto` on a cluster node, host:port); default: a local Ray.")
 weights_opt = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                            help="MobileNetV2 no-top weights file to use instead of the verified cache.")
+max_errors_opt = click.option(
+    "--max-errors", type=MaxErrors(), default=None,
+    help="Fail (exit 1, after writing everything) if more images than this are rejected: a count like 10 "
+         "or a fraction like 0.05. Default: any number.")
 k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
 
 
@@ -92,7 +126,7 @@ def ingest(input_, output, images_per_file, overwrite):
     result = run_ingest(IngestConfig(input_ or sample_dir(), output, images_per_file, overwrite))
     c = result["counts"]
     click.echo(f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-               f" ({c['ignored_files']} other files ignored){' — already done' if result.get('skipped') else ''}")
+               f" ({_ignored(c)}){' — already done' if result.get('skipped') else ''}")
 
 
 @main.command()
@@ -102,9 +136,10 @@ def ingest(input_, output, images_per_file, overwrite):
 @batch_opt
 @ray_opt
 @weights_opt
+@max_errors_opt
 @overwrite_opt
 @user_errors
-def embed(input_, output, actors, batch_size, ray_address, weights, overwrite):
+def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, overwrite):
     """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
 
     Example: m9 embed --actors 2 --batch-size 16
@@ -112,11 +147,14 @@ def embed(input_, output, actors, batch_size, ray_address, weights, overwrite):
     from m9.config import EmbedConfig
     from m9.inference import embed as run_embed
 
-    result = run_embed(EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite))
+    result, too_many = _tolerating_rejections(
+        run_embed, EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite, max_errors))
     c = result["counts"]
     click.echo(f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
                f"{c['model_loads']} model loads, output at {output}"
                f"{' — already done' if result.get('skipped') else ''}")
+    if too_many:
+        raise click.ClickException(str(too_many))
 
 
 @main.command()
@@ -147,9 +185,10 @@ def reduce(input_, output, k, overwrite):
 @batch_opt
 @ray_opt
 @weights_opt
+@max_errors_opt
 @overwrite_opt
 @user_errors
-def run(input_, workdir, actors, k, batch_size, ray_address, weights, overwrite):
+def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors, overwrite):
     """Ingest, embed and reduce in a row, then print a summary.
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
@@ -158,15 +197,15 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, overwrite)
     from m9.pipeline import run as run_pipeline
 
     cfg = RunConfig(input_ or sample_dir(), workdir, actors, k, batch_size, ray_address=ray_address,
-                    weights=weights, overwrite=overwrite)
-    result = run_pipeline(cfg)
+                    weights=weights, overwrite=overwrite, max_errors=max_errors)
+    result, too_many = _tolerating_rejections(run_pipeline, cfg)
     st = result["stages"]
     emb, red = st["embed"]["counts"], st["reduce"]
     reached = ", ".join(f"{t}: k={v}" for t, v in red["smallest_k_reaching"].items() if v) or "none within k"
     click.echo("\n".join([
         "m9 run finished",
         f"  images found      {st['ingest']['counts']['files_found']}"
-        f" ({st['ingest']['counts']['ignored_files']} other files ignored)",
+        f" ({_ignored(st['ingest']['counts'])})",
         f"  embedded          {emb['embedded']}",
         f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
         f"  model loads       {emb['model_loads']}",
@@ -174,6 +213,8 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, overwrite)
         f"  outputs           {cfg.stage_dir('images')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
         "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result["wall_s"].items()),
     ]))
+    if too_many:
+        raise click.ClickException(str(too_many))
 
 
 @main.group()

@@ -40,6 +40,18 @@ VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 MAX_IMAGE_PIXELS = 89_478_485
 
 
+def parse_max_errors(text: str) -> int | float:
+    """`--max-errors` as a count of images (`10`) or a fraction of the images (`0.05`, at most 1)."""
+    fraction = any(c in text for c in ".eE")
+    try:
+        value = float(text) if fraction else int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= (1 if fraction else float("inf")):
+        raise ValueError(f"--max-errors {text}: expected a count like 10 or a fraction like 0.05")
+    return value
+
+
 def cache_dir() -> Path:
     """m9's cache folder (weights, jars): $M9_CACHE_DIR, else $XDG_CACHE_HOME/m9, else ~/.cache/m9."""
     if os.environ.get("M9_CACHE_DIR"):
@@ -69,6 +81,9 @@ class EmbedConfig:
     ray_address: str | None = None
     weights: str | None = None
     overwrite: bool = False
+    #: Rejected images tolerated before the run fails (after writing everything): a count (int) or a
+    #: fraction of the images (float); None tolerates any number.
+    max_errors: int | float | None = None
 
 
 @dataclass(frozen=True)

@@ -91,12 +91,24 @@ def _counter_class():
         def get(self) -> list:
             return self.loads
 
+        def reset(self) -> None:
+            self.loads = []
+
     return LoadCounter
 
 
 def start_load_counter():
-    """Create the (run-scoped) actor that model-loading actors report to."""
-    return _counter_class().options(name=LOAD_COUNTER).remote()
+    """The actor that model-loading actors report to, emptied for this run.
+
+    Reused when an earlier run in this driver left it alive (a handle kept by, e.g., an exception's
+    traceback keeps it, and its name, taken): creating a second one of the same name would fail.
+    Named actors live in the driver's own namespace, so another driver's runs never see this one.
+    """
+    import ray
+
+    counter = _counter_class().options(name=LOAD_COUNTER, get_if_exists=True).remote()
+    ray.get(counter.reset.remote())
+    return counter
 
 
 def record_model_load() -> None:

@@ -17,5 +17,16 @@ class EngineError(M9Error):
     """Spark, Java or Ray could not be started or reached."""
 
 
+class TooManyRejectedError(M9Error):
+    """More images were rejected than --max-errors allows; everything was still written.
+
+    `result` holds what the stage (or run) returned, so the CLI can print its summary before the error.
+    """
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
 class StorageError(M9Error):
     """An S3 bucket or prefix cannot be reached, read or written (missing bucket, refused credentials)."""

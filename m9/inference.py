@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from m9 import engine_ray, stage, storage
 from m9 import weights as m9weights
 from m9.config import FEATURE_DIM, EmbedConfig
-from m9.errors import InputError
+from m9.errors import InputError, TooManyRejectedError
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,26 @@ class _ShardWriter:
     def __init__(self, output: str, expected: dict[str, int]):
         self.output, self.expected = output, expected
         self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.ids: dict[str, set] = defaultdict(set)
         self.seen: dict[str, int] = defaultdict(int)
-        self.embedded = self.rejected = 0
+        self.committed: set[str] = set()
+        self.embedded = self.rejected = self.duplicates = 0
 
     def add(self, shard: str, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
-        self.rows[shard].append({k: v[rows] for k, v in batch.items()})
-        self.seen[shard] += len(rows)
+        # Ray retries the task of an actor that died; rows it had already returned may come again. Keep
+        # the first copy of each image (the model is deterministic, so both copies hold the same features).
+        ids = self.ids[shard]
+        fresh = []
+        for row, image_id in zip(rows, batch["image_id"][rows]):
+            if shard in self.committed or image_id in ids:
+                self.duplicates += 1
+                continue
+            ids.add(image_id)
+            fresh.append(row)
+        if not fresh:
+            return
+        self.rows[shard].append({k: v[fresh] for k, v in batch.items()})
+        self.seen[shard] += len(fresh)
         if self.seen[shard] == self.expected[shard]:
             self._commit(shard)
         elif self.seen[shard] > self.expected[shard]:
@@ -126,6 +140,8 @@ class _ShardWriter:
         # errors/ first, embeddings/ last: a shard counts as done only when its embeddings file exists.
         _write_table(storage.join(self.output, ERRORS, name), bad)
         _write_table(storage.join(self.output, EMBEDDINGS, name), good)
+        self.committed.add(shard)
+        self.ids.pop(shard, None)
         self.embedded += good.num_rows
         self.rejected += bad.num_rows
 
@@ -174,6 +190,39 @@ def read_slices(items: dict[str, np.ndarray], s3: storage.S3Settings | None = No
         tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
     table = pa.concat_tables(tables)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _prepare_resume(out: str, src: str, shards: list[str]) -> None:
+    """Make an unfinished embed output safe to resume: drop temporary files a killed run left behind, and
+    refuse one that holds shards this input does not have (another input's unfinished output)."""
+    import pyarrow.fs as pafs
+
+    names = {part_name(s) for s in shards}
+    for sub in (EMBEDDINGS, ERRORS):
+        fs, path = storage.filesystem(storage.join(out, sub))
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if ".tmp-" in info.base_name:
+                log.info("embed: removing %s, left by an interrupted run", info.path)
+                fs.delete_file(info.path)
+            elif sub == EMBEDDINGS and info.base_name not in names:
+                raise InputError(
+                    f"{out} holds embeddings of {info.base_name}, which is not in {src}: it is the unfinished "
+                    f"output of another input; choose another output folder or pass --overwrite to replace it"
+                )
+
+
+def check_rejections(result: dict, max_errors: int | float | None, output: str) -> dict:
+    """Return result, or raise TooManyRejectedError when more images were rejected than max_errors allows
+    (a count, or a fraction of the images in)."""
+    counts = result["counts"]
+    if max_errors is None:
+        return result
+    limit = max_errors if isinstance(max_errors, int) else max_errors * counts["rows_in"]
+    if counts["rejected"] > limit:
+        raise TooManyRejectedError(
+            f"{counts['rejected']} of {counts['rows_in']} images were rejected (more than --max-errors "
+            f"{max_errors}); reasons in {storage.join(output, ERRORS)}", result)
+    return result
 
 
 def _summarize(out: str, shards: list[str]) -> dict[str, int]:
@@ -231,7 +280,8 @@ def embed(cfg: EmbedConfig) -> dict:
     done = stage.guard_output(out, "embed", src, cfg.overwrite)
     if done is not None:
         log.info("embed: %s already holds this input's output; skipping", out)
-        return {**done, "skipped": True}
+        return check_rejections({**done, "skipped": True}, cfg.max_errors, out)
+    _prepare_resume(out, src, shards)
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
     expected = _count_rows(pending)
     rows_in = sum(_count_rows(shards).values())
@@ -249,6 +299,8 @@ def embed(cfg: EmbedConfig) -> dict:
                 for shard in np.unique(batch_shards):
                     writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
             loads = ray.get(counter.get.remote())
+            if writer.duplicates:
+                log.info("embed: %d re-delivered rows (from retried tasks) dropped", writer.duplicates)
             if writer.rows:
                 missing = {part_name(s): expected[s] - writer.seen[s] for s in writer.rows}
                 raise RuntimeError(f"embed finished with incomplete shards: {missing}")
@@ -261,5 +313,6 @@ def embed(cfg: EmbedConfig) -> dict:
     wall = time.perf_counter() - started
     log.info("embed: %d embedded, %d rejected, %d model loads, %.1f s", counts["embedded"],
              counts["rejected"], len(loads), wall)
-    return stage.write_manifest(out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size,
-                                wall_s=round(wall, 2))
+    result = stage.write_manifest(out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size,
+                                  wall_s=round(wall, 2))
+    return check_rejections(result, cfg.max_errors, out)

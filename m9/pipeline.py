@@ -18,6 +18,7 @@ from m9.config import (
     IngestConfig,
     ReduceConfig,
 )
+from m9.errors import TooManyRejectedError
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,19 @@ class RunConfig:
     ray_address: str | None = None
     weights: str | None = None
     overwrite: bool = False
+    #: Rejected images tolerated (a count or a fraction); the run still writes everything, then fails.
+    max_errors: int | float | None = None
 
     def stage_dir(self, name: str) -> str:
         return storage.join(storage.normalize(self.workdir), name)
 
 
 def run(cfg: RunConfig) -> dict:
-    """All three stages; returns each stage's manifest and wall time."""
+    """All three stages; returns each stage's manifest and wall time.
+
+    With too many rejected images (cfg.max_errors) every stage still runs; TooManyRejectedError then
+    carries the same result.
+    """
     from m9 import spark as m9spark
     from m9.inference import embed
     from m9.ingest import ingest
@@ -58,10 +65,11 @@ def run(cfg: RunConfig) -> dict:
     stages = [
         ("ingest", ingest, IngestConfig(cfg.input, cfg.stage_dir(IMAGES), cfg.images_per_file, cfg.overwrite)),
         ("embed", embed, EmbedConfig(cfg.stage_dir(IMAGES), cfg.stage_dir(EMBED), cfg.actors, cfg.batch_size,
-                                     cfg.ray_address, cfg.weights, cfg.overwrite)),
+                                     cfg.ray_address, cfg.weights, cfg.overwrite, cfg.max_errors)),
         ("reduce", reduce, ReduceConfig(cfg.stage_dir(EMBED), cfg.stage_dir(REDUCE), cfg.k, cfg.overwrite)),
     ]
     timings, results = {}, {}
+    too_many: TooManyRejectedError | None = None
     # A missing bucket or refused credentials must show before the JVM starts, not after.
     storage.check_access(read=storage.normalize(cfg.input), write=storage.normalize(cfg.workdir))
     started = time.perf_counter()
@@ -70,7 +78,13 @@ def run(cfg: RunConfig) -> dict:
         timings["spark_startup"] = round(time.perf_counter() - started, 2)
         for name, stage_fn, stage_cfg in stages:
             started = time.perf_counter()
-            results[name] = stage_fn(stage_cfg)
+            try:
+                results[name] = stage_fn(stage_cfg)
+            except TooManyRejectedError as exc:  # reduce the images that did embed, then fail
+                results[name], too_many = exc.result, exc
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
-    return {"workdir": storage.normalize(cfg.workdir), "stages": results, "wall_s": timings}
+    result = {"workdir": storage.normalize(cfg.workdir), "stages": results, "wall_s": timings}
+    if too_many is not None:
+        raise TooManyRejectedError(str(too_many), result)
+    return result
