@@ -77,6 +77,8 @@ class BenchConfig:
     repeat: int = 1
     ceiling_batches: tuple[int, ...] = CEILING_BATCHES
     ceiling_images: int = CEILING_IMAGES
+    #: (processes, threads) pairs the ceiling tries; None: every way to split the cores (ceiling_configs).
+    ceiling_configs: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass
@@ -419,8 +421,12 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
     """The bare model: inputs decoded up front, forward passes only; the best of processes × threads × batch."""
     contents = table.column("content").to_pylist()
     sample = contents[: max(cfg.ceiling_images, max(cfg.ceiling_batches) * 2)]
+    configs = list(cfg.ceiling_configs or ceiling_configs(os.cpu_count() or 1))
     search, loads = [], 0
-    for processes, threads in ceiling_configs(os.cpu_count() or 1):
+    if len(configs) * len(cfg.ceiling_batches) == 1:  # nothing to search: the one configuration is the best
+        (processes, threads), bs = configs[0], cfg.ceiling_batches[0]
+        search.append({"processes": processes, "threads": threads, "batch_size": bs, "img_per_s": None})
+    for processes, threads in configs if len(search) == 0 else []:
         loads += processes
         rates = _run_processes(processes, threads, list(cfg.ceiling_batches), sample, cfg.ceiling_images, False)
         for bs, (rate, _) in rates.items():
@@ -428,7 +434,7 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
                            "img_per_s": round(rate, 2)})
             progress(f"  ceiling search: {processes} process(es) × {threads} thread(s), batch {bs}: "
                      f"{rate:.1f} images/s")
-    best = max(search, key=lambda s: s["img_per_s"])
+    best = max(search, key=lambda s: s["img_per_s"] or 0)
     # The best configuration once more over every image: its features are the reference the engines must match.
     final = _run_processes(best["processes"], best["threads"], [best["batch_size"]], contents, len(contents), True)
     rate, msgs = final[best["batch_size"]]
@@ -632,11 +638,11 @@ def markdown(result: dict) -> str:
                      f"{_knobs(e['knobs'])} |")
     lines += ["", f"Engines agree: **{'yes' if result['agree'] else 'NO'}** — max |Δ| = "
               f"{result['max_abs_diff']:.2e} per feature (tolerance {result['tolerance']:g})."]
-    if ceiling and ceiling.get("search"):
+    if ceiling and any(s["img_per_s"] for s in ceiling.get("search", [])):
         lines += ["", "Ceiling search (forward pass only, inputs decoded up front):", "",
                   "| processes | threads | batch | img/s |", "|---:|---:|---:|---:|"]
         lines += [f"| {s['processes']} | {s['threads']} | {s['batch_size']} | {s['img_per_s']:.1f} |"
-                  for s in ceiling["search"]]
+                  for s in ceiling["search"] if s["img_per_s"] is not None]
     v = m["versions"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "."]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""m9 bench on a few images: every engine runs, the JSON has every field, the engines agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from m9.bench import ENGINES, BenchConfig, bench, scaling
+from m9.cli import main
+
+#: Few images, one ceiling configuration: the point is that every engine runs and agrees, not its speed.
+IMAGES = 24
+
+ENGINE_FIELDS = {"steady_img_per_s", "wall_s", "first_row_s", "model_loads", "peak_rss_mb", "cpu_util", "knobs"}
+
+
+@pytest.fixture(scope="module")
+def result(spark, ray_local, weights_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(output=str(out), limit=IMAGES, ceiling_batches=(8,), ceiling_images=16,
+                      ceiling_configs=((1, 1),))
+    lines: list[str] = []
+    return {"out": out, "result": bench(cfg, progress=lines.append), "lines": lines}
+
+
+def test_json_has_every_field(result):
+    data = json.loads((result["out"] / "bench.json").read_text())
+    assert {"machine", "images", "engines", "agree", "max_abs_diff"} <= set(data)
+    assert {"cpu_model", "cores", "memory_gb", "versions", "loadavg_start", "loadavg_end"} <= set(data["machine"])
+    assert data["images"] == IMAGES
+    assert set(data["engines"]) == set(ENGINES)
+    for name, engine in data["engines"].items():
+        assert ENGINE_FIELDS <= set(engine), name
+        assert engine["steady_img_per_s"] > 0, name
+        assert engine["wall_s"] >= engine["first_row_s"] >= 0, name
+        assert engine["peak_rss_mb"] > 0, name
+    for name in ("ray", "spark-udf", "spark-predict", "ceiling"):
+        assert data["engines"][name]["model_loads"] >= 1, name
+        assert data["engines"][name]["knobs"]["batch_size"] >= 1, name
+    assert data["engines"]["spark-udf"]["knobs"]["arrow_batch_size"] > 0
+
+
+def test_engines_agree(result):
+    data = result["result"]
+    assert data["agree"] is True
+    assert data["max_abs_diff"] <= 1e-4
+    assert set(data["max_abs_diff_by_engine"]) == {"ceiling", "ray", "spark-udf", "spark-predict"}
+
+
+def test_reports_and_progress(result):
+    md = (result["out"] / "bench.md").read_text()
+    for name in ENGINES:
+        assert f"| {name} |" in md
+    assert "× ceiling" in md and "× spark-udf" in md and "Engines agree: **yes**" in md
+    assert (result["out"] / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One line before and one after each engine.
+    assert sum(line.startswith("[") for line in result["lines"]) == 2 * len(ENGINES)
+
+
+def test_scaling_writes_a_row_per_size(spark, ray_local, weights_path, tmp_path):
+    out = scaling(BenchConfig(output=str(tmp_path)), [8])
+    assert [row["images"] for row in out["sizes"]] == [8]
+    assert {"steady_ms_per_image", "wall_ms_per_image", "peak_rss_mb"} <= set(out["sizes"][0])
+    assert "| 8 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_cli_rejects_unknown_engine(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--engines", "ray,gpu", "--output", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "unknown engine(s) gpu" in res.output
+
+
+def test_cli_rejects_bad_scaling(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--scaling", "1000,x"])
+    assert res.exit_code == 2
+    assert "comma-separated whole numbers" in res.output
