@@ -50,3 +50,27 @@ fmt: install ## Format the code with ruff.
 
 clean: ## Remove outputs and caches (not the venvs).
 	rm -rf m9-out .pytest_cache .ruff_cache build *.egg-info
+
+# --- AWS (infra/aws.sh; see infra/README.md "Run on AWS"). DIR=, FRUITS360=1 [ARCHIVE=], RUN_ID=, KEEP=1.
+AWS_SH := PYTHON=$(abspath $(PY)) M9=$(abspath $(VENV))/bin/m9 infra/aws.sh
+AWS_UPLOAD_ARGS = $(if $(FRUITS360),--fruits360 $(ARCHIVE),$(DIR))
+.PHONY: aws-up aws-upload aws-run aws-fetch aws-down aws-all
+
+aws-up: $(PY) ## AWS: build the wheel, then terraform apply (bucket, VPC, EMR cluster).
+	$(AWS_SH) up
+
+aws-upload: install ## AWS: copy DIR (default: the sample) or FRUITS360=1 [ARCHIVE=] to s3://<bucket>/inputs/.
+	$(AWS_SH) upload $(AWS_UPLOAD_ARGS)
+
+aws-run: $(PY) ## AWS: run m9 as an EMR step on runs/RUN_ID/ (default: the UTC time) and wait.
+	$(AWS_SH) run $(RUN_ID)
+
+aws-fetch: ## AWS: copy RUN_ID's PCA output and manifests to m9-aws-out/RUN_ID/.
+	@test -n "$(RUN_ID)" || { echo "usage: make aws-fetch RUN_ID=<run id>" >&2; exit 2; }
+	$(AWS_SH) fetch $(RUN_ID)
+
+aws-down: $(PY) ## AWS: terminate the cluster and terraform destroy (FORCE_DESTROY_BUCKET=1: the bucket too).
+	$(AWS_SH) down
+
+aws-all: install ## AWS: up, upload, run, fetch, down in one go (KEEP=1 keeps the stack up).
+	$(AWS_SH) all $(AWS_UPLOAD_ARGS)

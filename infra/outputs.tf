@@ -3,6 +3,11 @@ output "bucket_name" {
   value       = aws_s3_bucket.data.id
 }
 
+output "region" {
+  description = "AWS region everything was created in (infra/aws.sh passes it to every AWS CLI call)."
+  value       = var.region
+}
+
 output "kms_key_arn" {
   description = "KMS key encrypting the bucket, the EMR local disks and the EMR logs."
   value       = aws_kms_key.data.arn
