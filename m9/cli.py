@@ -278,6 +278,27 @@ def data_fashion_mnist(output, per_class, source):
                f"in {output}")
 
 
+@data.command("fruits-360")
+@click.option("--archive", default=None, metavar="URL|PATH",
+              help="The Fruits-360 zip: an http(s) URL (needs internet) or a local file. Default: the public "
+                   "GitHub archive of Horea94/Fruit-Images-Dataset.")
+@click.option("--output", default="data/fruits-360", show_default=True, metavar="DIR|s3://…",
+              help="Folder or s3:// prefix to write Training/ and Test/ into.")
+@user_errors
+def data_fruits_360(archive, output):
+    """Fruits-360 (CC BY-SA 4.0) unpacked from its zip into Training/ and Test/, locally or on S3.
+
+    Only the images below Training/ and Test/ are written; a re-run writes only what is missing.
+    Downloading the default archive needs internet.
+
+    Example: m9 data fruits-360 --output s3://my-bucket/inputs/
+    """
+    from m9.datasets import FRUITS360_URL, build_fruits360
+
+    counts = build_fruits360(archive or FRUITS360_URL, output)
+    click.echo(f"fruits-360: {counts['Training']} training and {counts['Test']} test images in {output}")
+
+
 def _int_list(ctx, param, value):
     if value is None:
         return None

@@ -5,13 +5,23 @@ from __future__ import annotations
 import gzip
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from m9.datasets import FASHION_MNIST_LABELS, NOTICE_NAME, DatasetError, _read_idx, build_fashion_mnist
+from m9.datasets import (
+    FASHION_MNIST_LABELS,
+    FRUITS360_LICENSE_NAME,
+    NOTICE_NAME,
+    DatasetError,
+    _read_idx,
+    build_fashion_mnist,
+    build_fruits360,
+)
+from m9.errors import M9Error
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SAMPLE = Path(__file__).resolve().parent.parent / "m9" / "sample"
@@ -169,3 +179,139 @@ def test_sample_carries_its_license_and_stays_small() -> None:
     assert "License: GPL-2" in copying
     total = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert total < 2 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fruits-360 (from a local stand-in archive built from the sample: the real one needs internet)
+# ---------------------------------------------------------------------------------------------------
+
+# The newer public archives nest the dataset this deep; older ones have fruits-360/ or the repo at the top.
+STAND_IN_ROOT = "fruits-360_dataset_100x100/fruits-360/"
+
+
+def _sample_images() -> dict[str, bytes]:
+    """'split/label/name' → bytes of every image in the bundled sample."""
+    return {p.relative_to(SAMPLE).as_posix(): p.read_bytes() for p in _jpegs(SAMPLE)}
+
+
+@pytest.fixture(scope="module")
+def fruits_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Fruits-360-shaped zip of the sample, with the extras the real archives carry around the images."""
+    path = tmp_path_factory.mktemp("fruits360") / "fruits-360.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(STAND_IN_ROOT, "")  # a directory entry
+        for rel, data in _sample_images().items():
+            zf.writestr(STAND_IN_ROOT + rel, data)
+        zf.writestr(STAND_IN_ROOT + "LICENSE", "CC BY-SA 4.0 stand-in\n")
+        zf.writestr(STAND_IN_ROOT + "readme.md", "not an image\n")
+        zf.writestr(STAND_IN_ROOT + "test-multiple_fruits/apple_banana.jpg", b"not in a split")
+        zf.writestr(STAND_IN_ROOT + "Training/kiwi/.DS_Store", b"hidden")
+        zf.writestr(STAND_IN_ROOT + "Training/kiwi/notes.txt", b"not an image")
+        zf.writestr("papers/Training/x/fruits.jpg", b"a Training/ without a Test/ beside it")
+    return path
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_fruits360_unpacks_only_the_split_images(fruits_zip: Path, tmp_path: Path) -> None:
+    sample = _sample_images()
+    counts = build_fruits360(str(fruits_zip), str(tmp_path / "out"))
+    assert counts == {split: sum(rel.startswith(f"{split}/") for rel in sample) for split in ("Training", "Test")}
+    assert sum(counts.values()) == 240
+    tree = _tree(tmp_path / "out")
+    assert tree.pop(FRUITS360_LICENSE_NAME) == b"CC BY-SA 4.0 stand-in\n"
+    assert tree == sample
+
+
+def test_fruits360_rerun_writes_only_what_is_missing(fruits_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build_fruits360(str(fruits_zip), str(out))
+    first, second = sorted(out.rglob("*.jpg"))[:2]
+    first.unlink()
+    second.write_bytes(b"truncated")
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg") if p not in (first, second)}
+    build_fruits360(str(fruits_zip), str(out))
+    assert _tree(out).keys() >= _sample_images().keys()
+    assert first.read_bytes() == (SAMPLE / first.relative_to(out)).read_bytes()
+    assert second.read_bytes() == (SAMPLE / second.relative_to(out)).read_bytes()
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())
+
+
+def test_fruits360_cli(fruits_zip: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from m9.cli import main
+
+    result = CliRunner().invoke(main, ["data", "fruits-360", "--archive", str(fruits_zip), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    training, test = (len(_jpegs(SAMPLE / split)) for split in ("Training", "Test"))
+    assert result.output == f"fruits-360: {training} training and {test} test images in {tmp_path}\n"
+
+
+def _zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.zip", "does not exist"),
+        (lambda d: (d / "a.zip").write_bytes(b"not a zip") and d / "a.zip", "is not a readable zip archive"),
+        (lambda d: _zip(d / "b.zip", {"fruits-360/Training/kiwi/1.jpg": b"x"}), "no folder with both Training/"),
+        (lambda d: _zip(d / "c.zip", {"Training/1.jpg": b"x", "Test/1.jpg": b"x"}), "no folder with both"),
+        (lambda d: "ftp://example.org/fruits.zip", "http(s) URL or a local .zip"),
+    ],
+    ids=["missing", "not-a-zip", "no-test-split", "no-label-folders", "other-scheme"],
+)
+def test_fruits360_bad_archives(tmp_path: Path, make, message: str) -> None:
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        build_fruits360(str(make(tmp_path)), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_fruits360_to_s3(fruits_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Straight into a bucket, on moto's S3 server on loopback (never AWS)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from m9.storage import S3_ENDPOINT_ENV
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fruits")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fruits-secret")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv(S3_ENDPOINT_ENV, endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="m9-fruits")
+
+        counts = build_fruits360(str(fruits_zip), "s3://m9-fruits/inputs/")
+
+        keys = {
+            obj["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket="m9-fruits")
+            for obj in page.get("Contents", [])
+        }
+        sample = _sample_images()
+        assert counts == {split: len(_jpegs(SAMPLE / split)) for split in ("Training", "Test")}
+        assert keys == {f"inputs/{rel}" for rel in sample} | {f"inputs/{FRUITS360_LICENSE_NAME}"}
+        rel = sorted(sample)[0]
+        assert client.get_object(Bucket="m9-fruits", Key=f"inputs/{rel}")["Body"].read() == sample[rel]
+        with pytest.raises(M9Error, match="bucket m9-missing does not exist"):
+            build_fruits360(str(fruits_zip), "s3://m9-missing/inputs/")
+    finally:
+        server.stop()
