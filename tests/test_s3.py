@@ -1,0 +1,377 @@
+"""S3 for real on loopback: the whole pipeline against moto's S3 server, through a flaky proxy, and clear errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from m9.cli import main
+from m9.storage import S3_ENDPOINT_ENV
+from tests.conftest import TEST_K
+
+BUCKET = "m9-test"
+ACCESS_KEY, SECRET_KEY = "m9-test-key", "m9-test-secret"
+
+#: How each S3 client names itself in User-Agent.
+CLIENTS = {"s3a": "aws-sdk-java", "pyarrow": "aws-sdk-cpp", "boto3": "Botocore"}
+
+#: Where the flaky store misbehaves: (client, path part, every Nth matching request, faults in all). Faults
+#: alternate between 503 SlowDown and a connection dropped unanswered, so each rule meets both; the counts
+#: are bounded, so the run always ends. Each rule aims at one stage's traffic.
+FAULT_RULES = (
+    ("boto3", "", 3, 4),  # every stage's access check
+    ("s3a", "/raw/", 5, 4),  # ingest: Spark lists and reads the images
+    ("s3a", "/embed/embeddings", 2, 2),  # reduce: Spark reads the embeddings
+    ("pyarrow", "/images/part-", 2, 4),  # embed: the driver plans slices and Ray workers read them
+    ("pyarrow", "/embed/", 2, 2),  # embed: the driver writes embeddings and errors
+)
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+BAD_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
+           b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>")
+
+#: Request headers the proxy must not pass on: hop-by-hop ones, and Expect (the proxy already said 100).
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
+
+
+class FaultyProxy:
+    """A reverse proxy on 127.0.0.1 in front of the S3 server that misbehaves the way stores do.
+
+    rules: FAULT_RULES-like tuples; on every Nth request matching a rule, answer 503 SlowDown or close the
+    connection unanswered (alternately), up to the rule's count. known_key: answer 403 InvalidAccessKeyId to
+    requests signed with any other access key (moto itself accepts any key).
+    """
+
+    def __init__(self, upstream_port: int, rules=(), known_key: str | None = None):
+        self.upstream_port, self.known_key, self.rules = upstream_port, known_key, rules
+        self.requests: dict[str, int] = dict.fromkeys([*CLIENTS, "other"], 0)
+        self.matched = [0] * len(rules)
+        self.faults: list[list[str]] = [[] for _ in rules]
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline().strip():  # trailers
+                        pass
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _reply(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self):
+                body = self._body()
+                fault = proxy.fault_for(self.path, self.headers.get("Authorization", ""),
+                                        self.headers.get("User-Agent", ""))
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "slow_down":
+                    return self._reply(503, SLOW_DOWN)
+                if fault == "bad_key":
+                    return self._reply(403, BAD_KEY)
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+                    headers["Content-Length"] = str(len(body))
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                finally:
+                    upstream.close()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in _HOP_HEADERS and key.lower() not in ("server", "date"):
+                        self.send_header(key, value)
+                if response.getheader("Content-Length") is None:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def fault_for(self, path: str, authorization: str, user_agent: str) -> str | None:
+        """Which fault, if any, this request meets."""
+        key = re.search(r"Credential=([^/,\s]+)", authorization)
+        client = next((name for name, mark in CLIENTS.items() if mark in user_agent), "other")
+        with self.lock:
+            self.requests[client] += 1
+            if self.known_key and (not key or key.group(1) != self.known_key):
+                return "bad_key"
+            for i, (rule_client, part, every, count) in enumerate(self.rules):
+                if rule_client != client or part not in path:
+                    continue
+                self.matched[i] += 1
+                if self.matched[i] % every == 0 and len(self.faults[i]) < count:
+                    self.faults[i].append("drop" if len(self.faults[i]) % 2 else "slow_down")
+                    return self.faults[i][-1]
+        return None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    """moto's S3 API server on a free loopback port, for this module."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    yield port
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_env(moto_port):
+    """AWS credentials, region and m9's endpoint variable pointing at moto; everything restored after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254: loopback only
+        mp.setenv(S3_ENDPOINT_ENV, f"http://127.0.0.1:{moto_port}")
+        yield mp
+
+
+def _client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY)
+
+
+def _upload(client, bucket: str, root: Path, prefix: str) -> int:
+    count = 0
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file():
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=path.read_bytes())
+            count += 1
+    return count
+
+
+def _s3_table(uri: str):
+    from m9 import storage
+
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def _s3_text(uri: str) -> str:
+    from m9 import storage
+
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_env, moto_port, images_tree, spark, ray_local, weights_path):
+    """`m9 --s3-endpoint … run --input s3://…/raw --workdir s3://…/m9` on the suite's images, once, through
+    a store that answers 503 SlowDown and drops connections now and then (FAULT_RULES).
+
+    One run serves both the equality and the fault tests: a second pipeline run would not fit the time
+    this file may take on a 2-core machine, and equality under faults is the stronger claim.
+    """
+    endpoint = f"http://127.0.0.1:{moto_port}"
+    client = _client(endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    uploaded = _upload(client, BUCKET, images_tree, "raw")
+    s3_env.delenv(S3_ENDPOINT_ENV)  # the option alone must be enough
+    try:
+        with FaultyProxy(moto_port, FAULT_RULES) as proxy:
+            result = CliRunner().invoke(main, ["--s3-endpoint", proxy.endpoint, "run", "--input",
+                                               f"s3://{BUCKET}/raw", "--workdir", f"s3://{BUCKET}/m9",
+                                               "--actors", "2", "--k", "5", "--batch-size", "8"])
+    finally:
+        s3_env.setenv(S3_ENDPOINT_ENV, endpoint)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return {"uploaded": uploaded, "output": result.output, "workdir": f"s3://{BUCKET}/m9", "proxy": proxy}
+
+
+def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
+    work = s3_run["workdir"]
+    assert "m9 run finished" in s3_run["output"]
+    cols = ["image_id", "relative_path", "label", "split", "sha256", "size"]
+    remote = _s3_table(f"{work}/images").sort_values("image_id").reset_index(drop=True)
+    local = pq.read_table(pipeline["dirs"]["images"]).to_pandas().sort_values("image_id").reset_index(drop=True)
+    assert len(remote) == 243 == s3_run["uploaded"] - 2  # COPYING and NOTICE.md are not images
+    assert remote[cols].equals(local[cols])
+    assert remote["path"].str.startswith(f"s3://{BUCKET}/raw/").all()
+    assert (remote["path"].str.removeprefix(f"s3://{BUCKET}/raw/") == remote["relative_path"]).all()
+
+    emb = _s3_table(f"{work}/embed/embeddings").sort_values("image_id").reset_index(drop=True)
+    local_emb = pq.read_table(str(Path(pipeline["dirs"]["embed"], "embeddings"))).to_pandas()
+    local_emb = local_emb.sort_values("image_id").reset_index(drop=True)
+    assert list(emb["image_id"]) == list(local_emb["image_id"]) and len(emb) == 240
+    got, want = np.stack(emb["features"].to_numpy()), np.stack(local_emb["features"].to_numpy())
+    assert np.abs(got - want).max() <= 1e-5
+
+    errors = _s3_table(f"{work}/embed/errors").sort_values("image_id").reset_index(drop=True)
+    local_errors = pq.read_table(str(Path(pipeline["dirs"]["embed"], "errors"))).to_pandas()
+    local_errors = local_errors.sort_values("image_id").reset_index(drop=True)
+    assert list(errors["image_id"]) == list(local_errors["image_id"]) and len(errors) == 3
+    assert list(errors["error"]) == list(local_errors["error"])
+
+    report = json.loads(_s3_text(f"{work}/reduce/variance.json"))
+    local_report = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())
+    assert report["k"] == 5 and report["rows"] == 240
+    np.testing.assert_allclose(report["explained_variance_ratio"], local_report["explained_variance_ratio"][:5],
+                               rtol=1e-6)
+
+    csv = _s3_text(f"{work}/reduce/pca.csv").splitlines()
+    assert csv[0] == "image_id,path,label,split," + ",".join(f"pc_{i}" for i in range(1, 6))
+    remote_pcs = {line.split(",")[0]: np.array(line.split(",")[-5:], dtype=float) for line in csv[1:]}
+    local_csv = Path(pipeline["dirs"]["reduce"], "pca.csv").read_text().splitlines()[1:]
+    local_pcs = {line.split(",")[0]: np.array(line.split(",")[-TEST_K:][:5], dtype=float) for line in local_csv}
+    assert sorted(remote_pcs) == sorted(local_pcs) and len(remote_pcs) == 240
+    ids = sorted(local_pcs)
+    a, b = np.stack([remote_pcs[i] for i in ids]), np.stack([local_pcs[i] for i in ids])
+    signs = np.sign((a * b).sum(axis=0))  # a component's sign is arbitrary
+    np.testing.assert_allclose(a * signs, b, atol=1e-4 * np.abs(b).max())
+
+    manifests = [json.loads(_s3_text(f"{work}/{stage}/_m9.json")) for stage in ("images", "embed", "reduce")]
+    assert [m["stage"] for m in manifests] == ["ingest", "embed", "reduce"]
+    assert manifests[1]["input"] == f"{work}/images"
+
+
+def test_rerun_on_s3_skips_finished_stages(s3_run, moto_port):
+    result = CliRunner().invoke(main, ["embed", "--input", f"{s3_run['workdir']}/images",
+                                       "--output", f"{s3_run['workdir']}/embed", "--actors", "2"])
+    assert result.exit_code == 0, result.output
+    assert "already done" in result.output
+
+
+def test_a_flaky_store_still_gives_every_row(s3_run):
+    """503 SlowDown and dropped connections, met by every client in every stage, are retried with backoff;
+    no row is lost (and test_run_on_s3_equals_the_local_run shows no value changed either)."""
+    proxy = s3_run["proxy"]
+    for rule, faults in zip(FAULT_RULES, proxy.faults):
+        assert faults == ["slow_down", "drop"] * (rule[3] // 2), (rule, faults, proxy.requests)
+    assert all(proxy.requests[client] for client in CLIENTS) and proxy.requests["other"] == 0
+    work = s3_run["workdir"]
+    images, embedded = _s3_table(f"{work}/images"), _s3_table(f"{work}/embed/embeddings")
+    errors = _s3_table(f"{work}/embed/errors")
+    assert len(images) == 243 and len(embedded) == 240 and len(errors) == 3
+    assert sorted([*embedded["image_id"], *errors["image_id"]]) == sorted(images["image_id"])
+    assert len(_s3_text(f"{work}/reduce/pca.csv").splitlines()) == 1 + 240
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, output[-3000:]
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["ingest", "--input", "s3://no-such-bucket/raw", "--output", f"s3://{BUCKET}/x"],
+    ["run", "--input", f"s3://{BUCKET}/raw", "--workdir", "s3://no-such-bucket/m9"],
+    ["reduce", "--input", "s3://no-such-bucket/embed", "--output", f"s3://{BUCKET}/y"],
+], ids=["ingest-input", "run-workdir", "reduce-input"])
+def test_a_missing_bucket_is_one_clear_error(s3_env, moto_port, args):
+    _client(f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert "bucket no-such-bucket does not exist" in line and "create it" in line
+
+
+def _m9_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """The real `m9` entry point in a fresh process, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_refused_and_missing_credentials_are_one_clear_error(s3_env, moto_port, tmp_path):
+    _client(f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
+    env = {**os.environ, "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    with FaultyProxy(moto_port, known_key=ACCESS_KEY) as proxy:
+        args = ["--s3-endpoint", proxy.endpoint, "ingest", "--input", f"s3://{BUCKET}/raw", "--output",
+                f"s3://{BUCKET}/out"]
+        refused = _m9_process(args, {**env, "AWS_ACCESS_KEY_ID": "not-a-key"})
+        env.pop("AWS_ACCESS_KEY_ID"), env.pop("AWS_SECRET_ACCESS_KEY")
+        missing = _m9_process(args, env)
+    assert refused.returncode == 1
+    line = _one_error_line(refused.stderr)
+    assert "refused m9's credentials (InvalidAccessKeyId)" in line and "AWS_ACCESS_KEY_ID" in line
+    assert missing.returncode == 1
+    line = _one_error_line(missing.stderr)
+    assert "no AWS credentials found" in line and "AWS_PROFILE" in line
+
+
+def test_jars_are_cached_and_verified():
+    from m9 import jars
+
+    paths = jars.fetch()
+    assert [p.name for p in paths] == list(jars.JARS)
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert jars.cached() == paths
+
+
+def test_spark_gets_the_same_endpoint_and_credentials(s3_env, moto_port):
+    from m9 import spark as m9spark
+    from m9.storage import S3Settings
+
+    conf = m9spark.s3a_settings(S3Settings.from_env())
+    assert conf["fs.s3a.endpoint"] == f"http://127.0.0.1:{moto_port}"
+    assert conf["fs.s3a.path.style.access"] == "true" and conf["fs.s3a.connection.ssl.enabled"] == "false"
+    assert conf["fs.s3a.access.key"] == ACCESS_KEY and conf["fs.s3a.secret.key"] == SECRET_KEY
+    assert conf["fs.s3a.change.detection.mode"] == "none"
+    aws = m9spark.s3a_settings(S3Settings(region="eu-west-1"))
+    assert aws["fs.s3a.endpoint"] is None and aws["fs.s3a.connection.ssl.enabled"] == "true"
+    assert aws["fs.s3a.access.key"] is None  # the provider chain finds profile or instance-role credentials
+
