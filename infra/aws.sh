@@ -49,8 +49,10 @@ fi
 if [[ -z ${M9:-} ]]; then
   if [[ -x $REPO/.venv/bin/m9 ]]; then M9=$REPO/.venv/bin/m9; else M9=m9; fi
 fi
+# -input=false would make apply and destroy fail instead of asking for confirmation, so it goes
+# with -auto-approve only.
 APPROVE=()
-if [[ ${AUTO_APPROVE:-0} == 1 ]]; then APPROVE=(-auto-approve); fi
+if [[ ${AUTO_APPROVE:-0} == 1 ]]; then APPROVE=(-input=false -auto-approve); fi
 
 # --- helpers ----------------------------------------------------------------
 
@@ -150,7 +152,7 @@ cmd_up() {
   fi
   log "creating the bucket, network and EMR cluster (about 10-15 minutes)"
   tf init -input=false
-  tf apply -input=false ${APPROVE[@]+"${APPROVE[@]}"} -var "m9_dist=$wheel"
+  tf apply ${APPROVE[@]+"${APPROVE[@]}"} -var "m9_dist=$wheel"
 }
 
 cmd_upload() {
@@ -273,7 +275,7 @@ cmd_down() {
       -var "m9_dist=$wheel" -var force_destroy_bucket=true
     extra=(-var force_destroy_bucket=true)
   fi
-  tf destroy -input=false ${APPROVE[@]+"${APPROVE[@]}"} -var "m9_dist=$wheel" ${extra[@]+"${extra[@]}"}
+  tf destroy ${APPROVE[@]+"${APPROVE[@]}"} -var "m9_dist=$wheel" ${extra[@]+"${extra[@]}"}
   if [[ $DRY_RUN != 1 ]]; then rm -f "$DIST_FILE"; fi
 }
 

@@ -179,6 +179,8 @@ def test_dry_run_all_runs_every_step_in_order(tmp_path: Path) -> None:
         f"-chdir={REPO}/infra apply",
         f"-chdir={REPO}/infra destroy",
     ]
+    # Without AUTO_APPROVE, terraform asks; -input=false would make it fail instead.
+    assert "-input=false" not in _commands(proc)[2] and "-auto-approve" not in _commands(proc)[-1]
     # After a successful fetch the bucket goes too, via force_destroy set on it first.
     force_apply, destroy = _commands(proc)[-2:]
     assert "-target=aws_s3_bucket.data" in force_apply and "force_destroy_bucket=true" in force_apply
