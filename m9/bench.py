@@ -91,6 +91,7 @@ class Outcome:
     model_loads: int
     knobs: dict
     steady: float | None = None  # engines that time their own steady state (ceiling, decode)
+    started: float | None = None  # when the timed run began, if not when the engine was called (ceiling)
     extra: dict = field(default_factory=dict)
 
 
@@ -111,6 +112,7 @@ class Monitor(threading.Thread):
         self._me = psutil.Process()
         self._halt = threading.Event()
         self._cpu: dict[int, tuple[float, float]] = {}  # pid → (cpu seconds at first sight, at last sight)
+        self._names: dict[int, str] = {self._me.pid: "driver"}
         self.peak_rss = 0
 
     def _sample(self) -> None:
@@ -128,6 +130,11 @@ class Monitor(threading.Thread):
             except psutil.Error:
                 continue
             used = times.user + times.system
+            if proc.pid not in self._names:
+                try:
+                    self._names[proc.pid] = proc.name()
+                except psutil.Error:
+                    self._names[proc.pid] = "?"
             first = self._cpu.get(proc.pid, (used, used))[0]
             self._cpu[proc.pid] = (first, used)
         self.peak_rss = max(self.peak_rss, rss)
@@ -152,6 +159,14 @@ class Monitor(threading.Thread):
     @property
     def cpu_seconds(self) -> float:
         return sum(last - first for first, last in self._cpu.values())
+
+    def cpu_by_process(self, top: int = 6) -> dict[str, float]:
+        """CPU seconds by process name (Ray workers, raylet, java, the driver …), the largest first."""
+        by_name: dict[str, float] = {}
+        for pid, (first, last) in self._cpu.items():
+            name = self._names.get(pid, "?")
+            by_name[name] = by_name.get(name, 0.0) + last - first
+        return {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top] if v >= 0.05}
 
 
 def steady_rate(done_at: np.ndarray) -> float:
@@ -368,13 +383,14 @@ def _ceiling_worker(rank: int, threads: int, batch_sizes: list[int], contents: l
             embedder.forward(inputs[: 2 * bs])  # warm-up: oneDNN primitives are built per batch shape
             part = inputs[:measure]
             barrier.wait()
-            started = time.time()
+            started, cpu = time.time(), time.process_time()
             done, feats = [], []
             for i in range(0, len(part), bs):
                 feats.append(embedder.forward(part[i : i + bs]))
                 done.extend([time.time()] * len(feats[-1]))
             queue.put(("timed", rank, bs, started, time.time(), len(part),
-                       (np.concatenate(feats), np.array(done), errors) if keep else None))
+                       (np.concatenate(feats), np.array(done), errors) if keep else None,
+                       time.process_time() - cpu))
             barrier.wait()
     except Exception as exc:  # noqa: BLE001 — reported to the parent, which fails the bench with it
         queue.put(("error", rank, repr(exc)))
@@ -399,6 +415,10 @@ def _run_processes(processes: int, threads: int, batch_sizes: list[int], content
             if msg[0] == "error":
                 raise RuntimeError(f"ceiling process {msg[1]} failed: {msg[2]}")
             results[msg[2]].append(msg)
+    except BaseException:  # an error or Ctrl-C: the processes would wait at the barrier forever
+        for p in procs:
+            p.kill()
+        raise
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -422,6 +442,7 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
     contents = table.column("content").to_pylist()
     sample = contents[: max(cfg.ceiling_images, max(cfg.ceiling_batches) * 2)]
     configs = list(cfg.ceiling_configs or ceiling_configs(os.cpu_count() or 1))
+    searching = time.time()
     search, loads = [], 0
     if len(configs) * len(cfg.ceiling_batches) == 1:  # nothing to search: the one configuration is the best
         (processes, threads), bs = configs[0], cfg.ceiling_batches[0]
@@ -436,6 +457,8 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
                      f"{rate:.1f} images/s")
     best = max(search, key=lambda s: s["img_per_s"] or 0)
     # The best configuration once more over every image: its features are the reference the engines must match.
+    search_s = time.time() - searching
+    started = time.time()
     final = _run_processes(best["processes"], best["threads"], [best["batch_size"]], contents, len(contents), True)
     rate, msgs = final[best["batch_size"]]
     ids = table.column("image_id").to_pylist()
@@ -448,20 +471,23 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
         out_ids += good + bad
         feats += [f, np.zeros((len(bad), FEATURE_DIM), np.float32)]
         done += [d, np.full(len(bad), d.max() if len(d) else time.time())]
+    cpu_ms = 1000 * sum(m[7] for m in msgs) / len(contents)
     return Outcome(out_ids, np.concatenate(done), np.concatenate(feats), loads + best["processes"],
                    {"processes": best["processes"], "threads_per_process": best["threads"],
                     "batch_size": best["batch_size"], "arrow_batch_size": None},
-                   steady=rate, extra={"search": search})
+                   steady=rate, started=started,
+                   extra={"search_s": round(search_s, 1), "search": search,
+                          "forward_cpu_ms_per_image": round(cpu_ms, 2)})
 
 
 def _decode_worker(contents: list, barrier, queue) -> None:
     from m9.model import decode_many
 
     barrier.wait()
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     for i in range(0, len(contents), 16):
         decode_many(contents[i : i + 16])
-    queue.put((started, time.time(), len(contents)))
+    queue.put((started, time.time(), len(contents), time.process_time() - cpu))
 
 
 def run_decode(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
@@ -482,7 +508,7 @@ def run_decode(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
     ids = table.column("image_id").to_pylist()
     return Outcome(ids, np.full(len(ids), max(m[1] for m in msgs)), None, 0,
                    {"processes": processes, "batch_size": None, "arrow_batch_size": None}, steady=rate,
-                   extra={"ms_per_image_per_core": round(1000 * processes / rate, 3)})
+                   extra={"decode_cpu_ms_per_image": round(1000 * sum(m[3] for m in msgs) / len(contents), 3)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -536,15 +562,18 @@ def _measure(engine: str, cfg: BenchConfig, input_dir: str, table: pa.Table, pro
         raise RuntimeError(f"{engine}: returned {len(outcome.ids)} rows for {table.num_rows} images")
     steady = outcome.steady if outcome.steady is not None else steady_rate(outcome.done_at)
     if not steady:  # too few rows for a steady state (all in one batch): the end-to-end rate instead
-        steady = len(outcome.ids) / max(float(outcome.done_at.max()) - mon.started, 1e-9)
+        steady = len(outcome.ids) / max(float(outcome.done_at.max()) - (outcome.started or mon.started), 1e-9)
+    started = outcome.started or mon.started
     result = {
         "steady_img_per_s": round(steady, 2),
-        "wall_s": round(mon.wall, 2),
-        "first_row_s": round(float(outcome.done_at.min()) - mon.started, 2),
+        "wall_s": round(mon.wall - (started - mon.started), 2),
+        "first_row_s": round(float(outcome.done_at.min()) - started, 2),
         "model_loads": outcome.model_loads,
         "peak_rss_mb": round(mon.peak_rss / 1024**2, 1),
         "cpu_util": round(mon.cpu_seconds / (mon.wall * (os.cpu_count() or 1)), 3),
         "knobs": outcome.knobs,
+        "cpu_s": round(mon.cpu_seconds, 1),
+        "cpu_s_by_process": mon.cpu_by_process(),
         **outcome.extra,
     }
     return result, outcome
