@@ -260,7 +260,7 @@ def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bo
                 feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(-1, FEATURE_DIM))
         loads = len(ray.get(counter.get.remote()))
         ray.kill(counter)
-        actor_cpus, threads = plan_resources(engine_ray.cluster_cpus(), cfg.actors)
+        actor_cpus, threads = plan_resources(engine_ray.node_cpus(), cfg.actors)
     return Outcome(ids, np.array(done), np.concatenate(feats) if feats else None, loads,
                    {"actors": cfg.actors, "threads_per_actor": threads, "actor_cpus": actor_cpus,
                     "batch_size": cfg.batch_size, "arrow_batch_size": None})

@@ -70,11 +70,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
         ray.shutdown()
 
 
-def cluster_cpus() -> float:
-    """CPUs the connected Ray cluster offers."""
+def node_cpus() -> list[float]:
+    """CPUs each alive node of the connected Ray cluster offers."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 0))
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
 def _counter_class():

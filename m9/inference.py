@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 #: together claim the rest: a 2-CPU machine whose actors claim whole CPUs starves the reads and hangs.
 READ_TASK_CPUS = 0.25
 
-#: CPUs kept free of actor claims. Ray Data's file-listing step claims one whole CPU (not configurable in
-#: Ray 2.60) before any read starts; with less than one CPU free beside the actors, the run never starts.
+#: CPUs kept free of actor claims, on the largest node, so two read tasks can always run beside the
+#: actors (a 2-CPU machine whose two actors claim a whole CPU each never starts reading and hangs).
 #: Claims are bookkeeping, not limits: the actors' TensorFlow threads still use every core.
-READ_RESERVE_CPUS = 1.0
+READ_RESERVE_CPUS = 2 * READ_TASK_CPUS
 
 #: Work items hold this many batches' worth of rows: enough to keep an actor's batches full, few enough
 #: that a 2-actor machine has several items per 1,000-image shard to share out.
@@ -79,11 +79,24 @@ def part_name(shard_uri: str) -> str:
     return PurePosixPath(shard_uri.replace("\\", "/")).name
 
 
-def plan_resources(cpus: float, actors: int) -> tuple[float, int]:
-    """(CPUs each actor claims, TensorFlow threads each actor runs) for `actors` actors on `cpus` CPUs."""
-    per_actor = max(0.01, (cpus - READ_RESERVE_CPUS) / actors)
-    threads = max(1, math.floor(cpus / actors))
-    return round(per_actor, 4), threads
+def plan_resources(node_cpus: list[float], actors: int) -> tuple[float, int]:
+    """(CPUs each actor claims, TensorFlow threads each runs) so that `actors` actors fit on these nodes.
+
+    Ray places whole actors on nodes, so the claim must fit the nodes as they are, not the cluster's total:
+    on EMR's 2-CPU master and two 4-CPU core nodes, 4 actors claiming (10 - 1) / 4 = 2.25 CPUs would fit one
+    per node and leave the fourth waiting. The largest claim that fits every actor is taken, after
+    READ_RESERVE_CPUS on the largest node; each actor then runs about as many threads as it claims CPUs.
+    """
+    free = sorted((float(n) for n in node_cpus if n > 0), reverse=True) or [1.0]
+    free[0] = max(free[0] - READ_RESERVE_CPUS, 0.0)
+
+    def fits(claim: float) -> bool:
+        return sum(math.floor(n / claim + 1e-9) for n in free) >= actors
+
+    candidates = [n / k for n in free if n > 0 for k in range(1, actors + 1)]
+    claim = max((c for c in candidates if fits(c)), default=0.01)
+    claim = max(0.01, math.floor(claim * 1000) / 1000)  # round down: a rounded-up claim may no longer fit
+    return claim, max(1, round(claim))
 
 
 class _ShardWriter:
@@ -240,8 +253,7 @@ def embed_batches(shards: list[str], actors: int, batch_size: int,
     batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
     import ray
 
-    cpus = engine_ray.cluster_cpus()
-    actor_cpus, threads = plan_resources(cpus, actors)
+    actor_cpus, threads = plan_resources(engine_ray.node_cpus(), actors)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
@@ -306,7 +318,7 @@ def embed(cfg: EmbedConfig) -> dict:
                 raise RuntimeError(f"embed finished with incomplete shards: {missing}")
     counts = _summarize(out, shards)
     counts.update(rows_in=rows_in, shards=len(shards), shards_skipped=len(shards) - len(pending),
-                  model_loads=len(loads))
+                  model_loads=len(loads), model_load_nodes=len({node for node, _ in loads}))
     if counts["embedded"] + counts["rejected"] != rows_in:
         raise RuntimeError(f"embed lost rows: {rows_in} in, {counts['embedded']} embedded + "
                            f"{counts['rejected']} rejected")
