@@ -174,8 +174,10 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
             s3: bool = False) -> Iterator:
     """Yield the active SparkSession if there is one, else start one and stop it on exit.
 
-    Outside EMR a new session gets the cached s3a jars when they are there, and fetches them first when
-    s3 says the caller will touch S3.
+    Outside EMR a new session gets the s3a jars when s3 says the caller will touch S3 (fetched first if
+    they are not cached), and, when cached, whenever it runs in this process (local[n]): there they cost
+    nothing, and a stage may reuse the session for S3 later. Other masters would copy them to every
+    executor, so they get them only when asked.
     """
     from pyspark.sql import SparkSession
 
@@ -210,7 +212,8 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
         )
         from m9 import jars as m9jars
 
-        s3a_jars = m9jars.fetch() if s3 else m9jars.cached()
+        in_process = re.fullmatch(r"local(\[.*\])?", master or os.environ.get("M9_SPARK_MASTER") or DEFAULT_MASTER)
+        s3a_jars = m9jars.fetch() if s3 else m9jars.cached() if in_process else None
         if s3a_jars:  # only at start-up: a running JVM cannot take new jars
             builder = builder.config("spark.jars", ",".join(str(j) for j in s3a_jars))
     for key, value in (conf or {}).items():
