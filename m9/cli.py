@@ -86,6 +86,10 @@ def main(verbose: bool, s3_endpoint: str | None) -> None:
     if s3_endpoint:
         from m9.storage import S3_ENDPOINT_ENV
 
+        if not s3_endpoint.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000",
+                                     param_hint="--s3-endpoint")
+
         # The environment is where pyarrow, boto3 and m9's Spark settings all look for it.
         os.environ[S3_ENDPOINT_ENV] = s3_endpoint
 

@@ -353,6 +353,12 @@ def test_refused_and_missing_credentials_are_one_clear_error(s3_env, moto_port, 
     assert "no AWS credentials found" in line and "AWS_PROFILE" in line
 
 
+def test_an_endpoint_without_a_scheme_is_refused():
+    result = CliRunner().invoke(main, ["--s3-endpoint", "127.0.0.1:9000", "ingest", "--input", "s3://b/raw"])
+    assert result.exit_code == 2
+    assert "Invalid value for --s3-endpoint: '127.0.0.1:9000' is not a URL" in result.output
+
+
 def test_jars_are_cached_and_verified():
     from m9 import jars
 
