@@ -106,7 +106,8 @@ def spark_uri(uri: str) -> str:
     if storage.is_s3(uri):
         rest = uri.split("://", 1)[1]
         return f"s3://{rest}" if _on_emr() else f"s3a://{rest}"
-    return Path(storage.normalize(uri)).as_uri()
+    # Not Path.as_uri(): Hadoop takes the string as a path, so a space spelled %20 names another folder.
+    return "file:" + storage.normalize(uri)
 
 
 def s3a_settings(s3: storage.S3Settings) -> dict[str, str | None]:
