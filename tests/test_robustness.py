@@ -192,10 +192,10 @@ def _assert_same_output(got: Path, want: Path) -> None:
 @pytest.fixture(scope="module")
 def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
     """`m9 run --max-errors 3` on the corpus, once: its CLI result and folders."""
-    root = tmp_path_factory.mktemp("corpus")
+    root = tmp_path_factory.mktemp("corpus") / "my photos"  # a space in the input folder itself
     write_corpus(root)
     work = tmp_path_factory.mktemp("corpus-work")
-    result = CliRunner().invoke(main, ["run", "--input", str(root), "--workdir", str(work), "--actors", "2",
+    result = CliRunner().invoke(main, ["run", "--input", str(root), "--workdir", str(work), "--actors", "1",
                                        "--batch-size", "4", "--k", "3", "--weights", str(weights_path),
                                        "--max-errors", str(CORPUS_MAX_ERRORS)])
     return {"root": root, "work": work, "result": result}
@@ -259,7 +259,8 @@ def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     assert result.exit_code == exit_code, result.output
     if exit_code == 0:
         assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
-    elif exit_code == 1:
+    elif exit_code == 1:  # the summary first, then the one error line
+        assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
         assert result.output.splitlines()[-1].startswith(
             f"Error: 6 of 19 images were rejected (more than --max-errors {max_errors})")
     else:
@@ -296,7 +297,7 @@ def reference(many, ray_local, weights_path, tmp_path_factory) -> Path:
     from m9.inference import embed
 
     out = tmp_path_factory.mktemp("reference") / "embed"
-    counts = embed(EmbedConfig(str(many["images"]), str(out), actors=2, batch_size=8,
+    counts = embed(EmbedConfig(str(many["images"]), str(out), actors=1, batch_size=8,
                                weights=str(weights_path)))["counts"]
     assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
     return out
@@ -331,7 +332,7 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_output(many, reference, we
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     out = tmp_path / "embed"
     cmd = [sys.executable, "-m", "m9.cli", "embed", "--input", str(many["images"]), "--output", str(out),
-           "--actors", "2", "--batch-size", "8", "--weights", str(weights_path)]
+           "--actors", "1", "--batch-size", "8", "--weights", str(weights_path)]
     try:
         with open(tmp_path / "killed.log", "wb") as log:
             driver = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
@@ -469,3 +470,28 @@ def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, ma
         assert "Traceback" not in result.output
     assert "pass --overwrite to replace it" in lines[0] and "not in" in lines[0]
     assert {folder: _snapshot(folder) for folder in before} == before
+    # The fix the message names works: --overwrite replaces the folder's contents.
+    result = CliRunner().invoke(main, ["ingest", "--input", str(corpus), "--output", str(foreign), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (foreign / "holiday.jpg").exists() and (foreign / "_m9.json").exists()
+
+
+def test_rows_delivered_twice_are_written_once(tmp_path):
+    """A retried task may send rows the driver already has; the shard still commits each image once."""
+    from m9.config import FEATURE_DIM
+    from m9.inference import _ShardWriter
+
+    def batch(ids):
+        n = len(ids)
+        return {"image_id": np.array(ids, dtype=object), "path": np.array([f"/x/{i}.jpg" for i in ids], object),
+                "label": np.array(["x"] * n, object), "split": np.array([None] * n, object),
+                "features": np.ones((n, FEATURE_DIM), np.float32),
+                "error": np.array(["" if i != "c" else "empty file" for i in ids], object)}
+
+    writer = _ShardWriter(str(tmp_path), {"/in/part-0.parquet": 3})
+    writer.add("/in/part-0.parquet", batch(["a", "b"]), np.arange(2))
+    writer.add("/in/part-0.parquet", batch(["b", "c"]), np.arange(2))  # "b" again, from a retried task
+    writer.add("/in/part-0.parquet", batch(["a"]), np.arange(1))  # after the commit
+    assert writer.duplicates == 2 and not writer.rows
+    assert sorted(_table(tmp_path / "embeddings")["image_id"]) == ["a", "b"]
+    assert list(_table(tmp_path / "errors")["image_id"]) == ["c"]
