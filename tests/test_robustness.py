@@ -69,8 +69,7 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
@@ -153,8 +152,13 @@ for name in ("huge-header.png", "huge-header.jpg", "bomb-1x-to-2x.png"):
         sys.exit(name + " was decoded")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) < 300 * 1024  # peak RSS in KiB: the interpreter, numpy and Pillow, no pixels
 
@@ -195,9 +199,26 @@ def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("corpus") / "my photos"  # a space in the input folder itself
     write_corpus(root)
     work = tmp_path_factory.mktemp("corpus-work")
-    result = CliRunner().invoke(main, ["run", "--input", str(root), "--workdir", str(work), "--actors", "1",
-                                       "--batch-size", "4", "--k", "3", "--weights", str(weights_path),
-                                       "--max-errors", str(CORPUS_MAX_ERRORS)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--input",
+            str(root),
+            "--workdir",
+            str(work),
+            "--actors",
+            "1",
+            "--batch-size",
+            "4",
+            "--k",
+            "3",
+            "--weights",
+            str(weights_path),
+            "--max-errors",
+            str(CORPUS_MAX_ERRORS),
+        ],
+    )
     return {"root": root, "work": work, "result": result}
 
 
@@ -207,8 +228,9 @@ def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     embedded = _table(work / "embed" / "embeddings")
     errors = _table(work / "embed" / "errors")
     outcome = {Path(p).relative_to(root).as_posix(): "embedded" for p in embedded["path"]}
-    outcome.update({Path(p).relative_to(root).as_posix(): f"rejected: {e}" for p, e in
-                    zip(errors["path"], errors["error"])})
+    outcome.update(
+        {Path(p).relative_to(root).as_posix(): f"rejected: {e}" for p, e in zip(errors["path"], errors["error"])}
+    )
     manifest = json.loads((work / "images" / "_m9.json").read_text())["counts"]
     for rel, expected in CORPUS.items():
         if expected in ("hidden", "ignored"):
@@ -216,8 +238,10 @@ def test_every_corpus_file_has_its_expected_outcome(corpus_run):
         else:
             assert outcome[rel].startswith(expected), (rel, outcome[rel])
     # Counts reconcile: every file is embedded, rejected, ignored or hidden, and counted as such.
-    want = {kind: sum(1 for v in CORPUS.values() if v.split(":")[0] == kind)
-            for kind in ("embedded", "rejected", "ignored", "hidden")}
+    want = {
+        kind: sum(1 for v in CORPUS.values() if v.split(":")[0] == kind)
+        for kind in ("embedded", "rejected", "ignored", "hidden")
+    }
     assert want == {"embedded": 13, "rejected": 6, "ignored": 4, "hidden": 3}
     assert manifest["files_found"] == len(outcome) == want["embedded"] + want["rejected"]
     assert manifest["ignored_files"] == want["ignored"] and manifest["hidden_files"] == want["hidden"]
@@ -243,8 +267,10 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
     lines = result.output.splitlines()
     assert "  rejected          6  (reasons in " in result.output
     assert "  images found      19 (4 other files and 3 hidden files ignored)" in lines
-    assert lines[-1] == (f"Error: 6 of 19 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
-                         f"reasons in {work / 'embed' / 'errors'}")
+    assert lines[-1] == (
+        f"Error: 6 of 19 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
+        f"reasons in {work / 'embed' / 'errors'}"
+    )
     assert [ln for ln in lines if ln.startswith("Error:")] == lines[-1:]
     for stage in ("images", "embed", "reduce"):  # everything was written, each stage marked finished
         assert (work / stage / "_m9.json").exists()
@@ -254,15 +280,17 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
 def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     """A re-run on the finished output is skipped, yet still says whether the rejections are too many."""
     work = corpus_run["work"]
-    result = CliRunner().invoke(main, ["embed", "--input", str(work / "images"), "--output", str(work / "embed"),
-                                       "--max-errors", max_errors])
+    result = CliRunner().invoke(
+        main, ["embed", "--input", str(work / "images"), "--output", str(work / "embed"), "--max-errors", max_errors]
+    )
     assert result.exit_code == exit_code, result.output
     if exit_code == 0:
         assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
     elif exit_code == 1:  # the summary first, then the one error line
         assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
         assert result.output.splitlines()[-1].startswith(
-            f"Error: 6 of 19 images were rejected (more than --max-errors {max_errors})")
+            f"Error: 6 of 19 images were rejected (more than --max-errors {max_errors})"
+        )
     else:
         assert "expected a count like 10 or a fraction like 0.05" in result.output
 
@@ -297,8 +325,9 @@ def reference(many, ray_local, weights_path, tmp_path_factory) -> Path:
     from m9.inference import embed
 
     out = tmp_path_factory.mktemp("reference") / "embed"
-    counts = embed(EmbedConfig(str(many["images"]), str(out), actors=1, batch_size=8,
-                               weights=str(weights_path)))["counts"]
+    counts = embed(EmbedConfig(str(many["images"]), str(out), actors=1, batch_size=8, weights=str(weights_path)))[
+        "counts"
+    ]
     assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
     return out
 
@@ -331,8 +360,22 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_output(many, reference, we
     marker = f"RAY_TMPDIR={ray_tmp}"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     out = tmp_path / "embed"
-    cmd = [sys.executable, "-m", "m9.cli", "embed", "--input", str(many["images"]), "--output", str(out),
-           "--actors", "1", "--batch-size", "8", "--weights", str(weights_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "m9.cli",
+        "embed",
+        "--input",
+        str(many["images"]),
+        "--output",
+        str(out),
+        "--actors",
+        "1",
+        "--batch-size",
+        "8",
+        "--weights",
+        str(weights_path),
+    ]
     try:
         with open(tmp_path / "killed.log", "wb") as log:
             driver = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
@@ -392,8 +435,7 @@ def _title(pid: int) -> str:
         return ""
 
 
-def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, ray_local, weights_path,
-                                                               tmp_path):
+def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, ray_local, weights_path, tmp_path):
     import ray
 
     from m9.config import EmbedConfig
@@ -418,8 +460,7 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, 
     killer = threading.Thread(target=kill_one_actor_after_a_commit, daemon=True)
     killer.start()
     try:
-        result = embed(EmbedConfig(str(many["images"]), str(out), actors=2, batch_size=8,
-                                   weights=str(weights_path)))
+        result = embed(EmbedConfig(str(many["images"]), str(out), actors=2, batch_size=8, weights=str(weights_path)))
     finally:
         stop.set()
         killer.join()
@@ -436,8 +477,11 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, 
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, many, tmp_path):
@@ -449,16 +493,21 @@ def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, ma
     unfinished = tmp_path / "unfinished"
     shutil.copytree(work / "embed" / "embeddings", unfinished / "embeddings")
     cases = [
-        (["run", "--input", str(SAMPLE), "--workdir", str(work)],
-         f"{work / 'images'} holds the output of `m9 ingest` on {corpus}; choose another output folder or pass "
-         f"--overwrite to replace it"),
-        (["embed", "--input", str(work / "images"), "--output", str(work / "images")],
-         f"{work / 'images'} holds the output of `m9 ingest` on {corpus}"),
-        (["ingest", "--input", str(corpus), "--output", str(foreign)],
-         f"{foreign} already holds files m9 did not write (e.g. holiday.jpg); choose another output folder or "
-         f"pass --overwrite to replace it"),
-        (["embed", "--input", str(many["images"]), "--output", str(unfinished)],
-         f"{unfinished} holds embeddings of "),
+        (
+            ["run", "--input", str(SAMPLE), "--workdir", str(work)],
+            f"{work / 'images'} holds the output of `m9 ingest` on {corpus}; choose another output folder or pass "
+            f"--overwrite to replace it",
+        ),
+        (
+            ["embed", "--input", str(work / "images"), "--output", str(work / "images")],
+            f"{work / 'images'} holds the output of `m9 ingest` on {corpus}",
+        ),
+        (
+            ["ingest", "--input", str(corpus), "--output", str(foreign)],
+            f"{foreign} already holds files m9 did not write (e.g. holiday.jpg); choose another output folder or "
+            f"pass --overwrite to replace it",
+        ),
+        (["embed", "--input", str(many["images"]), "--output", str(unfinished)], f"{unfinished} holds embeddings of "),
     ]
     before = {folder: _snapshot(folder) for folder in (work, foreign, unfinished)}
     for args, message in cases:
@@ -483,10 +532,14 @@ def test_rows_delivered_twice_are_written_once(tmp_path):
 
     def batch(ids):
         n = len(ids)
-        return {"image_id": np.array(ids, dtype=object), "path": np.array([f"/x/{i}.jpg" for i in ids], object),
-                "label": np.array(["x"] * n, object), "split": np.array([None] * n, object),
-                "features": np.ones((n, FEATURE_DIM), np.float32),
-                "error": np.array(["" if i != "c" else "empty file" for i in ids], object)}
+        return {
+            "image_id": np.array(ids, dtype=object),
+            "path": np.array([f"/x/{i}.jpg" for i in ids], object),
+            "label": np.array(["x"] * n, object),
+            "split": np.array([None] * n, object),
+            "features": np.ones((n, FEATURE_DIM), np.float32),
+            "error": np.array(["" if i != "c" else "empty file" for i in ids], object),
+        }
 
     writer = _ShardWriter(str(tmp_path), {"/in/part-0.parquet": 3})
     writer.add("/in/part-0.parquet", batch(["a", "b"]), np.arange(2))
