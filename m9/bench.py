@@ -539,10 +539,12 @@ def machine_facts() -> dict:
             continue
     versions = {}
     for dist in ("tensorflow", "keras", "ray", "pyspark", "pyarrow", "pandas", "numpy", "pillow", "psutil"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
+        for name in (dist, f"{dist}-cpu"):  # TensorFlow may be installed as tensorflow-cpu
+            try:
+                versions[dist] = md.version(name)
+                break
+            except md.PackageNotFoundError:
+                versions[dist] = None
     versions["python"] = platform.python_version()
     return {"cpu_model": cpu_model, "cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "caches": caches, "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
