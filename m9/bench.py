@@ -170,15 +170,20 @@ class Monitor(threading.Thread):
 
 
 def steady_rate(done_at: np.ndarray) -> float:
-    """Rows per second between STEADY_FROM and STEADY_TO of the rows done (all rows if that span is empty)."""
+    """Rows per second between the moments STEADY_FROM and STEADY_TO of the rows were done.
+
+    Engines hand rows back in bursts (a Ray block, an Arrow batch), so the rate counts the rows done after
+    the first moment and up to the second, over the time between them; 0 if the rows came in one burst.
+    """
     t = np.sort(np.asarray(done_at, dtype=np.float64))
     n = len(t)
     if n == 0:
         return 0.0
-    lo, hi = int(math.floor(STEADY_FROM * (n - 1))), int(math.ceil(STEADY_TO * (n - 1)))
-    if t[hi] > t[lo]:
-        return (hi - lo) / (t[hi] - t[lo])
-    return n / max(t[-1] - t[0], 1e-9) if t[-1] > t[0] else 0.0
+    t_lo, t_hi = t[int(math.floor(STEADY_FROM * (n - 1)))], t[int(math.ceil(STEADY_TO * (n - 1)))]
+    if t_hi <= t_lo:
+        return 0.0
+    rows = np.searchsorted(t, t_hi, side="right") - np.searchsorted(t, t_lo, side="right")
+    return float(rows / (t_hi - t_lo))
 
 
 # ---------------------------------------------------------------------------------------------------
