@@ -323,7 +323,7 @@ def _int_list(ctx, param, value):
 @batch_opt
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images (by image_id).")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs per engine; the run with the median steady rate is reported.")
+              help="Runs per engine; the run with the best steady rate is reported.")
 @click.option("--output", default=_default("bench"), show_default=True,
               help="Folder for bench.json, bench.md and bench.png (scaling.json, scaling.md).")
 @click.option("--scaling", default=None, callback=_int_list, metavar="N,N,…",
