@@ -130,11 +130,8 @@ class Monitor(threading.Thread):
             except psutil.Error:
                 continue
             used = times.user + times.system
-            if proc.pid not in self._names:
-                try:
-                    self._names[proc.pid] = proc.name()
-                except psutil.Error:
-                    self._names[proc.pid] = "?"
+            if proc.pid != self._me.pid:  # named at every sample: Spark's launcher execs bash → java in place
+                self._names[proc.pid] = _role(proc)
             first = self._cpu.get(proc.pid, (used, used))[0]
             self._cpu[proc.pid] = (first, used)
         self.peak_rss = max(self.peak_rss, rss)
@@ -167,6 +164,21 @@ class Monitor(threading.Thread):
             name = self._names.get(pid, "?")
             by_name[name] = by_name.get(name, 0.0) + last - first
         return {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top] if v >= 0.05}
+
+
+def _role(proc) -> str:
+    """A short name for a process: Ray's title (ray::IDLE, ray::MapWorker(…)), else the executable's name."""
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+        if cmdline and cmdline[0].startswith("ray::"):
+            return cmdline[0].split(".")[0][:48]
+        if any("pyspark" in part and "daemon" in part for part in cmdline[:3]):
+            return "pyspark.daemon"
+        return proc.name()
+    except psutil.Error:
+        return "?"
 
 
 def steady_rate(done_at: np.ndarray) -> float:
