@@ -99,6 +99,9 @@ def _node_env(info: Path, index: int, tag: str, gcs_port: int, temp_dir: str) ->
     env = dict(os.environ)
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        # As on EMR: no token auth. Without this the nodes inherit RAY_AUTH_MODE=token whenever this test
+        # process started a local Ray before (ray.init sets it in os.environ).
+        RAY_AUTH_MODE="disabled",
         M9_SKIP_INSTALL="1",
         M9_EMR_INFO_DIR=str(info),
         M9_BOOTSTRAP_LOG=str(info / "bootstrap.log"),
@@ -149,6 +152,7 @@ def _alive_nodes(address: str) -> list[dict]:
             check=False,
             text=True,
             timeout=60,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},  # as the simulated cluster runs
         )
     except subprocess.TimeoutExpired:  # a busy machine; the caller polls again
         return []
@@ -329,8 +333,8 @@ def test_embed_on_the_simulated_cluster_equals_the_local_run(emr_sim_cluster: st
 
     out = tmp_path / "embed"
     # This test process runs its own local Ray, whose ray.init set RAY_AUTH_MODE=token here; the bootstrapped
-    # cluster runs without token auth, so the driver must not inherit that setting.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    # cluster runs without token auth, and so must its driver.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-m", "m9.cli", "embed", "--input", pipeline["dirs"]["images"], "--output", str(out),
          "--ray-address", emr_sim_cluster, "--actors", "3", "--batch-size", "8"],
