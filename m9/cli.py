@@ -19,8 +19,9 @@ def _default(stage: str) -> str:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
     logging.getLogger("m9").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("py4j", "ray", "ray.data", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -73,10 +74,14 @@ class MaxErrors(click.ParamType):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="m9")
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
-@click.option("--s3-endpoint", default=None, metavar="URL",
-              help="S3-compatible store for s3:// URIs (MinIO, Ceph, moto), e.g. http://127.0.0.1:9000; "
-                   "default: $M9_S3_ENDPOINT, $AWS_ENDPOINT_URL, else AWS. Credentials and region come from "
-                   "the usual AWS environment and config.")
+@click.option(
+    "--s3-endpoint",
+    default=None,
+    metavar="URL",
+    help="S3-compatible store for s3:// URIs (MinIO, Ceph, moto), e.g. http://127.0.0.1:9000; "
+    "default: $M9_S3_ENDPOINT, $AWS_ENDPOINT_URL, else AWS. Credentials and region come from "
+    "the usual AWS environment and config.",
+)
 def main(verbose: bool, s3_endpoint: str | None) -> None:
     """m9: images → MobileNetV2 feature vectors → PCA, on Spark and Ray, local or on EMR.
 
@@ -87,8 +92,9 @@ def main(verbose: bool, s3_endpoint: str | None) -> None:
         from m9.storage import S3_ENDPOINT_ENV
 
         if not s3_endpoint.startswith(("http://", "https://")):
-            raise click.BadParameter(f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000",
-                                     param_hint="--s3-endpoint")
+            raise click.BadParameter(
+                f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000", param_hint="--s3-endpoint"
+            )
 
         # The environment is where pyarrow, boto3 and m9's Spark settings all look for it.
         os.environ[S3_ENDPOINT_ENV] = s3_endpoint
@@ -96,26 +102,52 @@ def main(verbose: bool, s3_endpoint: str | None) -> None:
 
 input_opt = functools.partial(click.option, "--input", "input_", metavar="SRC")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace what the output folder holds.")
-actors_opt = click.option("--actors", type=click.IntRange(min=1), default=DEFAULT_ACTORS, show_default=True,
-                          help="Ray actors in the pool; each loads the model once.")
-batch_opt = click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
-                         show_default=True, help="Images per forward pass.")
-ray_opt = click.option("--ray-address", default=None, metavar="ADDR",
-                       help="Ray cluster to join (`auto` on a cluster node, host:port); default: a local Ray.")
-weights_opt = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                           help="MobileNetV2 no-top weights file to use instead of the verified cache.")
+actors_opt = click.option(
+    "--actors",
+    type=click.IntRange(min=1),
+    default=DEFAULT_ACTORS,
+    show_default=True,
+    help="Ray actors in the pool; each loads the model once.",
+)
+batch_opt = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Images per forward pass.",
+)
+ray_opt = click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="Ray cluster to join (`auto` on a cluster node, host:port); default: a local Ray.",
+)
+weights_opt = click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="MobileNetV2 no-top weights file to use instead of the verified cache.",
+)
 max_errors_opt = click.option(
-    "--max-errors", type=MaxErrors(), default=None,
+    "--max-errors",
+    type=MaxErrors(),
+    default=None,
     help="Fail (exit 1, after writing everything) if more images than this are rejected: a count like 10 "
-         "or a fraction like 0.05. Default: any number.")
+    "or a fraction like 0.05. Default: any number.",
+)
 k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
 
 
 @main.command()
 @input_opt(default=None, help="Image folder or s3:// prefix (default: the bundled sample).")
 @click.option("--output", default=_default("images"), show_default=True, help="Parquet output folder or s3:// URI.")
-@click.option("--images-per-file", type=click.IntRange(min=1), default=DEFAULT_IMAGES_PER_FILE, show_default=True,
-              help="About this many images per Parquet file.")
+@click.option(
+    "--images-per-file",
+    type=click.IntRange(min=1),
+    default=DEFAULT_IMAGES_PER_FILE,
+    show_default=True,
+    help="About this many images per Parquet file.",
+)
 @overwrite_opt
 @user_errors
 def ingest(input_, output, images_per_file, overwrite):
@@ -129,8 +161,10 @@ def ingest(input_, output, images_per_file, overwrite):
 
     result = run_ingest(IngestConfig(input_ or sample_dir(), output, images_per_file, overwrite))
     c = result["counts"]
-    click.echo(f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-               f" ({_ignored(c)}){' — already done' if result.get('skipped') else ''}")
+    click.echo(
+        f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
+        f" ({_ignored(c)}){' — already done' if result.get('skipped') else ''}"
+    )
 
 
 @main.command()
@@ -152,11 +186,14 @@ def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, 
     from m9.inference import embed as run_embed
 
     result, too_many = _tolerating_rejections(
-        run_embed, EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite, max_errors))
+        run_embed, EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite, max_errors)
+    )
     c = result["counts"]
-    click.echo(f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
-               f"{c['model_loads']} model loads, output at {output}"
-               f"{' — already done' if result.get('skipped') else ''}")
+    click.echo(
+        f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
+        f"{c['model_loads']} model loads, output at {output}"
+        f"{' — already done' if result.get('skipped') else ''}"
+    )
     if too_many:
         raise click.ClickException(str(too_many))
 
@@ -176,14 +213,20 @@ def reduce(input_, output, k, overwrite):
     from m9.reduce import reduce as run_reduce
 
     result = run_reduce(ReduceConfig(input_, output, k, overwrite))
-    click.echo(f"reduce: {result['counts']['rows']} rows → {k} components explaining "
-               f"{100 * result['total_explained']:.1f} % of the variance, output at {output}")
+    click.echo(
+        f"reduce: {result['counts']['rows']} rows → {k} components explaining "
+        f"{100 * result['total_explained']:.1f} % of the variance, output at {output}"
+    )
 
 
 @main.command()
 @input_opt(default=None, help="Image folder or s3:// prefix (default: the bundled sample).")
-@click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True,
-              help="Folder or s3:// URI; each stage writes into its own subfolder.")
+@click.option(
+    "--workdir",
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="Folder or s3:// URI; each stage writes into its own subfolder.",
+)
 @actors_opt
 @k_opt
 @batch_opt
@@ -200,23 +243,35 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
     from m9.pipeline import RunConfig, sample_dir
     from m9.pipeline import run as run_pipeline
 
-    cfg = RunConfig(input_ or sample_dir(), workdir, actors, k, batch_size, ray_address=ray_address,
-                    weights=weights, overwrite=overwrite, max_errors=max_errors)
+    cfg = RunConfig(
+        input_ or sample_dir(),
+        workdir,
+        actors,
+        k,
+        batch_size,
+        ray_address=ray_address,
+        weights=weights,
+        overwrite=overwrite,
+        max_errors=max_errors,
+    )
     result, too_many = _tolerating_rejections(run_pipeline, cfg)
     st = result["stages"]
     emb, red = st["embed"]["counts"], st["reduce"]
     reached = ", ".join(f"{t}: k={v}" for t, v in red["smallest_k_reaching"].items() if v) or "none within k"
-    click.echo("\n".join([
-        "m9 run finished",
-        f"  images found      {st['ingest']['counts']['files_found']}"
-        f" ({_ignored(st['ingest']['counts'])})",
-        f"  embedded          {emb['embedded']}",
-        f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
-        f"  model loads       {emb['model_loads']}",
-        f"  variance by k={k:<4} {100 * red['total_explained']:.1f} %  (thresholds reached: {reached})",
-        f"  outputs           {cfg.stage_dir('images')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
-        "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result["wall_s"].items()),
-    ]))
+    click.echo(
+        "\n".join(
+            [
+                "m9 run finished",
+                f"  images found      {st['ingest']['counts']['files_found']} ({_ignored(st['ingest']['counts'])})",
+                f"  embedded          {emb['embedded']}",
+                f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
+                f"  model loads       {emb['model_loads']}",
+                f"  variance by k={k:<4} {100 * red['total_explained']:.1f} %  (thresholds reached: {reached})",
+                f"  outputs           {cfg.stage_dir('images')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
+                "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result["wall_s"].items()),
+            ]
+        )
+    )
     if too_many:
         raise click.ClickException(str(too_many))
 
@@ -263,10 +318,18 @@ def data():
 
 @data.command("fashion-mnist")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the tree into.")
-@click.option("--per-class", type=click.IntRange(min=1), default=None,
-              help="Take the first N images of each class per split (default: all 70,000).")
-@click.option("--source", type=click.Path(exists=True), default=None,
-              help="Folder with the idx .gz files, or the dataset-fashion-mnist .deb (default: Debian's archive).")
+@click.option(
+    "--per-class",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Take the first N images of each class per split (default: all 70,000).",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True),
+    default=None,
+    help="Folder with the idx .gz files, or the dataset-fashion-mnist .deb (default: Debian's archive).",
+)
 @user_errors
 def data_fashion_mnist(output, per_class, source):
     """Fashion-MNIST (Debian dataset-fashion-mnist, MIT) as 100×100 RGB JPEGs in Training/ and Test/.
@@ -278,16 +341,26 @@ def data_fashion_mnist(output, per_class, source):
     from m9.datasets import build_fashion_mnist
 
     counts = build_fashion_mnist(output, per_class=per_class, source=Path(source) if source else None)
-    click.echo(f"fashion-mnist: {counts.get('Training', 0)} training and {counts.get('Test', 0)} test images "
-               f"in {output}")
+    click.echo(
+        f"fashion-mnist: {counts.get('Training', 0)} training and {counts.get('Test', 0)} test images in {output}"
+    )
 
 
 @data.command("fruits-360")
-@click.option("--archive", default=None, metavar="URL|PATH",
-              help="The Fruits-360 zip: an http(s) URL (needs internet) or a local file. Default: the public "
-                   "GitHub archive of Horea94/Fruit-Images-Dataset.")
-@click.option("--output", default="data/fruits-360", show_default=True, metavar="DIR|s3://…",
-              help="Folder or s3:// prefix to write Training/ and Test/ into.")
+@click.option(
+    "--archive",
+    default=None,
+    metavar="URL|PATH",
+    help="The Fruits-360 zip: an http(s) URL (needs internet) or a local file. Default: the public "
+    "GitHub archive of Horea94/Fruit-Images-Dataset.",
+)
+@click.option(
+    "--output",
+    default="data/fruits-360",
+    show_default=True,
+    metavar="DIR|s3://…",
+    help="Folder or s3:// prefix to write Training/ and Test/ into.",
+)
 @user_errors
 def data_fruits_360(archive, output):
     """Fruits-360 (CC BY-SA 4.0) unpacked from its zip into Training/ and Test/, locally or on S3.
@@ -317,21 +390,50 @@ def _int_list(ctx, param, value):
 
 @main.command()
 @input_opt(default=None, help="Output of `m9 ingest` (Parquet folder); default: the bundled sample, ingested.")
-@click.option("--engines", default="ray,spark-udf,spark-predict,ceiling,decode", show_default=True,
-              help="Comma-separated engines to run.")
+@click.option(
+    "--engines",
+    default="ray,spark-udf,spark-predict,ceiling,decode",
+    show_default=True,
+    help="Comma-separated engines to run.",
+)
 @actors_opt
 @batch_opt
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images (by image_id).")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs per engine; the run with the best steady rate is reported.")
-@click.option("--output", default=_default("bench"), show_default=True,
-              help="Folder for bench.json, bench.md and bench.png (scaling.json, scaling.md).")
-@click.option("--scaling", default=None, callback=_int_list, metavar="N,N,…",
-              help="Instead of the engine table: the ray engine at each size (rows re-used if the input has fewer).")
-@click.option("--ceiling-batches", default="8,16,32,64", show_default=True, callback=_int_list, metavar="B,B,…",
-              help="Batch sizes the ceiling's search tries.")
-@click.option("--ceiling-images", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images each ceiling configuration is timed over.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs per engine; the run with the best steady rate is reported.",
+)
+@click.option(
+    "--output",
+    default=_default("bench"),
+    show_default=True,
+    help="Folder for bench.json, bench.md and bench.png (scaling.json, scaling.md).",
+)
+@click.option(
+    "--scaling",
+    default=None,
+    callback=_int_list,
+    metavar="N,N,…",
+    help="Instead of the engine table: the ray engine at each size (rows re-used if the input has fewer).",
+)
+@click.option(
+    "--ceiling-batches",
+    default="8,16,32,64",
+    show_default=True,
+    callback=_int_list,
+    metavar="B,B,…",
+    help="Batch sizes the ceiling's search tries.",
+)
+@click.option(
+    "--ceiling-images",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images each ceiling configuration is timed over.",
+)
 @user_errors
 def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, ceiling_batches, ceiling_images):
     """Time the embed engines (Ray, Spark UDF, Spark predict_batch_udf) against the bare model's ceiling.
@@ -342,20 +444,33 @@ def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, c
     from m9.bench import bench as run_bench
     from m9.bench import scaling as run_scaling
 
-    cfg = BenchConfig(input_, output, tuple(e.strip() for e in engines.split(",") if e.strip()), actors,
-                      batch_size, limit, repeat, ceiling_batches, ceiling_images)
+    cfg = BenchConfig(
+        input_,
+        output,
+        tuple(e.strip() for e in engines.split(",") if e.strip()),
+        actors,
+        batch_size,
+        limit,
+        repeat,
+        ceiling_batches,
+        ceiling_images,
+    )
 
     def progress(line: str) -> None:
         click.echo(line, err=True)
 
     if scaling:
         result = run_scaling(cfg, list(scaling), progress)
-        click.echo(f"scaling: steady per-image cost spread {100 * result['steady_cost_spread']:.1f} % over "
-                   f"{', '.join(str(s) for s in scaling)} images; tables in {output}/scaling.md")
+        click.echo(
+            f"scaling: steady per-image cost spread {100 * result['steady_cost_spread']:.1f} % over "
+            f"{', '.join(str(s) for s in scaling)} images; tables in {output}/scaling.md"
+        )
         return
     result = run_bench(cfg, progress)
-    click.echo(f"bench: {result['images']} images, engines {'agree' if result['agree'] else 'DISAGREE'} "
-               f"(max |Δ| {result['max_abs_diff']:.1e}); report in {output}/bench.md")
+    click.echo(
+        f"bench: {result['images']} images, engines {'agree' if result['agree'] else 'DISAGREE'} "
+        f"(max |Δ| {result['max_abs_diff']:.1e}); report in {output}/bench.md"
+    )
     if not result["agree"]:
         raise click.ClickException("engines produced different features")
 

@@ -47,8 +47,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
     if ray.is_initialized():
         yield
         return
-    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
-             "logging_level": logging.WARNING}
+    quiet = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
     try:
         if address:
             _check_reachable(address)
@@ -61,7 +65,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise EngineError(
-            f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}" if address
+            f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}"
+            if address
             else f"Ray could not start: {str(exc).splitlines()[0]}"
         ) from None
     try:

@@ -42,12 +42,22 @@ INPUT_COLUMNS = ["image_id", "path", "label", "split", "content"]
 EMBEDDINGS, ERRORS = "embeddings", "errors"
 
 EMBEDDINGS_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("split", pa.string()),
-     ("features", pa.list_(pa.float32()))]
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("features", pa.list_(pa.float32())),
+    ]
 )
 ERRORS_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("split", pa.string()),
-     ("error", pa.string())]
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("error", pa.string()),
+    ]
 )
 
 
@@ -139,14 +149,19 @@ class _ShardWriter:
         meta = {k: [None if v is None else str(v) for v in cols[k]] for k in ("image_id", "path", "label", "split")}
         features = np.asarray(cols["features"], dtype=np.float32).reshape(-1, FEATURE_DIM)
         good = pa.table(
-            {**{k: pa.array([v for v, keep in zip(vals, ok) if keep], pa.string()) for k, vals in meta.items()},
-             "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM).cast(
-                 pa.list_(pa.float32()))},
+            {
+                **{k: pa.array([v for v, keep in zip(vals, ok) if keep], pa.string()) for k, vals in meta.items()},
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM).cast(
+                    pa.list_(pa.float32())
+                ),
+            },
             schema=EMBEDDINGS_SCHEMA,
         )
         bad = pa.table(
-            {**{k: pa.array([v for v, keep in zip(vals, ok) if not keep], pa.string()) for k, vals in meta.items()},
-             "error": pa.array([str(e) for e in cols["error"][~ok]], pa.string())},
+            {
+                **{k: pa.array([v for v, keep in zip(vals, ok) if not keep], pa.string()) for k, vals in meta.items()},
+                "error": pa.array([str(e) for e in cols["error"][~ok]], pa.string()),
+            },
             schema=ERRORS_SCHEMA,
         )
         name = part_name(shard)
@@ -234,7 +249,9 @@ def check_rejections(result: dict, max_errors: int | float | None, output: str) 
     if counts["rejected"] > limit:
         raise TooManyRejectedError(
             f"{counts['rejected']} of {counts['rows_in']} images were rejected (more than --max-errors "
-            f"{max_errors}); reasons in {storage.join(output, ERRORS)}", result)
+            f"{max_errors}); reasons in {storage.join(output, ERRORS)}",
+            result,
+        )
     return result
 
 
@@ -247,8 +264,9 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
     return {"embedded": embedded, "rejected": rejected}
 
 
-def embed_batches(shards: list[str], actors: int, batch_size: int,
-                  weights_path: str | None) -> Iterator[dict[str, np.ndarray]]:
+def embed_batches(
+    shards: list[str], actors: int, batch_size: int, weights_path: str | None
+) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
     batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
     import ray
@@ -260,8 +278,13 @@ def embed_batches(shards: list[str], actors: int, batch_size: int,
     items = plan_slices(shards, SLICE_BATCHES * batch_size)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_slices, fn_kwargs={"s3": storage.S3Settings.from_env()}, batch_size=1,
-                     num_cpus=READ_TASK_CPUS, batch_format="numpy")
+        .map_batches(
+            read_slices,
+            fn_kwargs={"s3": storage.S3Settings.from_env()},
+            batch_size=1,
+            num_cpus=READ_TASK_CPUS,
+            batch_format="numpy",
+        )
         .map_batches(
             EmbedActor,
             fn_constructor_kwargs={"weights_path": weights_path, "threads": threads, "batch_size": batch_size},
@@ -271,8 +294,15 @@ def embed_batches(shards: list[str], actors: int, batch_size: int,
             batch_format="numpy",
         )
     )
-    log.info("embed: %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), batch %d",
-             len(shards), len(items), actors, threads, actor_cpus, batch_size)
+    log.info(
+        "embed: %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), batch %d",
+        len(shards),
+        len(items),
+        actors,
+        threads,
+        actor_cpus,
+        batch_size,
+    )
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
 
@@ -317,14 +347,26 @@ def embed(cfg: EmbedConfig) -> dict:
                 missing = {part_name(s): expected[s] - writer.seen[s] for s in writer.rows}
                 raise RuntimeError(f"embed finished with incomplete shards: {missing}")
     counts = _summarize(out, shards)
-    counts.update(rows_in=rows_in, shards=len(shards), shards_skipped=len(shards) - len(pending),
-                  model_loads=len(loads), model_load_nodes=len({node for node, _ in loads}))
+    counts.update(
+        rows_in=rows_in,
+        shards=len(shards),
+        shards_skipped=len(shards) - len(pending),
+        model_loads=len(loads),
+        model_load_nodes=len({node for node, _ in loads}),
+    )
     if counts["embedded"] + counts["rejected"] != rows_in:
-        raise RuntimeError(f"embed lost rows: {rows_in} in, {counts['embedded']} embedded + "
-                           f"{counts['rejected']} rejected")
+        raise RuntimeError(
+            f"embed lost rows: {rows_in} in, {counts['embedded']} embedded + {counts['rejected']} rejected"
+        )
     wall = time.perf_counter() - started
-    log.info("embed: %d embedded, %d rejected, %d model loads, %.1f s", counts["embedded"],
-             counts["rejected"], len(loads), wall)
-    result = stage.write_manifest(out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size,
-                                  wall_s=round(wall, 2))
+    log.info(
+        "embed: %d embedded, %d rejected, %d model loads, %.1f s",
+        counts["embedded"],
+        counts["rejected"],
+        len(loads),
+        wall,
+    )
+    result = stage.write_manifest(
+        out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size, wall_s=round(wall, 2)
+    )
     return check_rejections(result, cfg.max_errors, out)

@@ -26,6 +26,7 @@ ROW_GROUP_BYTES = 256 * 1024
 
 def _glob(extensions=IMAGE_EXTENSIONS) -> str:
     """A Hadoop glob matching the extensions in any case, e.g. *.{[jJ][pP][gG],…}."""
+
     def anycase(ext: str) -> str:
         return "".join(f"[{c.lower()}{c.upper()}]" for c in ext)
 
@@ -89,28 +90,30 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
     )
     if empty_files:
         prefix = "file:" if scheme == "file" else f"{scheme}://"
-        schema = T.StructType([T.StructField("decoded", T.StringType()), T.StructField("length", T.LongType()),
-                               T.StructField("content", T.BinaryType())])
+        schema = T.StructType(
+            [
+                T.StructField("decoded", T.StringType()),
+                T.StructField("length", T.LongType()),
+                T.StructField("content", T.BinaryType()),
+            ]
+        )
         raw = raw.unionByName(spark.createDataFrame([(prefix + p, 0, bytearray()) for p in empty_files], schema))
     # Column functions, not SQL text, so that a quote in the root's path cannot break the expression.
     rel = F.col("decoded").substr(F.instr("decoded", root_path) + len(root_path) + 1, F.lit(1 << 30))
     parts = F.split(F.col("rel"), "/")
     lower_dirs = F.transform(F.slice(parts, 1, F.size(parts) - 1), lambda d: F.lower(d))
-    return (
-        raw.withColumn("rel", F.regexp_replace(rel, "^/+", ""))
-        .select(
-            F.substring(F.sha2(F.col("rel"), 256), 1, ID_HEX_CHARS).alias("image_id"),
-            F.regexp_replace(F.regexp_replace("decoded", "^file:(//)?", ""), "^s3[an]://", "s3://").alias("path"),
-            F.col("rel").alias("relative_path"),
-            F.element_at(F.split(F.col("decoded"), "/"), -2).alias("label"),
-            F.when(F.array_contains(lower_dirs, "training"), F.lit("Training"))
-            .when(F.array_contains(lower_dirs, "test"), F.lit("Test"))
-            .otherwise(F.lit(None).cast("string"))
-            .alias("split"),
-            F.sha2(F.col("content"), 256).alias("sha256"),
-            F.col("length").alias("size"),
-            F.col("content"),
-        )
+    return raw.withColumn("rel", F.regexp_replace(rel, "^/+", "")).select(
+        F.substring(F.sha2(F.col("rel"), 256), 1, ID_HEX_CHARS).alias("image_id"),
+        F.regexp_replace(F.regexp_replace("decoded", "^file:(//)?", ""), "^s3[an]://", "s3://").alias("path"),
+        F.col("rel").alias("relative_path"),
+        F.element_at(F.split(F.col("decoded"), "/"), -2).alias("label"),
+        F.when(F.array_contains(lower_dirs, "training"), F.lit("Training"))
+        .when(F.array_contains(lower_dirs, "test"), F.lit("Test"))
+        .otherwise(F.lit(None).cast("string"))
+        .alias("split"),
+        F.sha2(F.col("content"), 256).alias("sha256"),
+        F.col("length").alias("size"),
+        F.col("content"),
     )
 
 
@@ -136,8 +139,10 @@ def ingest(cfg: IngestConfig) -> dict:
         found = frame.count()
         if found != len(images):
             frame.unpersist()
-            raise InputError(f"Spark found {found} images under {src} but the listing has {len(images)}; "
-                             f"was the folder changed during the run? Re-run the same command.")
+            raise InputError(
+                f"Spark found {found} images under {src} but the listing has {len(images)}; "
+                f"was the folder changed during the run? Re-run the same command."
+            )
         files = math.ceil(found / cfg.images_per_file)
         (
             frame.repartition(files, "image_id")
@@ -152,8 +157,19 @@ def ingest(cfg: IngestConfig) -> dict:
         frame.unpersist()
     if written != found:
         raise RuntimeError(f"ingest wrote {written} rows for {found} files found")
-    counts = {"files_found": found, "rows": written, "ignored_files": ignored, "hidden_files": hidden,
-              "parquet_files": len(storage.list_files(out, ".parquet"))}
-    log.info("ingest: %d images from %s into %d Parquet files (%d other files and %d hidden files ignored)",
-             found, src, counts["parquet_files"], ignored, hidden)
+    counts = {
+        "files_found": found,
+        "rows": written,
+        "ignored_files": ignored,
+        "hidden_files": hidden,
+        "parquet_files": len(storage.list_files(out, ".parquet")),
+    }
+    log.info(
+        "ingest: %d images from %s into %d Parquet files (%d other files and %d hidden files ignored)",
+        found,
+        src,
+        counts["parquet_files"],
+        ignored,
+        hidden,
+    )
     return stage.write_manifest(out, "ingest", src, counts, images_per_file=cfg.images_per_file)

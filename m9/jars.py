@@ -56,8 +56,22 @@ def _download_sdist(dest: Path) -> Path:
     req.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{SDIST_SHA256}\n")
     # --no-build-isolation: pip reads the sdist's metadata with the setuptools already installed instead of
     # downloading a build environment; nothing is built or installed.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--no-binary=:all:",
-           "--no-build-isolation", "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--no-binary=:all:",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        "-r",
+        str(req),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     sdists = list(dest.glob("*.tar.gz"))
     if result.returncode != 0 or not sdists:

@@ -131,8 +131,14 @@ def load_model(weights_path: str | None, threads: int | None = None, verify: boo
 class Embedder:
     """Holds one loaded model; turns a batch of image bytes into features and per-image errors."""
 
-    def __init__(self, weights_path: str | None, threads: int | None = None, batch_size: int = 16,
-                 verify: bool = True, arrays: list | None = None):
+    def __init__(
+        self,
+        weights_path: str | None,
+        threads: int | None = None,
+        batch_size: int = 16,
+        verify: bool = True,
+        arrays: list | None = None,
+    ):
         import tensorflow as tf
 
         self.model = load_model(weights_path, threads, verify=verify, arrays=arrays)
@@ -147,10 +153,7 @@ class Embedder:
         """Preprocessed inputs (n, 224, 224, 3) → features (n, 1280) float32, in slices of batch_size."""
         if len(inputs) == 0:
             return np.zeros((0, FEATURE_DIM), np.float32)
-        out = [
-            self._forward(inputs[i : i + self.batch_size]).numpy()
-            for i in range(0, len(inputs), self.batch_size)
-        ]
+        out = [self._forward(inputs[i : i + self.batch_size]).numpy() for i in range(0, len(inputs), self.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def embed(self, contents: Sequence[bytes | None]) -> tuple[np.ndarray, list[str | None]]:

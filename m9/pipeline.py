@@ -64,8 +64,20 @@ def run(cfg: RunConfig) -> dict:
 
     stages = [
         ("ingest", ingest, IngestConfig(cfg.input, cfg.stage_dir(IMAGES), cfg.images_per_file, cfg.overwrite)),
-        ("embed", embed, EmbedConfig(cfg.stage_dir(IMAGES), cfg.stage_dir(EMBED), cfg.actors, cfg.batch_size,
-                                     cfg.ray_address, cfg.weights, cfg.overwrite, cfg.max_errors)),
+        (
+            "embed",
+            embed,
+            EmbedConfig(
+                cfg.stage_dir(IMAGES),
+                cfg.stage_dir(EMBED),
+                cfg.actors,
+                cfg.batch_size,
+                cfg.ray_address,
+                cfg.weights,
+                cfg.overwrite,
+                cfg.max_errors,
+            ),
+        ),
         ("reduce", reduce, ReduceConfig(cfg.stage_dir(EMBED), cfg.stage_dir(REDUCE), cfg.k, cfg.overwrite)),
     ]
     timings, results = {}, {}

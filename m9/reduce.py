@@ -69,8 +69,10 @@ def reduce(cfg: ReduceConfig) -> dict:
         rows = frame.count()
         limit = min(FEATURE_DIM, rows)
         if not 1 <= cfg.k <= limit:
-            raise InputError(f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
-                             f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)")
+            raise InputError(
+                f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
+                f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)"
+            )
         # Spark's PCAModel.transform does not center; m9's components are those of the centered data.
         scaler = StandardScaler(inputCol="features", outputCol="centered", withMean=True, withStd=False).fit(frame)
         centered = scaler.transform(frame)
@@ -89,11 +91,21 @@ def reduce(cfg: ReduceConfig) -> dict:
     _write_csv(storage.join(out, CSV_NAME), table, cfg.k)
     report = variance_report(ratios, cfg.k, rows)
     storage.write_json(storage.join(out, VARIANCE_NAME), report)
-    log.info("reduce: %d rows → %d components explaining %.1f %% of the variance", rows, cfg.k,
-             100 * report["total_explained"])
-    return stage.write_manifest(out, "reduce", src, {"rows": rows}, k=cfg.k,
-                                total_explained=report["total_explained"],
-                                smallest_k_reaching=report["smallest_k_reaching"])
+    log.info(
+        "reduce: %d rows → %d components explaining %.1f %% of the variance",
+        rows,
+        cfg.k,
+        100 * report["total_explained"],
+    )
+    return stage.write_manifest(
+        out,
+        "reduce",
+        src,
+        {"rows": rows},
+        k=cfg.k,
+        total_explained=report["total_explained"],
+        smallest_k_reaching=report["smallest_k_reaching"],
+    )
 
 
 def _write_csv(uri: str, table: pa.Table, k: int) -> None:

@@ -42,13 +42,15 @@ S3A_SDK_ATTEMPTS = 10
 
 #: Where s3a looks for credentials, in order: keys m9 copies from the environment (session keys first),
 #: the JVM's environment, ~/.aws profiles, and the EC2/EMR instance role.
-S3A_CREDENTIAL_PROVIDERS = ",".join([
-    "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
-    "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
-    "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
-    "com.amazonaws.auth.profile.ProfileCredentialsProvider",
-    "org.apache.hadoop.fs.s3a.auth.IAMInstanceCredentialsProvider",
-])
+S3A_CREDENTIAL_PROVIDERS = ",".join(
+    [
+        "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+        "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+        "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+        "com.amazonaws.auth.profile.ProfileCredentialsProvider",
+        "org.apache.hadoop.fs.s3a.auth.IAMInstanceCredentialsProvider",
+    ]
+)
 
 #: Buckets this process's JVM has opened through s3a; their cached filesystems are closed when the S3
 #: settings change, since Hadoop caches a filesystem per bucket with the settings it was created with.
@@ -152,8 +154,10 @@ def configure_s3(spark, *uris: str) -> None:
 
     loaded = spark.sparkContext.getConf().get("spark.jars", "")
     if not any(name in loaded for name in m9jars.JARS):
-        raise EngineError("this Spark session was started without the s3a jars, so it cannot read s3:// "
-                          "URIs; run `m9 jars fetch` first (m9 then adds them to every session it starts)")
+        raise EngineError(
+            "this Spark session was started without the s3a jars, so it cannot read s3:// "
+            "URIs; run `m9 jars fetch` first (m9 then adds them to every session it starts)"
+        )
     wanted = s3a_settings(storage.S3Settings.from_env())
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     if wanted != _s3a_applied:
@@ -171,8 +175,7 @@ def configure_s3(spark, *uris: str) -> None:
 
 
 @contextlib.contextmanager
-def session(app_name: str = "m9", master: str | None = None, conf: dict | None = None,
-            s3: bool = False) -> Iterator:
+def session(app_name: str = "m9", master: str | None = None, conf: dict | None = None, s3: bool = False) -> Iterator:
     """Yield the active SparkSession if there is one, else start one and stop it on exit.
 
     Outside EMR a new session gets the s3a jars when s3 says the caller will touch S3 (fetched first if
@@ -196,8 +199,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     if master:  # on EMR, spark-submit and the cluster's spark-defaults choose (YARN)
         builder = builder.master(master)
     builder = (
-        builder
-        .config("spark.sql.session.timeZone", "UTC")
+        builder.config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         # Parquet output must not carry summary metadata files into m9's folders.
         .config("spark.hadoop.parquet.enable.summary-metadata", "false")

@@ -56,8 +56,8 @@ def join(uri: str, *parts: str) -> str:
 
 def s3_endpoint() -> str | None:
     """The S3-compatible endpoint from the environment, if one is set."""
-    return os.environ.get(S3_ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    return (
+        os.environ.get(S3_ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
 
 
@@ -88,14 +88,18 @@ class S3Settings:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": settings.region, "connect_timeout": S3_CONNECT_TIMEOUT_S,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+    kwargs: dict = {
+        "region": settings.region,
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
     if settings.endpoint:
         scheme, _, host = settings.endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/") or scheme, scheme=scheme if host else "http")
     if settings.access_key and settings.secret_key:
-        kwargs.update(access_key=settings.access_key, secret_key=settings.secret_key,
-                      session_token=settings.session_token)
+        kwargs.update(
+            access_key=settings.access_key, secret_key=settings.secret_key, session_token=settings.session_token
+        )
     return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -183,20 +187,33 @@ def makedirs(uri: str) -> None:
 
 
 #: S3 error codes meaning the credentials themselves were not accepted (as opposed to lacking a right).
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                     "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+}
 
 
 def _s3_client(settings: S3Settings):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-                    connect_timeout=S3_CONNECT_TIMEOUT_S,
-                    s3={"addressing_style": "path"} if settings.endpoint else None)
+    config = Config(
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        s3={"addressing_style": "path"} if settings.endpoint else None,
+    )
     return boto3.session.Session().client(
-        "s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config,
-        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        "s3",
+        endpoint_url=settings.endpoint,
+        region_name=settings.region,
+        config=config,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
         aws_session_token=settings.session_token,
     )
 
@@ -208,28 +225,42 @@ def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> Sto
     bucket = urlparse(uri).netloc
     at = f" at {settings.endpoint}" if settings.endpoint else ""
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return StorageError(f"no AWS credentials found to {action} {uri}; set AWS_ACCESS_KEY_ID and "
-                            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role provides them")
+        return StorageError(
+            f"no AWS credentials found to {action} {uri}; set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role provides them"
+        )
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"cannot reach S3{at or ' (AWS)'} to {action} {uri}: {exc}; check --s3-endpoint "
-                            f"(or ${S3_ENDPOINT_ENV} / $AWS_ENDPOINT_URL) and that the store is running")
+        return StorageError(
+            f"cannot reach S3{at or ' (AWS)'} to {action} {uri}: {exc}; check --s3-endpoint "
+            f"(or ${S3_ENDPOINT_ENV} / $AWS_ENDPOINT_URL) and that the store is running"
+        )
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("NoSuchBucket", "404") and status == 404:
-            return StorageError(f"bucket {bucket} does not exist{at} (needed to {action} {uri}); create it "
-                                f"(`aws s3 mb s3://{bucket}`) or fix the URI")
+            return StorageError(
+                f"bucket {bucket} does not exist{at} (needed to {action} {uri}); create it "
+                f"(`aws s3 mb s3://{bucket}`) or fix the URI"
+            )
         if code in _CREDENTIAL_CODES:
-            return StorageError(f"S3{at} refused m9's credentials ({code}) to {action} {uri}; set "
-                                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
-                                f"keys) or AWS_PROFILE to valid credentials")
+            return StorageError(
+                f"S3{at} refused m9's credentials ({code}) to {action} {uri}; set "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+                f"keys) or AWS_PROFILE to valid credentials"
+            )
         if code == "AccessDenied" or status == 403:
-            rights = "s3:ListBucket, s3:PutObject and s3:DeleteObject" if action == "write" else (
-                "s3:ListBucket and s3:GetObject")
-            return StorageError(f"access denied{at} to {action} {uri}; the credentials in use need {rights} "
-                                f"on bucket {bucket}")
-        return StorageError(f"cannot {action} {uri}: S3{at} answered {code or status}: "
-                            f"{exc.response.get('Error', {}).get('Message', '')}")
+            rights = (
+                "s3:ListBucket, s3:PutObject and s3:DeleteObject"
+                if action == "write"
+                else ("s3:ListBucket and s3:GetObject")
+            )
+            return StorageError(
+                f"access denied{at} to {action} {uri}; the credentials in use need {rights} on bucket {bucket}"
+            )
+        return StorageError(
+            f"cannot {action} {uri}: S3{at} answered {code or status}: "
+            f"{exc.response.get('Error', {}).get('Message', '')}"
+        )
     return StorageError(f"cannot {action} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 

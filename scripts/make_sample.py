@@ -112,11 +112,7 @@ def write_notice(tree: Path, output: Path, version: str, photos: list[Path]) -> 
     (output / "COPYING").write_text(copying, encoding="utf-8")
 
     holder = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in copyright_text.splitlines()
-            if line.startswith("Copyright:")
-        ),
+        (line.split(":", 1)[1].strip() for line in copyright_text.splitlines() if line.startswith("Copyright:")),
         "see COPYING",
     )
     training = ", ".join(map(str, TRAINING_ANGLES))
@@ -165,9 +161,7 @@ def build_sample(tree: Path, output: Path) -> int:
                 folder.mkdir(parents=True, exist_ok=True)
                 for angle in angles:
                     view = render_view(photo, angle)
-                    view.save(
-                        folder / f"{label}_r{angle:03d}.jpg", "JPEG", quality=JPEG_QUALITY, optimize=True
-                    )
+                    view.save(folder / f"{label}_r{angle:03d}.jpg", "JPEG", quality=JPEG_QUALITY, optimize=True)
                     count += 1
     write_notice(tree, output, version, photos)
     log.info("wrote %d images of %d labels from %s %s into %s", count, len(photos), PACKAGE, version, output)

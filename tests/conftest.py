@@ -42,8 +42,12 @@ def ray_local():
     """A real local Ray with small resources, started once."""
     import ray
 
-    ray.init(num_cpus=TEST_RAY_CPUS, object_store_memory=TEST_OBJECT_STORE_BYTES, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=TEST_RAY_CPUS,
+        object_store_memory=TEST_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

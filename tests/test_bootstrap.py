@@ -336,9 +336,26 @@ def test_embed_on_the_simulated_cluster_equals_the_local_run(emr_sim_cluster: st
     # cluster runs without token auth, and so must its driver.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "m9.cli", "embed", "--input", pipeline["dirs"]["images"], "--output", str(out),
-         "--ray-address", emr_sim_cluster, "--actors", "3", "--batch-size", "8"],
-        capture_output=True, text=True, timeout=600, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+        [
+            sys.executable,
+            "-m",
+            "m9.cli",
+            "embed",
+            "--input",
+            pipeline["dirs"]["images"],
+            "--output",
+            str(out),
+            "--ray-address",
+            emr_sim_cluster,
+            "--actors",
+            "3",
+            "--batch-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = json.loads((out / "_m9.json").read_text())["counts"]
@@ -351,5 +368,6 @@ def test_embed_on_the_simulated_cluster_equals_the_local_run(emr_sim_cluster: st
     diff = np.abs(np.stack(cluster["features"].to_numpy()) - np.stack(local["features"].to_numpy())).max()
     assert diff <= 1e-5
     errors = pq.read_table(out / "errors").to_pandas()
-    assert sorted(errors["image_id"]) == sorted(pq.read_table(Path(pipeline["dirs"]["embed"], "errors"))
-                                              .column("image_id").to_pylist())
+    assert sorted(errors["image_id"]) == sorted(
+        pq.read_table(Path(pipeline["dirs"]["embed"], "errors")).column("image_id").to_pylist()
+    )

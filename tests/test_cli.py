@@ -34,8 +34,9 @@ def test_every_command_has_help_with_an_example(path):
 
 def _m9(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real `m9` entry point in a fresh process, as a user would."""
-    return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def _one_error_line(result, *needles):
@@ -64,8 +65,9 @@ def test_a_folder_without_images_is_a_clean_error(tmp_path, spark):
 
 @pytest.mark.parametrize("k", ["0", "100000"])
 def test_k_out_of_range_is_a_clean_error(k, pipeline, tmp_path):
-    result = CliRunner().invoke(main, ["reduce", "--input", pipeline["dirs"]["embed"], "--output",
-                                       str(tmp_path / "r"), "--k", k])
+    result = CliRunner().invoke(
+        main, ["reduce", "--input", pipeline["dirs"]["embed"], "--output", str(tmp_path / "r"), "--k", k]
+    )
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: --k {k} is out of range: it must be between 1 and 240")
 
@@ -84,8 +86,9 @@ def test_embed_without_ingest_output_is_a_clean_error(tmp_path):
 
 
 def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
-    result = _m9("embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"),
-                 "--ray-address", "127.0.0.1:9")
+    result = _m9(
+        "embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"), "--ray-address", "127.0.0.1:9"
+    )
     _one_error_line(result, "cannot reach Ray at 127.0.0.1:9")
     assert not (tmp_path / "e" / "embeddings").exists()
 
@@ -103,8 +106,10 @@ def test_no_java_is_a_clean_error(tmp_path):
 
 
 def test_run_prints_a_summary(pipeline, tmp_path, ray_local):
-    result = CliRunner().invoke(main, ["run", "--input", pipeline["ingest"]["input"], "--workdir",
-                                       str(tmp_path / "w"), "--actors", "2", "--k", "5"])
+    result = CliRunner().invoke(
+        main,
+        ["run", "--input", pipeline["ingest"]["input"], "--workdir", str(tmp_path / "w"), "--actors", "2", "--k", "5"],
+    )
     assert result.exit_code == 0, result.output
     assert "embedded          240" in result.output
     assert "rejected          3" in result.output

@@ -27,8 +27,12 @@ def test_counts_reconcile_at_every_stage(pipeline, images_tree):
     assert len(files) == 243
     assert pipeline["ingest"]["counts"]["files_found"] == len(files) == len(ingested)
     assert len(ingested) == len(embedded) + len(errors)
-    assert pipeline["embed"]["counts"] == {**pipeline["embed"]["counts"], "embedded": 240, "rejected": 3,
-                                           "rows_in": 243}
+    assert pipeline["embed"]["counts"] == {
+        **pipeline["embed"]["counts"],
+        "embedded": 240,
+        "rejected": 3,
+        "rows_in": 243,
+    }
     assert ingested["image_id"].is_unique
     assert set(embedded["image_id"]).isdisjoint(errors["image_id"])
     assert set(embedded["image_id"]) | set(errors["image_id"]) == set(ingested["image_id"])
@@ -91,8 +95,7 @@ def _reference_input(path: Path) -> np.ndarray:
 def test_embeddings_equal_a_direct_keras_forward_pass(pipeline, weights_path):
     import keras
 
-    model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None,
-                                           pooling="avg")
+    model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None, pooling="avg")
     model.load_weights(str(weights_path))
     embedded = _table(pipeline["dirs"]["embed"], "embeddings").sort_values("image_id")
     inputs = np.stack([_reference_input(Path(p)) for p in embedded["path"]])
@@ -170,7 +173,8 @@ with s.session("m9-cluster-test", master="local-cluster[2,1,1024]") as spark:
     cluster = _table(str(tmp_path / "images")).sort_values("image_id").reset_index(drop=True)
     local = _table(pipeline["dirs"]["images"]).sort_values("image_id").reset_index(drop=True)
     assert cluster[["image_id", "path", "label", "split", "sha256"]].equals(
-        local[["image_id", "path", "label", "split", "sha256"]])
+        local[["image_id", "path", "label", "split", "sha256"]]
+    )
     a = json.loads(Path(tmp_path, "reduce", "variance.json").read_text())["explained_variance_ratio"]
     b = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())["explained_variance_ratio"]
     np.testing.assert_allclose(a, b, rtol=1e-6)

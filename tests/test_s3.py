@@ -40,10 +40,14 @@ FAULT_RULES = (
     ("pyarrow", "/embed/", 2, 2),  # embed: the driver writes embeddings and errors
 )
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
-BAD_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
-           b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+BAD_KEY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
+    b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>"
+)
 
 #: Request headers the proxy must not pass on: hop-by-hop ones, and Expect (the proxy already said 100).
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
@@ -92,8 +96,9 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self._body()
-                fault = proxy.fault_for(self.path, self.headers.get("Authorization", ""),
-                                        self.headers.get("User-Agent", ""))
+                fault = proxy.fault_for(
+                    self.path, self.headers.get("Authorization", ""), self.headers.get("User-Agent", "")
+                )
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -188,8 +193,13 @@ def s3_env(moto_port):
 def _client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-                        aws_secret_access_key=SECRET_KEY)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
 
 
 def _upload(client, bucket: str, root: Path, prefix: str) -> int:
@@ -232,9 +242,24 @@ def s3_run(s3_env, moto_port, images_tree, spark, ray_local, weights_path):
     s3_env.delenv(S3_ENDPOINT_ENV)  # the option alone must be enough
     try:
         with FaultyProxy(moto_port, FAULT_RULES) as proxy:
-            result = CliRunner().invoke(main, ["--s3-endpoint", proxy.endpoint, "run", "--input",
-                                               f"s3://{BUCKET}/raw", "--workdir", f"s3://{BUCKET}/m9",
-                                               "--actors", "2", "--k", "5", "--batch-size", "8"])
+            result = CliRunner().invoke(
+                main,
+                [
+                    "--s3-endpoint",
+                    proxy.endpoint,
+                    "run",
+                    "--input",
+                    f"s3://{BUCKET}/raw",
+                    "--workdir",
+                    f"s3://{BUCKET}/m9",
+                    "--actors",
+                    "2",
+                    "--k",
+                    "5",
+                    "--batch-size",
+                    "8",
+                ],
+            )
     finally:
         s3_env.setenv(S3_ENDPOINT_ENV, endpoint)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -268,8 +293,9 @@ def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
     report = json.loads(_s3_text(f"{work}/reduce/variance.json"))
     local_report = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())
     assert report["k"] == 5 and report["rows"] == 240
-    np.testing.assert_allclose(report["explained_variance_ratio"], local_report["explained_variance_ratio"][:5],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        report["explained_variance_ratio"], local_report["explained_variance_ratio"][:5], rtol=1e-6
+    )
 
     csv = _s3_text(f"{work}/reduce/pca.csv").splitlines()
     assert csv[0] == "image_id,path,label,split," + ",".join(f"pc_{i}" for i in range(1, 6))
@@ -288,8 +314,10 @@ def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
 
 
 def test_rerun_on_s3_skips_finished_stages(s3_run, moto_port):
-    result = CliRunner().invoke(main, ["embed", "--input", f"{s3_run['workdir']}/images",
-                                       "--output", f"{s3_run['workdir']}/embed", "--actors", "2"])
+    result = CliRunner().invoke(
+        main,
+        ["embed", "--input", f"{s3_run['workdir']}/images", "--output", f"{s3_run['workdir']}/embed", "--actors", "2"],
+    )
     assert result.exit_code == 0, result.output
     assert "already done" in result.output
 
@@ -316,11 +344,15 @@ def _one_error_line(output: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args", [
-    ["ingest", "--input", "s3://no-such-bucket/raw", "--output", f"s3://{BUCKET}/x"],
-    ["run", "--input", f"s3://{BUCKET}/raw", "--workdir", "s3://no-such-bucket/m9"],
-    ["reduce", "--input", "s3://no-such-bucket/embed", "--output", f"s3://{BUCKET}/y"],
-], ids=["ingest-input", "run-workdir", "reduce-input"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ingest", "--input", "s3://no-such-bucket/raw", "--output", f"s3://{BUCKET}/x"],
+        ["run", "--input", f"s3://{BUCKET}/raw", "--workdir", "s3://no-such-bucket/m9"],
+        ["reduce", "--input", "s3://no-such-bucket/embed", "--output", f"s3://{BUCKET}/y"],
+    ],
+    ids=["ingest-input", "run-workdir", "reduce-input"],
+)
 def test_a_missing_bucket_is_one_clear_error(s3_env, moto_port, args):
     _client(f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
     result = CliRunner().invoke(main, args)
@@ -331,17 +363,26 @@ def test_a_missing_bucket_is_one_clear_error(s3_env, moto_port, args):
 
 def _m9_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
     """The real `m9` entry point in a fresh process, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_refused_and_missing_credentials_are_one_clear_error(s3_env, moto_port, tmp_path):
     _client(f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
-    env = {**os.environ, "AWS_CONFIG_FILE": str(tmp_path / "none"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    env = {
+        **os.environ,
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
     with FaultyProxy(moto_port, known_key=ACCESS_KEY) as proxy:
-        args = ["--s3-endpoint", proxy.endpoint, "ingest", "--input", f"s3://{BUCKET}/raw", "--output",
-                f"s3://{BUCKET}/out"]
+        args = [
+            "--s3-endpoint",
+            proxy.endpoint,
+            "ingest",
+            "--input",
+            f"s3://{BUCKET}/raw",
+            "--output",
+            f"s3://{BUCKET}/out",
+        ]
         refused = _m9_process(args, {**env, "AWS_ACCESS_KEY_ID": "not-a-key"})
         env.pop("AWS_ACCESS_KEY_ID"), env.pop("AWS_SECRET_ACCESS_KEY")
         missing = _m9_process(args, env)
@@ -380,4 +421,3 @@ def test_spark_gets_the_same_endpoint_and_credentials(s3_env, moto_port):
     aws = m9spark.s3a_settings(S3Settings(region="eu-west-1"))
     assert aws["fs.s3a.endpoint"] is None and aws["fs.s3a.connection.ssl.enabled"] == "true"
     assert aws["fs.s3a.access.key"] is None  # the provider chain finds profile or instance-role credentials
-
