@@ -25,8 +25,9 @@ FEATURE_DIM = 1280
 #: Actors in the embed pool: one per core keeps every core busy without oversubscribing them.
 DEFAULT_ACTORS = max(1, os.cpu_count() or 1)
 
-#: Images per forward pass: measured on a 2-core machine, 16 is at the knee where larger batches stop
-#: paying (activations start to fall out of cache) while warm-up and tail latency stay small.
+#: Images per forward pass. `m9 bench` on a 2-core EPYC (2 processes × 1 thread, docs/benchmarks.md):
+#: batch 8 → 76.9, 16 → 76.5, 32 → 62.6, 64 → 56.4 images/s; past 16 a batch's activations fall out of
+#: the 32 MB L3. 8 and 16 tie; 16 halves the forward calls and the Ray/Arrow batches per image.
 DEFAULT_BATCH_SIZE = 16
 
 #: Components kept by `m9 reduce`: the seed's choice, enough for >90 % of variance on Fruits-360-like data.
