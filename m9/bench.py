@@ -278,9 +278,19 @@ def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bo
         loads = len(ray.get(counter.get.remote()))
         ray.kill(counter)
         actor_cpus, threads = plan_resources(engine_ray.node_cpus(), cfg.actors)
-    return Outcome(ids, np.array(done), np.concatenate(feats) if feats else None, loads,
-                   {"actors": cfg.actors, "threads_per_actor": threads, "actor_cpus": actor_cpus,
-                    "batch_size": cfg.batch_size, "arrow_batch_size": None})
+    return Outcome(
+        ids,
+        np.array(done),
+        np.concatenate(feats) if feats else None,
+        loads,
+        {
+            "actors": cfg.actors,
+            "threads_per_actor": threads,
+            "actor_cpus": actor_cpus,
+            "batch_size": cfg.batch_size,
+            "arrow_batch_size": None,
+        },
+    )
 
 
 def _spark_tasks_and_threads(cfg: BenchConfig) -> tuple[int, int]:
@@ -298,8 +308,12 @@ def _spark_frame(spark, input_dir: str, tasks: int):
 
 def _collect(df, model_loads) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     pdf = df.select("image_id", "out.features", "out.done_at").toPandas()
-    return (list(pdf["image_id"]), pdf["done_at"].to_numpy(), np.stack(pdf["features"].to_numpy()).astype(np.float32),
-            model_loads.value)
+    return (
+        list(pdf["image_id"]),
+        pdf["done_at"].to_numpy(),
+        np.stack(pdf["features"].to_numpy()).astype(np.float32),
+        model_loads.value,
+    )
 
 
 def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
@@ -341,9 +355,14 @@ def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
             weights.destroy()
         finally:
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
-    return Outcome(ids, done, feats, n_loads,
-                   {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size,
-                    "arrow_batch_size": arrow_batch}, extra={"driver_model_builds": 1})
+    return Outcome(
+        ids,
+        done,
+        feats,
+        n_loads,
+        {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size, "arrow_batch_size": arrow_batch},
+        extra={"driver_model_builds": 1},
+    )
 
 
 def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
@@ -381,13 +400,18 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
             ids, done, feats, n_loads = _collect(df, loads)
         finally:
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
-    return Outcome(ids, done, feats, n_loads,
-                   {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size,
-                    "arrow_batch_size": arrow_batch})
+    return Outcome(
+        ids,
+        done,
+        feats,
+        n_loads,
+        {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size, "arrow_batch_size": arrow_batch},
+    )
 
 
-def _ceiling_worker(rank: int, threads: int, batch_sizes: list[int], contents: list, measure: int,
-                    keep: bool, barrier, queue) -> None:
+def _ceiling_worker(
+    rank: int, threads: int, batch_sizes: list[int], contents: list, measure: int, keep: bool, barrier, queue
+) -> None:
     """One ceiling process: load the model, decode its share up front, then time forward passes only."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m9.model import Embedder, decode_many
@@ -405,24 +429,38 @@ def _ceiling_worker(rank: int, threads: int, batch_sizes: list[int], contents: l
             for i in range(0, len(part), bs):
                 feats.append(embedder.forward(part[i : i + bs]))
                 done.extend([time.time()] * len(feats[-1]))
-            queue.put(("timed", rank, bs, started, time.time(), len(part),
-                       (np.concatenate(feats), np.array(done), errors) if keep else None,
-                       time.process_time() - cpu))
+            queue.put(
+                (
+                    "timed",
+                    rank,
+                    bs,
+                    started,
+                    time.time(),
+                    len(part),
+                    (np.concatenate(feats), np.array(done), errors) if keep else None,
+                    time.process_time() - cpu,
+                )
+            )
             barrier.wait()
     except Exception as exc:  # noqa: BLE001 — reported to the parent, which fails the bench with it
         queue.put(("error", rank, repr(exc)))
         barrier.abort()
 
 
-def _run_processes(processes: int, threads: int, batch_sizes: list[int], contents: list, measure: int,
-                   keep: bool) -> dict:
+def _run_processes(
+    processes: int, threads: int, batch_sizes: list[int], contents: list, measure: int, keep: bool
+) -> dict:
     """Start the ceiling's processes; returns {batch size: (images/s, [per-rank results])}."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TensorFlow or a JVM
     barrier, queue = ctx.Barrier(processes), ctx.Queue()
     shares = [contents[r::processes] for r in range(processes)]
-    procs = [ctx.Process(target=_ceiling_worker, args=(r, threads, batch_sizes, shares[r],
-                                                       math.ceil(measure / processes), keep, barrier, queue))
-             for r in range(processes)]
+    procs = [
+        ctx.Process(
+            target=_ceiling_worker,
+            args=(r, threads, batch_sizes, shares[r], math.ceil(measure / processes), keep, barrier, queue),
+        )
+        for r in range(processes)
+    ]
     for p in procs:
         p.start()
     results: dict[int, list] = {bs: [] for bs in batch_sizes}
@@ -468,10 +506,10 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
         loads += processes
         rates = _run_processes(processes, threads, list(cfg.ceiling_batches), sample, cfg.ceiling_images, False)
         for bs, (rate, _) in rates.items():
-            search.append({"processes": processes, "threads": threads, "batch_size": bs,
-                           "img_per_s": round(rate, 2)})
-            progress(f"  ceiling search: {processes} process(es) × {threads} thread(s), batch {bs}: "
-                     f"{rate:.1f} images/s")
+            search.append({"processes": processes, "threads": threads, "batch_size": bs, "img_per_s": round(rate, 2)})
+            progress(
+                f"  ceiling search: {processes} process(es) × {threads} thread(s), batch {bs}: {rate:.1f} images/s"
+            )
     best = max(search, key=lambda s: s["img_per_s"] or 0)
     # The best configuration once more over every image: its features are the reference the engines must match.
     search_s = time.time() - searching
@@ -492,12 +530,21 @@ def run_ceiling(cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Cal
     # the chosen configuration: its search run or its final run over every image.
     rate = max(rate, best["img_per_s"] or 0.0)
     cpu_ms = 1000 * sum(m[7] for m in msgs) / len(contents)
-    return Outcome(out_ids, np.concatenate(done), np.concatenate(feats), loads + best["processes"],
-                   {"processes": best["processes"], "threads_per_process": best["threads"],
-                    "batch_size": best["batch_size"], "arrow_batch_size": None},
-                   steady=rate, started=started,
-                   extra={"search_s": round(search_s, 1), "search": search,
-                          "forward_cpu_ms_per_image": round(cpu_ms, 2)})
+    return Outcome(
+        out_ids,
+        np.concatenate(done),
+        np.concatenate(feats),
+        loads + best["processes"],
+        {
+            "processes": best["processes"],
+            "threads_per_process": best["threads"],
+            "batch_size": best["batch_size"],
+            "arrow_batch_size": None,
+        },
+        steady=rate,
+        started=started,
+        extra={"search_s": round(search_s, 1), "search": search, "forward_cpu_ms_per_image": round(cpu_ms, 2)},
+    )
 
 
 def _decode_worker(contents: list, barrier, queue) -> None:
@@ -516,8 +563,9 @@ def run_decode(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
     processes = os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_decode_worker, args=(contents[r::processes], barrier, queue))
-             for r in range(processes)]
+    procs = [
+        ctx.Process(target=_decode_worker, args=(contents[r::processes], barrier, queue)) for r in range(processes)
+    ]
     for p in procs:
         p.start()
     msgs = [queue.get() for _ in procs]
@@ -526,9 +574,15 @@ def run_decode(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
     span = max(m[1] for m in msgs) - min(m[0] for m in msgs)
     rate = len(contents) / span
     ids = table.column("image_id").to_pylist()
-    return Outcome(ids, np.full(len(ids), max(m[1] for m in msgs)), None, 0,
-                   {"processes": processes, "batch_size": None, "arrow_batch_size": None}, steady=rate,
-                   extra={"decode_cpu_ms_per_image": round(1000 * sum(m[3] for m in msgs) / len(contents), 3)})
+    return Outcome(
+        ids,
+        np.full(len(ids), max(m[1] for m in msgs)),
+        None,
+        0,
+        {"processes": processes, "batch_size": None, "arrow_batch_size": None},
+        steady=rate,
+        extra={"decode_cpu_ms_per_image": round(1000 * sum(m[3] for m in msgs) / len(contents), 3)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,18 +620,26 @@ def machine_facts() -> dict:
             except md.PackageNotFoundError:
                 versions[dist] = None
     versions["python"] = platform.python_version()
-    return {"cpu_model": cpu_model, "cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
-            "caches": caches, "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-            "platform": platform.platform(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-            "versions": versions}
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "caches": caches,
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+        "platform": platform.platform(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+    }
 
 
 def _measure(engine: str, cfg: BenchConfig, input_dir: str, table: pa.Table, progress, keep_features=True):
-    runners = {"ray": lambda: run_ray(cfg, input_dir, table, keep_features),
-               "spark-udf": lambda: run_spark_udf(cfg, input_dir, table),
-               "spark-predict": lambda: run_spark_predict(cfg, input_dir, table),
-               "ceiling": lambda: run_ceiling(cfg, input_dir, table, progress),
-               "decode": lambda: run_decode(cfg, input_dir, table)}
+    runners = {
+        "ray": lambda: run_ray(cfg, input_dir, table, keep_features),
+        "spark-udf": lambda: run_spark_udf(cfg, input_dir, table),
+        "spark-predict": lambda: run_spark_predict(cfg, input_dir, table),
+        "ceiling": lambda: run_ceiling(cfg, input_dir, table, progress),
+        "decode": lambda: run_decode(cfg, input_dir, table),
+    }
     with Monitor() as mon:
         outcome = runners[engine]()
     if sorted(outcome.ids) != sorted(table.column("image_id").to_pylist()):
@@ -597,9 +659,12 @@ def _measure(engine: str, cfg: BenchConfig, input_dir: str, table: pa.Table, pro
         "cpu_s": round(mon.cpu_seconds, 1),
         # CPU time per image over the whole run (start-up and model loads included): unlike images/s it
         # hardly moves when other work shares the machine. The ceiling's and decode's are their timed loops'.
-        "cpu_ms_per_image": round(outcome.extra.get("forward_cpu_ms_per_image")
-                                  or outcome.extra.get("decode_cpu_ms_per_image")
-                                  or 1000 * mon.cpu_seconds / max(1, len(outcome.ids)), 2),
+        "cpu_ms_per_image": round(
+            outcome.extra.get("forward_cpu_ms_per_image")
+            or outcome.extra.get("decode_cpu_ms_per_image")
+            or 1000 * mon.cpu_seconds / max(1, len(outcome.ids)),
+            2,
+        ),
         "cpu_s_by_process": mon.cpu_by_process(),
         **outcome.extra,
     }
@@ -629,16 +694,21 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         for n, engine in enumerate(order, 1):
             runs = []
             for r in range(cfg.repeat):
-                progress(f"[{n}/{len(order)}] {engine}: {table.num_rows} images"
-                         + (f" (run {r + 1}/{cfg.repeat})" if cfg.repeat > 1 else "") + " …")
+                progress(
+                    f"[{n}/{len(order)}] {engine}: {table.num_rows} images"
+                    + (f" (run {r + 1}/{cfg.repeat})" if cfg.repeat > 1 else "")
+                    + " …"
+                )
                 result, outcome = _measure(engine, cfg, input_dir, table, progress)
                 runs.append(result)
                 if outcome.features is not None and engine not in features:
                     features[engine] = _ordered(outcome, ids)
-                progress(f"[{n}/{len(order)}] {engine}: {result['steady_img_per_s']:.1f} images/s steady, "
-                         f"wall {result['wall_s']:.1f} s, first row {result['first_row_s']:.1f} s, "
-                         f"{result['model_loads']} model loads, peak RSS {result['peak_rss_mb']:.0f} MB, "
-                         f"CPU {100 * result['cpu_util']:.0f} %")
+                progress(
+                    f"[{n}/{len(order)}] {engine}: {result['steady_img_per_s']:.1f} images/s steady, "
+                    f"wall {result['wall_s']:.1f} s, first row {result['first_row_s']:.1f} s, "
+                    f"{result['model_loads']} model loads, peak RSS {result['peak_rss_mb']:.0f} MB, "
+                    f"CPU {100 * result['cpu_util']:.0f} %"
+                )
             # The best run: other work on a shared machine only ever slows a run down.
             best = max(runs, key=lambda r: r["steady_img_per_s"])
             engines[engine] = {**best, "runs": runs} if cfg.repeat > 1 else best
@@ -651,13 +721,21 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         diffs = {e: float(np.max(np.abs(f - ref))) if len(f) else 0.0 for e, f in features.items()}
     max_diff = max(diffs.values(), default=0.0)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {"machine": machine, "images": table.num_rows, "engines": engines,
-              "agree": bool(max_diff <= AGREE_TOLERANCE), "max_abs_diff": max_diff,
-              "max_abs_diff_by_engine": diffs, "tolerance": AGREE_TOLERANCE,
-              "config": {k: v for k, v in asdict(cfg).items() if k != "output"}}
+    result = {
+        "machine": machine,
+        "images": table.num_rows,
+        "engines": engines,
+        "agree": bool(max_diff <= AGREE_TOLERANCE),
+        "max_abs_diff": max_diff,
+        "max_abs_diff_by_engine": diffs,
+        "tolerance": AGREE_TOLERANCE,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "output"},
+    }
     write_report(result, cfg.output)
-    progress(f"engines {'agree' if result['agree'] else 'DISAGREE'}: max |Δ| = {max_diff:.2e} "
-             f"(tolerance {AGREE_TOLERANCE:g}) over {table.num_rows} images")
+    progress(
+        f"engines {'agree' if result['agree'] else 'DISAGREE'}: max |Δ| = {max_diff:.2e} "
+        f"(tolerance {AGREE_TOLERANCE:g}) over {table.num_rows} images"
+    )
     return result
 
 
@@ -689,18 +767,31 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, e in eng.items():
-        lines.append(f"| {name} | {e['steady_img_per_s']:.1f} | {_ratio(e['steady_img_per_s'], ceiling)} | "
-                     f"{_ratio(e['steady_img_per_s'], udf)} | {e['wall_s']:.1f} | {e['first_row_s']:.1f} | "
-                     f"{e['model_loads']} | {e['peak_rss_mb']:.0f} | {100 * e['cpu_util']:.0f} | "
-                     f"{e.get('cpu_ms_per_image', float('nan')):.1f} | "
-                     f"{_knobs(e['knobs'])} |")
-    lines += ["", f"Engines agree: **{'yes' if result['agree'] else 'NO'}** — max |Δ| = "
-              f"{result['max_abs_diff']:.2e} per feature (tolerance {result['tolerance']:g})."]
+        lines.append(
+            f"| {name} | {e['steady_img_per_s']:.1f} | {_ratio(e['steady_img_per_s'], ceiling)} | "
+            f"{_ratio(e['steady_img_per_s'], udf)} | {e['wall_s']:.1f} | {e['first_row_s']:.1f} | "
+            f"{e['model_loads']} | {e['peak_rss_mb']:.0f} | {100 * e['cpu_util']:.0f} | "
+            f"{e.get('cpu_ms_per_image', float('nan')):.1f} | "
+            f"{_knobs(e['knobs'])} |"
+        )
+    lines += [
+        "",
+        f"Engines agree: **{'yes' if result['agree'] else 'NO'}** — max |Δ| = "
+        f"{result['max_abs_diff']:.2e} per feature (tolerance {result['tolerance']:g}).",
+    ]
     if ceiling and any(s["img_per_s"] for s in ceiling.get("search", [])):
-        lines += ["", "Ceiling search (forward pass only, inputs decoded up front):", "",
-                  "| processes | threads | batch | img/s |", "|---:|---:|---:|---:|"]
-        lines += [f"| {s['processes']} | {s['threads']} | {s['batch_size']} | {s['img_per_s']:.1f} |"
-                  for s in ceiling["search"] if s["img_per_s"] is not None]
+        lines += [
+            "",
+            "Ceiling search (forward pass only, inputs decoded up front):",
+            "",
+            "| processes | threads | batch | img/s |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {s['processes']} | {s['threads']} | {s['batch_size']} | {s['img_per_s']:.1f} |"
+            for s in ceiling["search"]
+            if s["img_per_s"] is not None
+        ]
     v = m["versions"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "."]
     return "\n".join(lines) + "\n"
@@ -720,8 +811,7 @@ def chart(result: dict, path: str) -> None:
     bars = ax.bar(names, rates, color=["#999999" if n in ("ceiling", "decode") else "#3b75af" for n in names])
     ax.bar_label(bars, fmt="%.1f")
     if "ceiling" in eng:
-        ax.axhline(eng["ceiling"]["steady_img_per_s"], color="#c44e52", linestyle="--", linewidth=1,
-                   label="ceiling")
+        ax.axhline(eng["ceiling"]["steady_img_per_s"], color="#c44e52", linestyle="--", linewidth=1, label="ceiling")
         ax.legend(loc="upper right")
     ax.set_ylabel("steady images / s")
     ax.set_title(f"m9 bench: {result['images']} images, {result['machine']['cores']} cores")
@@ -757,31 +847,51 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
             input_dir = write_input(part, work / f"input-{n}")
             progress(f"scaling: ray engine on {n} images …")
             result, _ = _measure("ray", cfg, input_dir, part, progress, keep_features=False)
-            rows.append({"images": n, "wall_s": result["wall_s"],
-                         "wall_ms_per_image": round(1000 * result["wall_s"] / n, 2),
-                         "steady_ms_per_image": round(1000 / result["steady_img_per_s"], 2),
-                         "cpu_ms_per_image": round(1000 * result["cpu_s"] / n, 2),
-                         "steady_img_per_s": result["steady_img_per_s"], "first_row_s": result["first_row_s"],
-                         "peak_rss_mb": result["peak_rss_mb"], "cpu_util": result["cpu_util"]})
-            progress(f"scaling: {n} images: {rows[-1]['steady_ms_per_image']:.2f} ms/image steady, "
-                     f"{rows[-1]['wall_ms_per_image']:.2f} ms/image end to end, peak RSS "
-                     f"{result['peak_rss_mb']:.0f} MB")
+            rows.append(
+                {
+                    "images": n,
+                    "wall_s": result["wall_s"],
+                    "wall_ms_per_image": round(1000 * result["wall_s"] / n, 2),
+                    "steady_ms_per_image": round(1000 / result["steady_img_per_s"], 2),
+                    "cpu_ms_per_image": round(1000 * result["cpu_s"] / n, 2),
+                    "steady_img_per_s": result["steady_img_per_s"],
+                    "first_row_s": result["first_row_s"],
+                    "peak_rss_mb": result["peak_rss_mb"],
+                    "cpu_util": result["cpu_util"],
+                }
+            )
+            progress(
+                f"scaling: {n} images: {rows[-1]['steady_ms_per_image']:.2f} ms/image steady, "
+                f"{rows[-1]['wall_ms_per_image']:.2f} ms/image end to end, peak RSS "
+                f"{result['peak_rss_mb']:.0f} MB"
+            )
             shutil.rmtree(input_dir, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steady = [r["steady_ms_per_image"] for r in rows]
     spread = (max(steady) - min(steady)) / (sum(steady) / len(steady))
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = {"machine": machine, "engine": "ray", "knobs": {"actors": cfg.actors, "batch_size": cfg.batch_size},
-           "sizes": rows, "steady_cost_spread": round(spread, 3)}
+    out = {
+        "machine": machine,
+        "engine": "ray",
+        "knobs": {"actors": cfg.actors, "batch_size": cfg.batch_size},
+        "sizes": rows,
+        "steady_cost_spread": round(spread, 3),
+    }
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = ["| images | steady ms/image | end-to-end ms/image | CPU ms/image | wall s | first row s | peak RSS MB "
-             "| CPU % |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['images']} | {r['steady_ms_per_image']:.2f} | {r['wall_ms_per_image']:.2f} | "
-              f"{r['cpu_ms_per_image']:.2f} | {r['wall_s']:.1f} | {r['first_row_s']:.1f} | {r['peak_rss_mb']:.0f} "
-              f"| {100 * r['cpu_util']:.0f} |" for r in rows]
+    lines = [
+        "| images | steady ms/image | end-to-end ms/image | CPU ms/image | wall s | first row s | peak RSS MB "
+        "| CPU % |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['images']} | {r['steady_ms_per_image']:.2f} | {r['wall_ms_per_image']:.2f} | "
+        f"{r['cpu_ms_per_image']:.2f} | {r['wall_s']:.1f} | {r['first_row_s']:.1f} | {r['peak_rss_mb']:.0f} "
+        f"| {100 * r['cpu_util']:.0f} |"
+        for r in rows
+    ]
     lines += ["", f"Steady per-image cost spread (max − min) / mean: {100 * spread:.1f} %."]
     (folder / "scaling.md").write_text("\n".join(lines) + "\n")
     return out

@@ -19,8 +19,7 @@ ENGINE_FIELDS = {"steady_img_per_s", "wall_s", "first_row_s", "model_loads", "pe
 @pytest.fixture(scope="module")
 def result(spark, ray_local, weights_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(output=str(out), limit=IMAGES, ceiling_batches=(8,), ceiling_images=16,
-                      ceiling_configs=((1, 1),))
+    cfg = BenchConfig(output=str(out), limit=IMAGES, ceiling_batches=(8,), ceiling_images=16, ceiling_configs=((1, 1),))
     lines: list[str] = []
     return {"out": out, "result": bench(cfg, progress=lines.append), "lines": lines}
 
