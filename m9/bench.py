@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -299,6 +300,22 @@ def _spark_tasks_and_threads(cfg: BenchConfig) -> tuple[int, int]:
     return cfg.actors, max(1, cores // cfg.actors)
 
 
+@contextlib.contextmanager
+def _arrow_batch(spark, records: int) -> Iterator[None]:
+    """Set spark.sql.execution.arrow.maxRecordsPerBatch for one engine's run, then restore it."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, str(records))
+    try:
+        yield
+    finally:
+        spark.conf.set(key, previous)
+
+
+def _spark_knobs(tasks: int, threads: int, cfg: BenchConfig, arrow_batch: int) -> dict:
+    return {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size, "arrow_batch_size": arrow_batch}
+
+
 def _spark_frame(spark, input_dir: str, tasks: int):
     from m9.spark import spark_uri
 
@@ -330,39 +347,28 @@ def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
     arrow_batch = ARROW_BATCH_BATCHES * cfg.batch_size
     out_type = StructType([StructField("features", ArrayType(FloatType())), StructField("done_at", DoubleType())])
     batch_size = cfg.batch_size
-    with m9spark.session("m9-bench") as spark:
-        previous = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch))
-        try:
-            sc = spark.sparkContext
-            weights = sc.broadcast(load_model(_weights_path()).get_weights())
-            loads = sc.accumulator(0)
+    with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
+        sc = spark.sparkContext
+        weights = sc.broadcast(load_model(_weights_path()).get_weights())
+        loads = sc.accumulator(0)
 
-            def embed_udf(contents):
-                from m9.model import Embedder
+        def embed_udf(contents):
+            from m9.model import Embedder
 
-                embedder = Embedder(None, threads=threads, batch_size=batch_size, verify=False, arrays=weights.value)
-                loads.add(1)
-                for series in contents:
-                    features, _ = embedder.embed(list(series))
-                    yield pd.DataFrame({"features": list(features), "done_at": time.time()})
+            embedder = Embedder(None, threads=threads, batch_size=batch_size, verify=False, arrays=weights.value)
+            loads.add(1)
+            for series in contents:
+                features, _ = embedder.embed(list(series))
+                yield pd.DataFrame({"features": list(features), "done_at": time.time()})
 
-            # Real types, not the strings `from __future__ import annotations` would leave for Spark to read.
-            embed_udf.__annotations__ = {"contents": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
-            udf = F.pandas_udf(embed_udf, out_type)
-            df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
-            ids, done, feats, n_loads = _collect(df, loads)
-            weights.destroy()
-        finally:
-            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
-    return Outcome(
-        ids,
-        done,
-        feats,
-        n_loads,
-        {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size, "arrow_batch_size": arrow_batch},
-        extra={"driver_model_builds": 1},
-    )
+        # Real types, not the strings `from __future__ import annotations` would leave for Spark to read.
+        embed_udf.__annotations__ = {"contents": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
+        udf = F.pandas_udf(embed_udf, out_type)
+        df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
+        ids, done, feats, n_loads = _collect(df, loads)
+        weights.destroy()
+    knobs = _spark_knobs(tasks, threads, cfg, arrow_batch)
+    return Outcome(ids, done, feats, n_loads, knobs, extra={"driver_model_builds": 1})
 
 
 def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
@@ -376,37 +382,26 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
     arrow_batch = ARROW_BATCH_BATCHES * cfg.batch_size
     batch_size = cfg.batch_size
     out_type = StructType([StructField("features", ArrayType(FloatType())), StructField("done_at", DoubleType())])
-    with m9spark.session("m9-bench") as spark:
-        previous = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch))
-        try:
-            loads = spark.sparkContext.accumulator(0)
+    with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
+        loads = spark.sparkContext.accumulator(0)
 
-            def make_predict_fn():
-                from m9 import weights as m9weights
-                from m9.model import Embedder
+        def make_predict_fn():
+            from m9 import weights as m9weights
+            from m9.model import Embedder
 
-                embedder = Embedder(str(m9weights.fetch()), threads=threads, batch_size=batch_size)
-                loads.add(1)
+            embedder = Embedder(str(m9weights.fetch()), threads=threads, batch_size=batch_size)
+            loads.add(1)
 
-                def predict(contents: np.ndarray) -> dict[str, np.ndarray]:
-                    features, _ = embedder.embed(list(contents))
-                    return {"features": features, "done_at": np.full(len(contents), time.time())}
+            def predict(contents: np.ndarray) -> dict[str, np.ndarray]:
+                features, _ = embedder.embed(list(contents))
+                return {"features": features, "done_at": np.full(len(contents), time.time())}
 
-                return predict
+            return predict
 
-            udf = predict_batch_udf(make_predict_fn, return_type=out_type, batch_size=batch_size)
-            df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
-            ids, done, feats, n_loads = _collect(df, loads)
-        finally:
-            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
-    return Outcome(
-        ids,
-        done,
-        feats,
-        n_loads,
-        {"tasks": tasks, "threads_per_task": threads, "batch_size": cfg.batch_size, "arrow_batch_size": arrow_batch},
-    )
+        udf = predict_batch_udf(make_predict_fn, return_type=out_type, batch_size=batch_size)
+        df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
+        ids, done, feats, n_loads = _collect(df, loads)
+    return Outcome(ids, done, feats, n_loads, _spark_knobs(tasks, threads, cfg, arrow_batch))
 
 
 def _ceiling_worker(
