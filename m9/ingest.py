@@ -83,7 +83,7 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", _glob())
-        .load(root)
+        .load(m9spark.read_uri(src))
         # Spark 3.5 reports each file's path as it is (a space stays a space, a literal "%20" stays "%20"):
         # URL-decoding it would turn real names into names that do not exist, or fail on "100%.jpg".
         .select(F.col("path").alias("decoded"), "length", "content")
@@ -153,7 +153,7 @@ def ingest(cfg: IngestConfig) -> dict:
             .option("parquet.block.size", ROW_GROUP_BYTES)
             .parquet(m9spark.spark_uri(out))
         )
-        written = spark.read.parquet(m9spark.spark_uri(out)).count()
+        written = spark.read.parquet(m9spark.read_uri(out)).count()
         frame.unpersist()
     if written != found:
         raise RuntimeError(f"ingest wrote {written} rows for {found} files found")

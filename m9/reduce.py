@@ -63,7 +63,7 @@ def reduce(cfg: ReduceConfig) -> dict:
         storage.remove(out)
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
-        frame = spark.read.parquet(m9spark.spark_uri(emb)).select(
+        frame = spark.read.parquet(m9spark.read_uri(emb)).select(
             "image_id", "path", "label", "split", array_to_vector(F.col("features")).alias("features")
         )
         rows = frame.count()
@@ -85,7 +85,7 @@ def reduce(cfg: ReduceConfig) -> dict:
         result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
         ratios = model.explainedVariance.toArray().tolist()
         table = pa.Table.from_pandas(
-            spark.read.parquet(m9spark.spark_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
+            spark.read.parquet(m9spark.read_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
             preserve_index=False,
         )
     _write_csv(storage.join(out, CSV_NAME), table, cfg.k)

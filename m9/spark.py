@@ -112,6 +112,16 @@ def spark_uri(uri: str) -> str:
     return "file:" + storage.normalize(uri)
 
 
+#: What Hadoop's glob expansion reads as a pattern in a path Spark reads: [ ] { } * ? and the backslash.
+_GLOB_CHARS = re.compile(r"([\\{}\[\]*?])")
+
+
+def read_uri(uri: str) -> str:
+    """spark_uri for a path Spark reads: Spark expands glob patterns in those, so a folder named `shots [1]`
+    would match nothing (or other folders); escaped, every character stands for itself."""
+    return _GLOB_CHARS.sub(r"\\\1", spark_uri(uri))
+
+
 def s3a_settings(s3: storage.S3Settings) -> dict[str, str | None]:
     """The Hadoop settings that point s3a at the same store, with the same credentials, as pyarrow
     (None: leave unset, so s3a's provider chain looks further)."""

@@ -197,9 +197,11 @@ def _assert_same_output(got: Path, want: Path) -> None:
 @pytest.fixture(scope="module")
 def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
     """`m9 run --max-errors 3` on the corpus, once: its CLI result and folders."""
-    root = tmp_path_factory.mktemp("corpus") / "my photos"  # a space in the input folder itself
+    # A space and Hadoop's glob characters in the input and work folders themselves: Spark must read them as
+    # names, not patterns (`[2024]` would match a folder named `2`, `0` or `4`; `{a,b}` one named a or b).
+    root = tmp_path_factory.mktemp("corpus") / "my photos [2024] {a,b} *?"
     write_corpus(root)
-    work = tmp_path_factory.mktemp("corpus-work")
+    work = tmp_path_factory.mktemp("corpus-work") / "run [1] {x}"
     result = CliRunner().invoke(
         main,
         [
