@@ -392,9 +392,10 @@ def _int_list(ctx, param, value):
 @input_opt(default=None, help="Output of `m9 ingest` (Parquet folder); default: the bundled sample, ingested.")
 @click.option(
     "--engines",
-    default="ray,spark-udf,spark-predict,ceiling,decode",
+    default="ray,spark-udf,spark-udf-defaults,spark-predict,ceiling,decode",
     show_default=True,
-    help="Comma-separated engines to run.",
+    help="Comma-separated engines to run. spark-udf-defaults is the seed's UDF with Keras', Spark's and "
+    "TensorFlow's defaults (batch 32, Arrow batch 10,000, TensorFlow's thread pools) instead of m9's knobs.",
 )
 @actors_opt
 @batch_opt

@@ -7,8 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from m9.bench import ENGINES, BenchConfig, bench, scaling
+from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, scaling
 from m9.cli import main
+from tests.conftest import SAMPLE
 
 #: Few images, one ceiling configuration: the point is that every engine runs and agrees, not its speed.
 IMAGES = 24
@@ -35,17 +36,24 @@ def test_json_has_every_field(result):
         assert engine["steady_img_per_s"] > 0, name
         assert engine["wall_s"] >= engine["first_row_s"] >= 0, name
         assert engine["peak_rss_mb"] > 0, name
-    for name in ("ray", "spark-udf", "spark-predict", "ceiling"):
+    for name in FEATURE_ENGINES:
         assert data["engines"][name]["model_loads"] >= 1, name
         assert data["engines"][name]["knobs"]["batch_size"] >= 1, name
     assert data["engines"]["spark-udf"]["knobs"]["arrow_batch_size"] > 0
+    # The seed's UDF as a notebook leaves it: Keras predict's batch, Spark's Arrow batch, TensorFlow's threads.
+    assert data["engines"]["spark-udf-defaults"]["knobs"] == {
+        "tasks": data["engines"]["spark-udf"]["knobs"]["tasks"],
+        "threads_per_task": "tf-default",
+        "batch_size": 32,
+        "arrow_batch_size": 10_000,
+    }
 
 
 def test_engines_agree(result):
     data = result["result"]
     assert data["agree"] is True
     assert data["max_abs_diff"] <= 1e-4
-    assert set(data["max_abs_diff_by_engine"]) == {"ceiling", "ray", "spark-udf", "spark-predict"}
+    assert set(data["max_abs_diff_by_engine"]) == set(FEATURE_ENGINES)
 
 
 def test_reports_and_progress(result):
@@ -87,3 +95,22 @@ def test_steady_rate_counts_bursts_once():
     # sorted rows would claim when the 20 % mark falls inside the first pair of blocks.
     bursts = np.repeat([2.0, 2.001, 4.0, 4.001, 6.0, 6.001, 8.0, 8.001], 64)
     assert steady_rate(bursts) == pytest.approx(64.0, rel=0.01)
+
+
+def test_embed_stamped_keeps_rows_in_place(weights_path):
+    """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
+    import numpy as np
+
+    from m9.bench import _embed_stamped
+    from m9.model import Embedder
+
+    good = sorted(SAMPLE.rglob("*.jpg"))[:3]
+    contents = [good[0].read_bytes(), b"not an image", good[1].read_bytes(), good[2].read_bytes()]
+    embedder = Embedder(str(weights_path), threads=1, batch_size=2)
+    features, done_at = _embed_stamped(embedder, contents)
+    expected, errors = embedder.embed(contents)
+    assert errors[1] is not None and errors[0] is errors[2] is errors[3] is None
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+    assert not features[1].any() and all(features[i].any() for i in (0, 2, 3))
+    # Two forward batches (rows 0, 2 then row 3), each stamped when it finished; the broken row at the end.
+    assert done_at[0] == done_at[2] <= done_at[3] <= done_at[1]
