@@ -29,7 +29,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def user_errors(fn):
-    """Turn m9's user-facing exceptions into click's one-line `Error: …` with exit code 1."""
+    """Turn m9's user-facing exceptions, and S3 outages that outlast the retries, into click's one-line
+    `Error: …` with exit code 1 (`-v` logs the traceback as well)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,6 +38,14 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except M9Error as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            from m9.storage import outage
+
+            error = outage(exc)
+            if error is None:
+                raise
+            logging.getLogger("m9").debug("the S3 failure in full", exc_info=True)
+            raise click.ClickException(str(error)) from None
 
     return wrapper
 

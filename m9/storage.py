@@ -264,6 +264,28 @@ def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> Sto
     return StorageError(f"cannot {action} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
+def outage(exc: BaseException) -> StorageError | None:
+    """A StorageError for an S3 request that kept failing past S3_MAX_ATTEMPTS in the middle of a stage, or
+    None when exc is something else.
+
+    pyarrow reports those as OSError("… AWS Error …"), in the driver or inside a Ray task (which Ray
+    re-raises as a RayTaskError that is also an OSError, the task's exception in `.cause`).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            line = next((ln.strip() for ln in str(exc).splitlines() if "AWS Error" in ln), None)
+            if line:
+                line = line.removeprefix("OSError: ").rstrip(".")
+                return StorageError(
+                    f"S3 kept failing after {S3_MAX_ATTEMPTS} attempts: {line}; everything committed before "
+                    f"it is kept, so run the same command again to resume once the store answers"
+                )
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def check_access(read: str | None = None, write: str | None = None) -> None:
     """Fail with one actionable StorageError unless read can be listed and write can be written (S3 only).
 

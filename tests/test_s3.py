@@ -337,6 +337,29 @@ def test_a_flaky_store_still_gives_every_row(s3_run):
     assert len(_s3_text(f"{work}/reduce/pca.csv").splitlines()) == 1 + 240
 
 
+def test_an_outage_mid_embed_is_one_clear_error_and_the_same_command_resumes(s3_run, s3_env, moto_port):
+    """A store that fails every write of embeddings (503 SlowDown and dropped connections, without end) once
+    the stage is under way: after m9's retries the run stops with one `Error:` line, not a traceback, and
+    the same command against a healthy store finishes it with every row exactly once."""
+    out = f"s3://{BUCKET}/outage"
+    args = ["embed", "--input", f"{s3_run['workdir']}/images", "--output", out, "--actors", "2", "--batch-size", "8"]
+    healthy = f"http://127.0.0.1:{moto_port}"
+    try:
+        with FaultyProxy(moto_port, [("pyarrow", "/outage/embeddings/", 1, 10**9)]) as proxy:
+            failed = CliRunner().invoke(main, ["--s3-endpoint", proxy.endpoint, *args])
+    finally:
+        s3_env.setenv(S3_ENDPOINT_ENV, healthy)
+    assert failed.exit_code == 1, failed.output + repr(failed.exception)
+    line = _one_error_line(failed.output)
+    assert "S3 kept failing after 10 attempts" in line and "run the same command again to resume" in line
+    assert len(proxy.faults[0]) >= 10  # every attempt of the first write met a fault
+    resumed = CliRunner().invoke(main, ["--s3-endpoint", healthy, *args])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    embedded, errors = _s3_table(f"{out}/embeddings"), _s3_table(f"{out}/errors")
+    assert len(embedded) == 240 and len(errors) == 3
+    assert embedded["image_id"].is_unique and errors["image_id"].is_unique
+
+
 def _one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1, output[-3000:]
