@@ -320,7 +320,7 @@ def _arrow_batch(spark, records: int) -> Iterator[None]:
 
 
 def _spark_knobs(tasks: int, threads: int | None, batch_size: int, arrow_batch: int) -> dict:
-    # threads None: TensorFlow's default pools, one intra-op and one inter-op thread per core, in every task.
+    # threads None: TensorFlow's default pools, as many intra-op and inter-op threads as cores, in every task.
     threads_out = threads if threads else "tf-default"
     return {"tasks": tasks, "threads_per_task": threads_out, "batch_size": batch_size, "arrow_batch_size": arrow_batch}
 
