@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import storage
+from m9 import stage, storage
 from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, FEATURE_DIM
 from m9.errors import InputError
 
@@ -68,8 +68,6 @@ DEFAULT_KNOBS_THREADS = None
 
 #: Rows per row group of the bench's input copy: several work items per file for the Ray engine.
 INPUT_ROW_GROUP = 100
-
-INPUT_COLUMNS = ["image_id", "path", "label", "split", "content"]
 
 
 @dataclass(frozen=True)
@@ -224,10 +222,11 @@ def load_rows(input_uri: str | None, workdir: Path) -> pa.Table:
     files = storage.list_files(src, ".parquet")
     if not files:
         raise InputError(f"no Parquet files in {src}; pass the output of `m9 ingest` as --input")
+    stage.check_columns(src, files[0], stage.INGEST_COLUMNS, "m9 ingest")
     tables = []
     for uri in files:
         fs, path = storage.filesystem(uri)
-        tables.append(pq.read_table(path, filesystem=fs, columns=INPUT_COLUMNS))
+        tables.append(pq.read_table(path, filesystem=fs, columns=list(stage.INGEST_COLUMNS)))
     table = pa.concat_tables(tables)
     return table.take(pa.compute.sort_indices(table, [("image_id", "ascending")]))
 

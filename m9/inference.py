@@ -319,6 +319,7 @@ def embed(cfg: EmbedConfig) -> dict:
     shards = storage.list_files(src, ".parquet")
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
+    stage.check_columns(src, shards[0], stage.INGEST_COLUMNS, "m9 ingest")
     done = stage.guard_output(out, "embed", src, cfg.overwrite)
     if done is not None:
         log.info("embed: %s already holds this input's output; skipping", out)

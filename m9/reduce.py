@@ -53,8 +53,10 @@ def reduce(cfg: ReduceConfig) -> dict:
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     emb = _embeddings_dir(src)
-    if not storage.list_files(emb, ".parquet"):
+    files = storage.list_files(emb, ".parquet")
+    if not files:
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
+    stage.check_columns(src, files[0], stage.EMBED_COLUMNS, "m9 embed")
     done = stage.guard_output(out, "reduce", src, cfg.overwrite)
     if done is not None and done.get("k") == cfg.k:
         log.info("reduce: %s already holds this input's output with k=%d; skipping", out, cfg.k)

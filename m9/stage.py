@@ -15,6 +15,33 @@ MANIFEST = "_m9.json"
 _OWN_FILES = re.compile(r"^(part-.*|_SUCCESS|_temporary|\.part-.*|\..*\.crc|_m9.*|errors|embeddings|.*\.tmp-.*)$")
 
 
+#: The columns a stage reads from the stage before it: checked up front, so that passing the wrong
+#: folder (an embed output to embed, the images to reduce) is one clear error, not an engine's traceback.
+INGEST_COLUMNS = ("image_id", "path", "label", "split", "content")
+EMBED_COLUMNS = ("image_id", "path", "label", "split", "features")
+
+#: A column only one stage writes, to say whose output a folder looks like.
+_SIGNATURES = (("features", "m9 embed"), ("pca", "m9 reduce"), ("content", "m9 ingest"))
+
+
+def check_columns(src: str, parquet_file: str, needed: tuple[str, ...], producer: str) -> None:
+    """Raise InputError unless parquet_file (one file of the input src) has the columns `needed`, which
+    `producer` (e.g. "m9 ingest") writes. Reads the file's footer only."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(parquet_file)
+    names = set(pq.read_schema(path, filesystem=fs).names)
+    missing = [c for c in needed if c not in names]
+    if not missing:
+        return
+    looks = next((f" (it looks like `{who}`'s output)" for col, who in _SIGNATURES if col in names), "")
+    raise InputError(
+        f"{src} is not `{producer}`'s output{looks}: its Parquet has no column{'s' if len(missing) > 1 else ''} "
+        f"{', '.join(missing)}; "
+        f"pass the folder `{producer}` wrote"
+    )
+
+
 def read_manifest(output: str) -> dict | None:
     """The manifest of a finished stage output, or None."""
     return storage.read_json(storage.join(output, MANIFEST))

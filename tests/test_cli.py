@@ -85,6 +85,37 @@ def test_embed_without_ingest_output_is_a_clean_error(tmp_path):
     assert result.output.startswith("Error: no Parquet files in") and "run `m9 ingest` first" in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "given", "needles"),
+    [
+        ("embed", "embed/embeddings", ["not `m9 ingest`'s output (it looks like `m9 embed`'s", "no column content"]),
+        ("reduce", "images", ["not `m9 embed`'s output (it looks like `m9 ingest`'s", "no column features"]),
+        ("reduce", "reduce/pca", ["not `m9 embed`'s output (it looks like `m9 reduce`'s", "no column features"]),
+        ("bench", "foreign", ["not `m9 ingest`'s output: its Parquet has no columns image_id, path"]),
+    ],
+    ids=["embed-given-embeddings", "reduce-given-images", "reduce-given-pca", "bench-given-foreign"],
+)
+def test_another_stages_output_as_input_is_a_clean_error(command, given, needles, pipeline, tmp_path):
+    """The wrong folder (easy to pass: they sit side by side in the workdir) is named as such before any
+    engine starts or anything is written, not an engine's traceback about a missing column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if given == "foreign":
+        src = tmp_path / "foreign"
+        src.mkdir()
+        pq.write_table(pa.table({"x": [1, 2]}), src / "a.parquet")
+    else:
+        first, _, rest = given.partition("/")
+        src = Path(pipeline["dirs"][first], rest)
+    result = CliRunner().invoke(main, [command, "--input", str(src), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
     result = _m9(
         "embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"), "--ray-address", "127.0.0.1:9"
