@@ -720,6 +720,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         raise InputError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     if cfg.repeat < 1 or cfg.actors < 1 or cfg.batch_size < 1:
         raise InputError("--repeat, --actors and --batch-size must be at least 1")
+    stage.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
     machine = machine_facts()
     work = Path(tempfile.mkdtemp(prefix="m9-bench-"))
     try:
@@ -882,6 +883,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
     """The `ray` engine at each size: per-image cost and peak memory, so flatness in N can be seen."""
     if not sizes or min(sizes) < 1:
         raise InputError("--scaling takes positive image counts, e.g. 1000,4000,16000")
+    stage.check_not_a_file(cfg.output)
     machine = machine_facts()
     work = Path(tempfile.mkdtemp(prefix="m9-scaling-"))
     rows = []

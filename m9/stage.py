@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 
 from m9 import __version__, storage
 from m9.errors import InputError
@@ -61,12 +62,27 @@ def write_manifest(output: str, stage: str, input: str, counts: dict, **extra) -
     return manifest
 
 
+def check_not_a_file(output: str) -> None:
+    """Refuse a local output that is, or lies under, a file (it would be a traceback later, or with
+    --overwrite the file would be deleted). S3 has no such thing: a key and a prefix may share a name."""
+    if storage.is_s3(output):
+        return
+    path = Path(output)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is" if candidate == path else f"lies under {candidate}, which is"
+                raise InputError(f"output {output} {where} a file, not a folder; choose a folder")
+            return
+
+
 def guard_output(output: str, stage: str, input: str, overwrite: bool) -> dict | None:
     """Decide what to do with an existing output folder before a stage writes into it.
 
     Returns the manifest when the same stage already finished on the same input (the caller may skip);
     clears the folder when overwrite is set; raises InputError when it holds something else.
     """
+    check_not_a_file(output)
     if overwrite:
         storage.remove(output)
         return None

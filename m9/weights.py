@@ -134,5 +134,16 @@ def resolve(path: str | None = None) -> Path:
     if path:
         if not Path(path).is_file():
             raise WeightsError(f"--weights {path}: no such file")
+        # Load it once here, on the driver: a file the actors cannot load would otherwise surface as a
+        # dead actor's traceback after Ray has started. (A few seconds, and only when --weights is given.)
+        from m9.model import load_model
+
+        try:
+            load_model(str(path), verify=False)
+        except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+            ) from None
         return Path(path)
     return fetch()

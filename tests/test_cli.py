@@ -116,6 +116,31 @@ def test_another_stages_output_as_input_is_a_clean_error(command, given, needles
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_is_a_file_is_a_clean_error_and_survives_overwrite(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for args, needle in [
+        (["ingest", "--input", str(SAMPLE), "--output", str(notes)], f"output {notes} is a file"),
+        (["ingest", "--input", str(SAMPLE), "--output", str(notes), "--overwrite"], f"output {notes} is a file"),
+        (["run", "--input", str(SAMPLE), "--workdir", str(notes / "w")], f"lies under {notes}, which is a file"),
+        (["bench", "--output", str(notes)], f"output {notes} is a file"),
+    ]:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith("Error: ") and needle in result.output, (args, result.output)
+    assert notes.read_text() == "mine"
+
+
+def test_weights_keras_cannot_load_are_a_clean_error_before_ray_starts(pipeline, tmp_path):
+    bogus = tmp_path / "bogus.weights.h5"
+    bogus.write_bytes(b"not an HDF5 file")
+    result = _m9(
+        "embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"), "--weights", str(bogus)
+    )
+    _one_error_line(result, f"--weights {bogus}: Keras cannot load it as MobileNetV2 no-top weights")
+    assert not (tmp_path / "e").exists()
+
+
 def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
     result = _m9(
         "embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"), "--ray-address", "127.0.0.1:9"
