@@ -69,6 +69,10 @@ def reduce(cfg: ReduceConfig) -> dict:
             "image_id", "path", "label", "split", array_to_vector(F.col("features")).alias("features")
         )
         rows = frame.count()
+        if rows == 0:
+            raise InputError(
+                f"no embedded images in {src} to reduce: embed rejected every image (the reasons are in its errors/)"
+            )
         limit = min(FEATURE_DIM, rows)
         if not 1 <= cfg.k <= limit:
             raise InputError(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -139,6 +140,19 @@ def test_weights_keras_cannot_load_are_a_clean_error_before_ray_starts(pipeline,
     )
     _one_error_line(result, f"--weights {bogus}: Keras cannot load it as MobileNetV2 no-top weights")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_run_where_every_image_is_rejected_says_so(spark, ray_local, weights_path, tmp_path):
+    (tmp_path / "in" / "x").mkdir(parents=True)
+    (tmp_path / "in" / "x" / "a.jpg").write_text("not a picture")
+    (tmp_path / "in" / "x" / "b.png").write_bytes(b"")
+    args = ["run", "--input", str(tmp_path / "in"), "--workdir", str(tmp_path / "w"), "--actors", "1"]
+    result = CliRunner().invoke(main, [*args, "--weights", str(weights_path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1].startswith("Error: no embedded images in") and "rejected every image" in (
+        result.output
+    )
+    assert len(pq.read_table(tmp_path / "w" / "embed" / "errors").to_pandas()) == 2  # the reasons are kept
 
 
 def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
