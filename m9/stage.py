@@ -36,11 +36,9 @@ def check_columns(src: str, parquet_file: str, needed: tuple[str, ...], producer
     if not missing:
         return
     looks = next((f" (it looks like `{who}`'s output)" for col, who in _SIGNATURES if col in names), "")
-    raise InputError(
-        f"{src} is not `{producer}`'s output{looks}: its Parquet has no column{'s' if len(missing) > 1 else ''} "
-        f"{', '.join(missing)}; "
-        f"pass the folder `{producer}` wrote"
-    )
+    columns = f"column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    fix = f"pass the folder `{producer}` wrote"
+    raise InputError(f"{src} is not `{producer}`'s output{looks}: its Parquet has no {columns}; {fix}")
 
 
 def read_manifest(output: str) -> dict | None:
