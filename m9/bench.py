@@ -348,19 +348,14 @@ def _embed_stamped(embedder, contents: list) -> tuple[np.ndarray, np.ndarray]:
     model in slices of the batch size; the per-slice times let the steady rate be measured even when an
     Arrow batch holds a task's every row (Spark's default of 10,000 rows).
     """
-    from m9.model import decode_many
+    from m9.model import decode_many, place
 
     inputs, errors = decode_many(contents)
-    good = [i for i, e in enumerate(errors) if e is None]
-    features = np.zeros((len(contents), FEATURE_DIM), np.float32)
-    done_at = np.zeros(len(contents))
-    bs = embedder.batch_size
-    for start in range(0, len(good), bs):
-        rows = good[start : start + bs]
-        features[rows] = embedder.forward(inputs[start : start + bs])
-        done_at[rows] = time.time()
-    done_at[[i for i, e in enumerate(errors) if e is not None]] = time.time()
-    return features, done_at
+    slices, stamps = [np.zeros((0, FEATURE_DIM), np.float32)], [np.zeros(0)]
+    for features in embedder.forward_slices(inputs):
+        slices.append(features)
+        stamps.append(np.full(len(features), time.time()))
+    return place(np.concatenate(slices), errors), place(np.concatenate(stamps), errors, fill=time.time())
 
 
 def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: bool = False) -> Outcome:

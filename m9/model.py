@@ -6,7 +6,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -149,17 +149,26 @@ class Embedder:
             reduce_retracing=True,
         )
 
+    def forward_slices(self, inputs: np.ndarray) -> Iterator[np.ndarray]:
+        """forward one batch_size slice at a time: features (≤ batch_size, 1280) float32 per slice."""
+        for i in range(0, len(inputs), self.batch_size):
+            yield self._forward(inputs[i : i + self.batch_size]).numpy().astype(np.float32, copy=False)
+
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (n, 224, 224, 3) → features (n, 1280) float32, in slices of batch_size."""
         if len(inputs) == 0:
             return np.zeros((0, FEATURE_DIM), np.float32)
-        out = [self._forward(inputs[i : i + self.batch_size]).numpy() for i in range(0, len(inputs), self.batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return np.concatenate(list(self.forward_slices(inputs)))
 
     def embed(self, contents: Sequence[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
         """Image bytes → (features (n, 1280) with zeros where an image failed, per-image error or None)."""
         inputs, errors = decode_many(contents)
-        good = self.forward(inputs)
-        features = np.zeros((len(contents), FEATURE_DIM), np.float32)
-        features[[i for i, e in enumerate(errors) if e is None]] = good
-        return features, errors
+        return place(self.forward(inputs), errors), errors
+
+
+def place(values: np.ndarray, errors: Sequence[str | None], fill=0) -> np.ndarray:
+    """The values of the good images (errors[i] is None), in order, put at their rows among all of them;
+    `fill` in the rows of the images that failed."""
+    out = np.full((len(errors), *values.shape[1:]), fill, values.dtype)
+    out[[i for i, e in enumerate(errors) if e is None]] = values
+    return out
