@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
 
 
-def _embeddings_dir(src: str) -> str:
-    """Accept either an embed output folder (with embeddings/) or the embeddings folder itself."""
+def _embeddings(src: str) -> tuple[str, list[str]]:
+    """The embeddings folder and its Parquet files: an embed output's embeddings/, or src itself."""
     inner = storage.join(src, "embeddings")
-    return inner if storage.list_files(inner, ".parquet") else src
+    files = storage.list_files(inner, ".parquet")
+    return (inner, files) if files else (src, storage.list_files(src, ".parquet"))
 
 
 def variance_report(ratios: list[float], k: int, rows: int) -> dict:
@@ -52,8 +53,7 @@ def reduce(cfg: ReduceConfig) -> dict:
 
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
-    emb = _embeddings_dir(src)
-    files = storage.list_files(emb, ".parquet")
+    emb, files = _embeddings(src)
     if not files:
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
     stage.check_columns(src, files[0], stage.EMBED_COLUMNS, "m9 embed")
