@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import stage, storage
+from m9 import contract, storage
 from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, FEATURE_DIM
 from m9.errors import InputError
 
@@ -217,16 +217,16 @@ def load_rows(input_uri: str | None, workdir: Path) -> pa.Table:
         from m9.pipeline import sample_dir
 
         input_uri = str(workdir / "sample-images")
-        ingest(IngestConfig(sample_dir(), input_uri))
+        ingest(IngestConfig(input=sample_dir(), output=input_uri))
     src = storage.normalize(input_uri)
     files = storage.list_files(src, ".parquet")
     if not files:
         raise InputError(f"no Parquet files in {src}; pass the output of `m9 ingest` as --input")
-    stage.check_columns(src, files[0], stage.INGEST_COLUMNS, "m9 ingest")
+    contract.check_columns(contract.EMBED, src, files[0])
     tables = []
     for uri in files:
         fs, path = storage.filesystem(uri)
-        tables.append(pq.read_table(path, filesystem=fs, columns=list(stage.INGEST_COLUMNS)))
+        tables.append(pq.read_table(path, filesystem=fs, columns=list(contract.EMBED.needs)))
     table = pa.concat_tables(tables)
     return table.take(pa.compute.sort_indices(table, [("image_id", "ascending")]))
 
@@ -715,7 +715,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         raise InputError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     if cfg.repeat < 1 or cfg.actors < 1 or cfg.batch_size < 1:
         raise InputError("--repeat, --actors and --batch-size must be at least 1")
-    stage.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
+    contract.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
     machine = machine_facts()
     work = Path(tempfile.mkdtemp(prefix="m9-bench-"))
     try:
@@ -878,7 +878,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
     """The `ray` engine at each size: per-image cost and peak memory, so flatness in N can be seen."""
     if not sizes or min(sizes) < 1:
         raise InputError("--scaling takes positive image counts, e.g. 1000,4000,16000")
-    stage.check_not_a_file(cfg.output)
+    contract.check_not_a_file(cfg.output)
     machine = machine_facts()
     work = Path(tempfile.mkdtemp(prefix="m9-scaling-"))
     rows = []

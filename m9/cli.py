@@ -168,11 +168,14 @@ def ingest(input_, output, images_per_file, overwrite):
     from m9.ingest import ingest as run_ingest
     from m9.pipeline import sample_dir
 
-    result = run_ingest(IngestConfig(input_ or sample_dir(), output, images_per_file, overwrite))
-    c = result["counts"]
+    cfg = IngestConfig(
+        input=input_ or sample_dir(), output=output, images_per_file=images_per_file, overwrite=overwrite
+    )
+    result = run_ingest(cfg)
+    c = result.counts
     click.echo(
         f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-        f" ({_ignored(c)}){' — already done' if result.get('skipped') else ''}"
+        f" ({_ignored(c)}){' — already done' if result.skipped else ''}"
     )
 
 
@@ -194,14 +197,22 @@ def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, 
     from m9.config import EmbedConfig
     from m9.inference import embed as run_embed
 
-    result, too_many = _tolerating_rejections(
-        run_embed, EmbedConfig(input_, output, actors, batch_size, ray_address, weights, overwrite, max_errors)
+    cfg = EmbedConfig(
+        input=input_,
+        output=output,
+        actors=actors,
+        batch_size=batch_size,
+        ray_address=ray_address,
+        weights=weights,
+        overwrite=overwrite,
+        max_errors=max_errors,
     )
-    c = result["counts"]
+    result, too_many = _tolerating_rejections(run_embed, cfg)
+    c = result.counts
     click.echo(
         f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
         f"{c['model_loads']} model loads, output at {output}"
-        f"{' — already done' if result.get('skipped') else ''}"
+        f"{' — already done' if result.skipped else ''}"
     )
     if too_many:
         raise click.ClickException(str(too_many))
@@ -221,10 +232,11 @@ def reduce(input_, output, k, overwrite):
     from m9.config import ReduceConfig
     from m9.reduce import reduce as run_reduce
 
-    result = run_reduce(ReduceConfig(input_, output, k, overwrite))
+    result = run_reduce(ReduceConfig(input=input_, output=output, k=k, overwrite=overwrite))
     click.echo(
-        f"reduce: {result['counts']['rows']} rows → {k} components explaining "
-        f"{100 * result['total_explained']:.1f} % of the variance, output at {output}"
+        f"reduce: {result.counts['rows']} rows → {k} components explaining "
+        f"{100 * result.details['total_explained']:.1f} % of the variance, output at {output}"
+        f"{' — already done' if result.skipped else ''}"
     )
 
 
@@ -249,35 +261,40 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
+    from m9.config import EmbedConfig, ReduceConfig
     from m9.pipeline import RunConfig, sample_dir
     from m9.pipeline import run as run_pipeline
 
     cfg = RunConfig(
-        input_ or sample_dir(),
-        workdir,
-        actors,
-        k,
-        batch_size,
-        ray_address=ray_address,
-        weights=weights,
+        input=input_ or sample_dir(),
+        workdir=workdir,
         overwrite=overwrite,
-        max_errors=max_errors,
+        embed=EmbedConfig(
+            input="",
+            output="",
+            actors=actors,
+            batch_size=batch_size,
+            ray_address=ray_address,
+            weights=weights,
+            max_errors=max_errors,
+        ),
+        reduce=ReduceConfig(input="", output="", k=k),
     )
     result, too_many = _tolerating_rejections(run_pipeline, cfg)
-    st = result["stages"]
-    emb, red = st["embed"]["counts"], st["reduce"]
+    st = result.stages
+    emb, red = st["embed"].counts, st["reduce"].details
     reached = ", ".join(f"{t}: k={v}" for t, v in red["smallest_k_reaching"].items() if v) or "none within k"
     click.echo(
         "\n".join(
             [
                 "m9 run finished",
-                f"  images found      {st['ingest']['counts']['files_found']} ({_ignored(st['ingest']['counts'])})",
+                f"  images found      {st['ingest'].counts['files_found']} ({_ignored(st['ingest'].counts)})",
                 f"  embedded          {emb['embedded']}",
                 f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
                 f"  model loads       {emb['model_loads']}",
                 f"  variance by k={k:<4} {100 * red['total_explained']:.1f} %  (thresholds reached: {reached})",
-                f"  outputs           {cfg.stage_dir('images')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
-                "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result["wall_s"].items()),
+                f"  outputs           {cfg.stage_dir('ingest')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
+                "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result.wall_s.items()),
             ]
         )
     )
@@ -455,15 +472,15 @@ def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, c
     from m9.bench import scaling as run_scaling
 
     cfg = BenchConfig(
-        input_,
-        output,
-        tuple(e.strip() for e in engines.split(",") if e.strip()),
-        actors,
-        batch_size,
-        limit,
-        repeat,
-        ceiling_batches,
-        ceiling_images,
+        input=input_,
+        output=output,
+        engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
+        actors=actors,
+        batch_size=batch_size,
+        limit=limit,
+        repeat=repeat,
+        ceiling_batches=ceiling_batches,
+        ceiling_images=ceiling_images,
     )
 
     def progress(line: str) -> None:

@@ -36,6 +36,10 @@ DEFAULT_K = 50
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 
+#: Version of the decode → preprocess step (m9.model.decode). Part of embed's fingerprint: bump it whenever
+#: any image's model input changes, so finished embed outputs made the old way are reported stale.
+PREPROCESS_VERSION = 1
+
 #: Pillow refuses images above this many pixels (its own decompression-bomb default is 89.5 M); a larger
 #: image is rejected with a reason rather than decoded, so one file cannot exhaust an actor's memory.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -61,7 +65,7 @@ def cache_dir() -> Path:
     return Path(base) / "m9"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IngestConfig:
     """What `m9 ingest` reads and writes."""
 
@@ -71,7 +75,7 @@ class IngestConfig:
     overwrite: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """What `m9 embed` reads, writes and how it distributes the model."""
 
@@ -87,7 +91,7 @@ class EmbedConfig:
     max_errors: int | float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReduceConfig:
     """What `m9 reduce` reads and writes, and how many components it keeps."""
 

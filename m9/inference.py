@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import engine_ray, stage, storage
+from m9 import contract, engine_ray, lease, storage
 from m9 import weights as m9weights
-from m9.config import FEATURE_DIM, EmbedConfig
+from m9.config import FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
+from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.errors import InputError, TooManyRejectedError
 
 log = logging.getLogger(__name__)
@@ -35,30 +36,8 @@ READ_RESERVE_CPUS = 2 * READ_TASK_CPUS
 #: that a 2-actor machine has several items per 1,000-image shard to share out.
 SLICE_BATCHES = 4
 
-#: Columns embed reads from the ingest output; `content` is dropped once the features are computed.
-INPUT_COLUMNS = ["image_id", "path", "label", "split", "content"]
-
-#: Subfolders of the embed output.
-EMBEDDINGS, ERRORS = "embeddings", "errors"
-
-EMBEDDINGS_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("split", pa.string()),
-        ("features", pa.list_(pa.float32())),
-    ]
-)
-ERRORS_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("path", pa.string()),
-        ("label", pa.string()),
-        ("split", pa.string()),
-        ("error", pa.string()),
-    ]
-)
+EMBEDDINGS_SCHEMA = EMBED.writes[EMBEDDINGS]
+ERRORS_SCHEMA = EMBED.writes[ERRORS]
 
 
 class EmbedActor:
@@ -213,7 +192,7 @@ def read_slices(items: dict[str, np.ndarray], s3: storage.S3Settings | None = No
     tables = []
     for shard, group, start, stop in zip(items["shard"], items["row_group"], items["start"], items["stop"]):
         fs, path = storage.filesystem(str(shard), s3)
-        table = pq.ParquetFile(path, filesystem=fs).read_row_group(int(group), columns=INPUT_COLUMNS)
+        table = pq.ParquetFile(path, filesystem=fs).read_row_group(int(group), columns=list(EMBED.needs))
         table = table.slice(int(start), int(stop) - int(start))
         tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
     table = pa.concat_tables(tables)
@@ -239,10 +218,10 @@ def _prepare_resume(out: str, src: str, shards: list[str]) -> None:
                 )
 
 
-def check_rejections(result: dict, max_errors: int | float | None, output: str) -> dict:
+def check_rejections(result: Manifest, max_errors: int | float | None, output: str) -> Manifest:
     """Return result, or raise TooManyRejectedError when more images were rejected than max_errors allows
     (a count, or a fraction of the images in)."""
-    counts = result["counts"]
+    counts = result.counts
     if max_errors is None:
         return result
     limit = max_errors if isinstance(max_errors, int) else max_errors * counts["rows_in"]
@@ -306,10 +285,28 @@ def embed_batches(
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
 
-def embed(cfg: EmbedConfig) -> dict:
-    """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/."""
-    import ray
+def weights_checksum(weights: str | None) -> str:
+    """What identifies the weights a run uses: the verified ImageNet checksum, or the given file's sha256."""
+    if weights is None:
+        return m9weights.EXPECTED_CHECKSUM
+    from m9.pypi import sha256_file
 
+    return sha256_file(m9weights.resolve_path(weights))
+
+
+def fingerprint(cfg: EmbedConfig, src: str) -> dict:
+    """Everything that determines embed's output for cfg (see m9.contract)."""
+    return contract.fingerprint(
+        EMBED,
+        cfg,
+        contract.input_identity(src),
+        weights=weights_checksum(cfg.weights),
+        preprocess=PREPROCESS_VERSION,
+    )
+
+
+def embed(cfg: EmbedConfig) -> Manifest:
+    """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     if cfg.actors < 1:
         raise InputError("--actors must be at least 1")
@@ -319,11 +316,20 @@ def embed(cfg: EmbedConfig) -> dict:
     shards = storage.list_files(src, ".parquet")
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
-    stage.check_columns(src, shards[0], stage.INGEST_COLUMNS, "m9 ingest")
-    done = stage.guard_output(out, "embed", src, cfg.overwrite)
-    if done is not None:
-        log.info("embed: %s already holds this input's output; skipping", out)
-        return check_rejections({**done, "skipped": True}, cfg.max_errors, out)
+    contract.check_columns(EMBED, src, shards[0])
+    contract.check_not_a_file(out)
+    print_ = fingerprint(cfg, src)
+    with lease.hold(out, EMBED.name):
+        done = contract.prepare(EMBED, out, print_, cfg.overwrite)
+        if done is not None:
+            log.info("embed: %s already holds this input's output; skipping", out)
+            return check_rejections(done, cfg.max_errors, out)
+        return check_rejections(_run(cfg, src, out, shards, print_), cfg.max_errors, out)
+
+
+def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) -> Manifest:
+    import ray
+
     _prepare_resume(out, src, shards)
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
     expected = _count_rows(pending)
@@ -367,7 +373,7 @@ def embed(cfg: EmbedConfig) -> dict:
         len(loads),
         wall,
     )
-    result = stage.write_manifest(
-        out, "embed", src, counts, actors=cfg.actors, batch_size=cfg.batch_size, wall_s=round(wall, 2)
+    details = {"actors": cfg.actors, "batch_size": cfg.batch_size, "wall_s": round(wall, 2)}
+    return contract.write_manifest(
+        out, Manifest(stage=EMBED.name, input=src, fingerprint=print_, counts=counts, details=details)
     )
-    return check_rejections(result, cfg.max_errors, out)

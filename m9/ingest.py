@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from m9 import contract, lease, storage
 from m9 import spark as m9spark
-from m9 import stage, storage
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
+from m9.contract import INGEST, Manifest
 from m9.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -117,22 +119,34 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
     )
 
 
-def ingest(cfg: IngestConfig) -> dict:
+def ingest(cfg: IngestConfig) -> Manifest:
     """Read every jpg/jpeg/png under cfg.input into Parquet files of about cfg.images_per_file rows."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     _check_input(src)
     if cfg.images_per_file < 1:
         raise InputError("--images-per-file must be at least 1")
-    done = stage.guard_output(out, "ingest", src, cfg.overwrite)
-    if done is not None:
-        log.info("ingest: %s already holds this input's output; skipping", out)
-        return {**done, "skipped": True}
+    contract.check_not_a_file(out)
     listed, hidden = list_tree(src)
     images = [(path, size) for path, size in listed if _is_image(path.rsplit("/", 1)[-1])]
+    # The input is the tree as listed: where it is, and each image's path and size.
     if not images:
         raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
-    ignored = len(listed) - len(images)
+    print_ = contract.fingerprint(INGEST, cfg, f"files:{contract.digest([src, images])}")
+    with lease.hold(out, INGEST.name):
+        done = contract.prepare(INGEST, out, print_, cfg.overwrite)
+        if done is not None:
+            log.info("ingest: %s already holds this input's output; skipping", out)
+            return done
+        return _write(cfg, src, out, images, len(listed) - len(images), hidden, print_)
+
+
+def _write(cfg: IngestConfig, src: str, out: str, images: list, ignored: int, hidden: int, print_: dict) -> Manifest:
+    started = time.perf_counter()
+    # Spark appends below: its "overwrite" mode would delete the folder, and with it the lease we hold.
+    # An interrupted run's files are ours (contract.prepare checked), so clear them first.
+    for name in contract.owned_files(INGEST, out):
+        storage.remove(storage.join(out, name))
     with m9spark.session("m9-ingest", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, src, out)
         frame = images_frame(spark, src, [path for path, size in images if size == 0]).cache()
@@ -147,7 +161,7 @@ def ingest(cfg: IngestConfig) -> dict:
         (
             frame.repartition(files, "image_id")
             .sortWithinPartitions("image_id")
-            .write.mode("overwrite")
+            .write.mode("append")
             .option("maxRecordsPerFile", cfg.images_per_file)
             .option("compression", "snappy")
             .option("parquet.block.size", ROW_GROUP_BYTES)
@@ -172,4 +186,7 @@ def ingest(cfg: IngestConfig) -> dict:
         ignored,
         hidden,
     )
-    return stage.write_manifest(out, "ingest", src, counts, images_per_file=cfg.images_per_file)
+    details = {"images_per_file": cfg.images_per_file, "wall_s": round(time.perf_counter() - started, 2)}
+    return contract.write_manifest(
+        out, Manifest(stage=INGEST.name, input=src, fingerprint=print_, counts=counts, details=details)
+    )

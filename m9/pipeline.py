@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from m9 import storage
-from m9.config import (
-    DEFAULT_ACTORS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_IMAGES_PER_FILE,
-    DEFAULT_K,
-    DEFAULT_WORKDIR,
-    EmbedConfig,
-    IngestConfig,
-    ReduceConfig,
-)
+from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
+from m9.contract import EMBED, INGEST, REDUCE, Manifest
 from m9.errors import TooManyRejectedError
 
 log = logging.getLogger(__name__)
-
-#: Stage folders under the workdir.
-IMAGES, EMBED, REDUCE = "images", "embed", "reduce"
 
 
 def sample_dir() -> str:
@@ -31,55 +21,57 @@ def sample_dir() -> str:
     return str(resources.files("m9") / "sample")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """What `m9 run` reads, where it works, and the knobs it passes to the stages."""
+    """What `m9 run` reads and where it works; each stage's own options live in that stage's config.
+
+    The stage configs' input and output are filled in by stage_configs() from the workdir's layout
+    (m9.contract: images/, embed/, reduce/), and overwrite from this config's.
+    """
 
     input: str
     workdir: str = DEFAULT_WORKDIR
-    actors: int = DEFAULT_ACTORS
-    k: int = DEFAULT_K
-    batch_size: int = DEFAULT_BATCH_SIZE
-    images_per_file: int = DEFAULT_IMAGES_PER_FILE
-    ray_address: str | None = None
-    weights: str | None = None
     overwrite: bool = False
-    #: Rejected images tolerated (a count or a fraction); the run still writes everything, then fails.
-    max_errors: int | float | None = None
+    ingest: IngestConfig = field(default_factory=lambda: IngestConfig(input="", output=""))
+    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(input="", output=""))
+    reduce: ReduceConfig = field(default_factory=lambda: ReduceConfig(input="", output=""))
 
     def stage_dir(self, name: str) -> str:
-        return storage.join(storage.normalize(self.workdir), name)
+        """The folder of stage `name` (ingest, embed, reduce) under the workdir."""
+        folder = {c.name: c.folder for c in (INGEST, EMBED, REDUCE)}[name]
+        return storage.join(storage.normalize(self.workdir), folder)
+
+    def stage_configs(self) -> tuple[IngestConfig, EmbedConfig, ReduceConfig]:
+        images, embedded, reduced = (self.stage_dir(n) for n in ("ingest", "embed", "reduce"))
+        return (
+            dataclasses.replace(self.ingest, input=self.input, output=images, overwrite=self.overwrite),
+            dataclasses.replace(self.embed, input=images, output=embedded, overwrite=self.overwrite),
+            dataclasses.replace(self.reduce, input=embedded, output=reduced, overwrite=self.overwrite),
+        )
 
 
-def run(cfg: RunConfig) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """What `m9 run` did: each stage's manifest and wall time, in order."""
+
+    workdir: str
+    stages: dict[str, Manifest]
+    wall_s: dict[str, float]
+
+
+def run(cfg: RunConfig) -> RunResult:
     """All three stages; returns each stage's manifest and wall time.
 
-    With too many rejected images (cfg.max_errors) every stage still runs; TooManyRejectedError then
-    carries the same result.
+    With too many rejected images (the embed config's max_errors) every stage still runs;
+    TooManyRejectedError then carries the same result.
     """
     from m9 import spark as m9spark
     from m9.inference import embed
     from m9.ingest import ingest
     from m9.reduce import reduce
 
-    stages = [
-        ("ingest", ingest, IngestConfig(cfg.input, cfg.stage_dir(IMAGES), cfg.images_per_file, cfg.overwrite)),
-        (
-            "embed",
-            embed,
-            EmbedConfig(
-                cfg.stage_dir(IMAGES),
-                cfg.stage_dir(EMBED),
-                cfg.actors,
-                cfg.batch_size,
-                cfg.ray_address,
-                cfg.weights,
-                cfg.overwrite,
-                cfg.max_errors,
-            ),
-        ),
-        ("reduce", reduce, ReduceConfig(cfg.stage_dir(EMBED), cfg.stage_dir(REDUCE), cfg.k, cfg.overwrite)),
-    ]
+    ingest_cfg, embed_cfg, reduce_cfg = cfg.stage_configs()
+    stages = [("ingest", ingest, ingest_cfg), ("embed", embed, embed_cfg), ("reduce", reduce, reduce_cfg)]
     timings, results = {}, {}
     too_many: TooManyRejectedError | None = None
     # A missing bucket or refused credentials must show before the JVM starts, not after.
@@ -96,7 +88,7 @@ def run(cfg: RunConfig) -> dict:
                 results[name], too_many = exc.result, exc
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
-    result = {"workdir": storage.normalize(cfg.workdir), "stages": results, "wall_s": timings}
+    result = RunResult(workdir=storage.normalize(cfg.workdir), stages=results, wall_s=timings)
     if too_many is not None:
         raise TooManyRejectedError(str(too_many), result)
     return result

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from m9 import contract, lease, storage
 from m9 import spark as m9spark
-from m9 import stage, storage
 from m9.config import FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
+from m9.contract import CSV_NAME, EMBEDDINGS, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
 from m9.errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: Output names under the reduce folder.
-PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
-
 
 def _embeddings(src: str) -> tuple[str, list[str]]:
     """The embeddings folder and its Parquet files: an embed output's embeddings/, or src itself."""
-    inner = storage.join(src, "embeddings")
+    inner = storage.join(src, EMBEDDINGS)
     files = storage.list_files(inner, ".parquet")
     return (inner, files) if files else (src, storage.list_files(src, ".parquet"))
 
@@ -45,24 +44,31 @@ def variance_report(ratios: list[float], k: int, rows: int) -> dict:
     }
 
 
-def reduce(cfg: ReduceConfig) -> dict:
+def reduce(cfg: ReduceConfig) -> Manifest:
     """Fit PCA with k components on the embeddings under cfg.input; write pca/, pca.csv, variance.json."""
-    from pyspark.ml.feature import PCA, StandardScaler
-    from pyspark.ml.functions import array_to_vector, vector_to_array
-    from pyspark.sql import functions as F
-
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     emb, files = _embeddings(src)
     if not files:
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
-    stage.check_columns(src, files[0], stage.EMBED_COLUMNS, "m9 embed")
-    done = stage.guard_output(out, "reduce", src, cfg.overwrite)
-    if done is not None and done.get("k") == cfg.k:
-        log.info("reduce: %s already holds this input's output with k=%d; skipping", out, cfg.k)
-        return {**done, "skipped": True}
-    if done is not None:
-        storage.remove(out)
+    contract.check_columns(REDUCE, src, files[0])
+    contract.check_not_a_file(out)
+    print_ = contract.fingerprint(REDUCE, cfg, contract.input_identity(src))
+    with lease.hold(out, REDUCE.name):
+        done = contract.prepare(REDUCE, out, print_, cfg.overwrite)
+        if done is not None:
+            log.info("reduce: %s already holds this input's output with k=%d; skipping", out, cfg.k)
+            return done
+        return _fit(cfg, src, out, emb, print_)
+
+
+def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manifest:
+    """Fit, project and write; returns the manifest."""
+    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
         frame = spark.read.parquet(m9spark.read_uri(emb)).select(
@@ -103,14 +109,14 @@ def reduce(cfg: ReduceConfig) -> dict:
         cfg.k,
         100 * report["total_explained"],
     )
-    return stage.write_manifest(
-        out,
-        "reduce",
-        src,
-        {"rows": rows},
-        k=cfg.k,
-        total_explained=report["total_explained"],
-        smallest_k_reaching=report["smallest_k_reaching"],
+    details = {
+        "k": cfg.k,
+        "total_explained": report["total_explained"],
+        "smallest_k_reaching": report["smallest_k_reaching"],
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    return contract.write_manifest(
+        out, Manifest(stage=REDUCE.name, input=src, fingerprint=print_, counts={"rows": rows}, details=details)
     )
 
 

@@ -52,10 +52,10 @@ S3A_CREDENTIAL_PROVIDERS = ",".join(
     ]
 )
 
-#: Buckets this process's JVM has opened through s3a; their cached filesystems are closed when the S3
-#: settings change, since Hadoop caches a filesystem per bucket with the settings it was created with.
-_s3a_buckets: set[str] = set()
-_s3a_applied: dict[str, str | None] = {}
+#: Per Spark session (its JVM context): the s3a settings applied to its Hadoop configuration and the
+#: buckets it has opened, whose cached filesystems are closed when the settings change (Hadoop caches a
+#: filesystem per bucket with the settings it was created with). A new session starts with neither.
+_S3A_STATE = "_m9_s3a_state"
 
 
 def _java_major(java: str) -> int | None:
@@ -169,19 +169,19 @@ def configure_s3(spark, *uris: str) -> None:
             "URIs; run `m9 jars fetch` first (m9 then adds them to every session it starts)"
         )
     wanted = s3a_settings(storage.S3Settings.from_env())
-    hconf = spark.sparkContext._jsc.hadoopConfiguration()
-    if wanted != _s3a_applied:
+    context = spark.sparkContext
+    applied, opened = getattr(context, _S3A_STATE, ({}, set()))
+    hconf = context._jsc.hadoopConfiguration()
+    if wanted != applied:
         for key, value in wanted.items():
             if value is None:
                 hconf.unset(key)
             else:
                 hconf.set(key, value)
-        jvm = spark.sparkContext._jvm
-        for bucket in _s3a_buckets:  # drop filesystems created with the old settings
+        jvm = context._jvm
+        for bucket in opened:  # drop filesystems created with the old settings
             jvm.org.apache.hadoop.fs.FileSystem.get(jvm.java.net.URI(f"s3a://{bucket}/"), hconf).close()
-        _s3a_applied.clear()
-        _s3a_applied.update(wanted)
-    _s3a_buckets.update(buckets)
+    setattr(context, _S3A_STATE, (wanted, opened | buckets))
 
 
 @contextlib.contextmanager

@@ -198,6 +198,11 @@ _CREDENTIAL_CODES = {
 }
 
 
+def s3_client(settings: S3Settings | None = None):
+    """A boto3 S3 client for the store in settings (default: the environment's), with m9's retries."""
+    return _s3_client(settings or S3Settings.from_env())
+
+
 def _s3_client(settings: S3Settings):
     import boto3
     from botocore.config import Config

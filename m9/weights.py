@@ -129,11 +129,17 @@ def _save(model, target: Path) -> Path:
     return target
 
 
+def resolve_path(path: str) -> Path:
+    """The --weights file, or WeightsError when there is none (without loading it)."""
+    if not Path(path).is_file():
+        raise WeightsError(f"--weights {path}: no such file")
+    return Path(path)
+
+
 def resolve(path: str | None = None) -> Path:
     """The weights file to use: an explicit path, else the verified cache (fetched if missing)."""
     if path:
-        if not Path(path).is_file():
-            raise WeightsError(f"--weights {path}: no such file")
+        resolve_path(path)
         # Load it once here, on the driver: a file the actors cannot load would otherwise surface as a
         # dead actor's traceback after Ray has started. (A few seconds, and only when --weights is given.)
         from m9.model import load_model

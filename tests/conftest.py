@@ -80,7 +80,7 @@ def pipeline(spark, ray_local, weights_path, images_tree, tmp_path_factory) -> d
     dirs = {name: str(work / name) for name in ("images", "embed", "reduce")}
     return {
         "dirs": dirs,
-        "ingest": ingest(IngestConfig(str(images_tree), dirs["images"], images_per_file=100)),
-        "embed": embed(EmbedConfig(dirs["images"], dirs["embed"], actors=2, batch_size=8)),
-        "reduce": reduce(ReduceConfig(dirs["embed"], dirs["reduce"], k=TEST_K)),
+        "ingest": ingest(IngestConfig(input=str(images_tree), output=dirs["images"], images_per_file=100)),
+        "embed": embed(EmbedConfig(input=dirs["images"], output=dirs["embed"], actors=2, batch_size=8)),
+        "reduce": reduce(ReduceConfig(input=dirs["embed"], output=dirs["reduce"], k=TEST_K)),
     }

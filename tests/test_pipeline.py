@@ -25,10 +25,10 @@ def test_counts_reconcile_at_every_stage(pipeline, images_tree):
     embedded = _table(pipeline["dirs"]["embed"], "embeddings")
     errors = _table(pipeline["dirs"]["embed"], "errors")
     assert len(files) == 243
-    assert pipeline["ingest"]["counts"]["files_found"] == len(files) == len(ingested)
+    assert pipeline["ingest"].counts["files_found"] == len(files) == len(ingested)
     assert len(ingested) == len(embedded) + len(errors)
-    assert pipeline["embed"]["counts"] == {
-        **pipeline["embed"]["counts"],
+    assert pipeline["embed"].counts == {
+        **pipeline["embed"].counts,
         "embedded": 240,
         "rejected": 3,
         "rows_in": 243,
@@ -39,7 +39,7 @@ def test_counts_reconcile_at_every_stage(pipeline, images_tree):
     pca = _table(pipeline["dirs"]["reduce"], "pca")
     assert sorted(pca["image_id"]) == sorted(embedded["image_id"])
     # The COPYING and NOTICE.md files are not images: ignored, and counted as such.
-    assert pipeline["ingest"]["counts"]["ignored_files"] == 2
+    assert pipeline["ingest"].counts["ignored_files"] == 2
 
 
 def test_labels_splits_and_ids_follow_the_folders(pipeline, images_tree):
@@ -63,7 +63,7 @@ def test_image_ids_are_stable_across_reruns_and_roots(pipeline, images_tree, tmp
     import shutil
 
     shutil.copytree(images_tree / "Test", moved / "Test", dirs_exist_ok=True)
-    ingest(IngestConfig(str(moved), str(tmp_path / "out")))
+    ingest(IngestConfig(input=str(moved), output=str(tmp_path / "out")))
     again = _table(str(tmp_path / "out")).set_index("relative_path")["image_id"]
     first = _table(pipeline["dirs"]["images"]).set_index("relative_path")["image_id"]
     assert len(again) == 96
@@ -138,7 +138,7 @@ def test_csv_and_variance_report(pipeline):
 
 
 def test_each_actor_loads_the_model_once(pipeline):
-    assert pipeline["embed"]["counts"]["model_loads"] == 2
+    assert pipeline["embed"].counts["model_loads"] == 2
 
 
 def test_rerun_skips_finished_stages_and_refuses_foreign_output(pipeline, spark, ray_local):
@@ -147,10 +147,10 @@ def test_rerun_skips_finished_stages_and_refuses_foreign_output(pipeline, spark,
     from m9.inference import embed
     from m9.ingest import ingest
 
-    again = embed(EmbedConfig(pipeline["dirs"]["images"], pipeline["dirs"]["embed"], actors=2))
-    assert again["skipped"] is True
+    again = embed(EmbedConfig(input=pipeline["dirs"]["images"], output=pipeline["dirs"]["embed"], actors=2))
+    assert again.skipped is True
     with pytest.raises(InputError, match="holds the output of `m9 embed`"):
-        ingest(IngestConfig(str(SAMPLE), pipeline["dirs"]["embed"]))
+        ingest(IngestConfig(input=str(SAMPLE), output=pipeline["dirs"]["embed"]))
 
 
 def test_spark_stages_run_on_a_multi_executor_master(pipeline, tmp_path):
@@ -165,8 +165,8 @@ from m9.reduce import reduce
 from m9 import spark as s
 with s.session("m9-cluster-test", master="local-cluster[2,1,1024]") as spark:
     assert spark.sparkContext.master.startswith("local-cluster")
-    ingest(IngestConfig({pipeline["ingest"]["input"]!r}, {str(tmp_path / "images")!r}, images_per_file=100))
-    reduce(ReduceConfig({pipeline["dirs"]["embed"]!r}, {str(tmp_path / "reduce")!r}, k={TEST_K}))
+    ingest(IngestConfig(input={pipeline["ingest"].input!r}, output={str(tmp_path / "images")!r}, images_per_file=100))
+    reduce(ReduceConfig(input={pipeline["dirs"]["embed"]!r}, output={str(tmp_path / "reduce")!r}, k={TEST_K}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,3 +178,66 @@ with s.session("m9-cluster-test", master="local-cluster[2,1,1024]") as spark:
     a = json.loads(Path(tmp_path, "reduce", "variance.json").read_text())["explained_variance_ratio"]
     b = json.loads(Path(pipeline["dirs"]["reduce"], "variance.json").read_text())["explained_variance_ratio"]
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_an_interrupted_reduce_resumes(pipeline, spark, tmp_path):
+    """Killed after writing pca/ but before its manifest: the same command finishes it (it was refused
+    as 'files m9 did not write (e.g. pca)' before the stage contract listed reduce's own files)."""
+    import shutil
+
+    from m9.config import ReduceConfig
+    from m9.reduce import reduce
+
+    out = tmp_path / "reduce"
+    shutil.copytree(pipeline["dirs"]["reduce"], out)
+    for name in ("_m9.json", "pca.csv", "variance.json"):
+        (out / name).unlink()
+    result = reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=TEST_K))
+    assert not result.skipped and result.counts == {"rows": 240}
+    assert (out / "pca.csv").read_text() == Path(pipeline["dirs"]["reduce"], "pca.csv").read_text()
+
+
+def test_a_finished_output_made_differently_is_refused_naming_the_change(pipeline, weights_path, tmp_path):
+    """--k 5 after k 12 no longer deletes the earlier output without a word; --weights other.h5 on a finished
+    embed output no longer says 'already done' and keeps the old features. Both are refused untouched."""
+    import shutil
+
+    from m9.config import EmbedConfig, ReduceConfig
+    from m9.errors import InputError
+    from m9.inference import embed
+    from m9.reduce import reduce
+
+    before = Path(pipeline["dirs"]["reduce"], "pca.csv").read_text()
+    with pytest.raises(InputError, match=rf"made differently \(k {TEST_K} → 5\); pass --overwrite"):
+        reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=pipeline["dirs"]["reduce"], k=5))
+    assert Path(pipeline["dirs"]["reduce"], "pca.csv").read_text() == before
+
+    other = tmp_path / "other.weights.h5"
+    shutil.copy(weights_path, other)  # the same arrays in another file: not the verified ImageNet checksum
+    with pytest.raises(InputError, match=r"made differently \(weights c009b1f1262c… → "):
+        embed(EmbedConfig(input=pipeline["dirs"]["images"], output=pipeline["dirs"]["embed"], weights=str(other)))
+    assert json.loads(Path(pipeline["dirs"]["embed"], "_m9.json").read_text())["counts"]["embedded"] == 240
+
+
+def test_a_second_writer_of_the_same_output_is_refused(pipeline, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from m9.cli import main
+
+    out = tmp_path / "embed"
+    hold = "import sys, time\nfrom m9 import lease\nwith lease.hold(sys.argv[1], 'embed'):\n"
+    hold += "    print('held', flush=True)\n    time.sleep(600)\n"
+    first = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(main, ["embed", "--input", pipeline["dirs"]["images"], "--output", str(out)])
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {out} is being written by `m9 embed` (pid {first.pid} on ")
+    assert result.output.count("\n") == 1 and not list(out.glob("embeddings/*"))

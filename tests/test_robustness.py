@@ -315,7 +315,7 @@ def many(spark, tmp_path_factory) -> dict:
     shutil.copytree(SAMPLE, root / "fruit and nuts")
     write_bad_images(root / "fruit and nuts" / "broken")
     images = tmp_path_factory.mktemp("many-work") / "images"
-    ingest(IngestConfig(str(root), str(images), images_per_file=25))
+    ingest(IngestConfig(input=str(root), output=str(images), images_per_file=25))
     shards = sorted(p.name for p in images.glob("*.parquet"))
     assert len(shards) >= 8
     return {"images": images, "shards": shards}
@@ -328,9 +328,8 @@ def reference(many, ray_local, weights_path, tmp_path_factory) -> Path:
     from m9.inference import embed
 
     out = tmp_path_factory.mktemp("reference") / "embed"
-    counts = embed(EmbedConfig(str(many["images"]), str(out), actors=1, batch_size=8, weights=str(weights_path)))[
-        "counts"
-    ]
+    cfg = EmbedConfig(input=str(many["images"]), output=str(out), actors=1, batch_size=8, weights=str(weights_path))
+    counts = embed(cfg).counts
     assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
     return out
 
@@ -463,12 +462,14 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, 
     killer = threading.Thread(target=kill_one_actor_after_a_commit, daemon=True)
     killer.start()
     try:
-        result = embed(EmbedConfig(str(many["images"]), str(out), actors=2, batch_size=8, weights=str(weights_path)))
+        result = embed(
+            EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
+        )
     finally:
         stop.set()
         killer.join()
     assert len(killed) == 1, "the run finished before an actor could be killed"
-    counts = result["counts"]
+    counts = result.counts
     assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
     assert counts["model_loads"] >= 3  # the replacement actor loaded the model again
     _assert_same_output(out, reference)

@@ -360,6 +360,63 @@ def test_an_outage_mid_embed_is_one_clear_error_and_the_same_command_resumes(s3_
     assert embedded["image_id"].is_unique and errors["image_id"].is_unique
 
 
+def test_a_killed_embed_on_s3_leaves_its_lease_and_the_same_command_takes_over_and_resumes(s3_run, s3_env):
+    """SIGKILL mid-embed on S3: the killed run's lease stays behind (no one released it), committed shards
+    stay whole; the same command, run at once, sees the holder's process is gone, takes the lease over
+    and finishes, every image exactly once, equal to the uninterrupted run."""
+    import signal
+    import tempfile
+    import time
+
+    images = f"s3://{BUCKET}/killed/images"
+    ingested = CliRunner().invoke(main, ["ingest", "--input", f"s3://{BUCKET}/raw", "--output", images,
+                                         "--images-per-file", "50"])  # fmt: skip
+    assert ingested.exit_code == 0, ingested.output
+    out = f"s3://{BUCKET}/killed/embed"
+    cmd = [sys.executable, "-m", "m9.cli", "embed", "--input", images, "--output", out, "--actors", "1",
+           "--batch-size", "8"]  # fmt: skip
+    ray_tmp = tempfile.mkdtemp(prefix="m9ray-", dir="/tmp")  # marks the Ray processes this driver starts
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    client = _client(os.environ[S3_ENDPOINT_ENV])
+
+    def committed() -> list[str]:
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix="killed/embed/embeddings/").get("Contents", [])
+        return sorted(o["Key"].rsplit("/", 1)[1] for o in listed)
+
+    try:
+        driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not committed():
+            assert driver.poll() is None, driver.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        done = committed()
+        assert 1 <= len(done) < 5, done
+        lease_key = "killed/embed/_m9.lock"
+        holder = json.loads(client.get_object(Bucket=BUCKET, Key=lease_key)["Body"].read())
+        assert holder["pid"] == driver.pid and holder["stage"] == "embed"
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for proc in Path("/proc").iterdir():  # Ray processes the killed driver left
+            try:
+                if proc.name.isdigit() and f"RAY_TMPDIR={ray_tmp}".encode() in (proc / "environ").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                continue
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.startswith("embed: 240 embedded, 3 rejected (of 243)")
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="killed/embed/_m9.lock")
+    embedded = _s3_table(f"{out}/embeddings").sort_values("image_id").reset_index(drop=True)
+    reference = _s3_table(f"{s3_run['workdir']}/embed/embeddings").sort_values("image_id").reset_index(drop=True)
+    assert embedded["image_id"].is_unique and list(embedded["image_id"]) == list(reference["image_id"])
+    got, want = np.stack(embedded["features"].to_numpy()), np.stack(reference["features"].to_numpy())
+    assert np.abs(got - want).max() <= 1e-5
+    assert json.loads(_s3_text(f"{out}/_m9.json"))["counts"]["shards_skipped"] == len(done)
+
+
 def _one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1, output[-3000:]

@@ -1,0 +1,357 @@
+"""The stage contracts: what each stage reads, writes and owns, its manifest, and what makes its output stale.
+
+Every stage (ingest, embed, reduce) is described once here, and every caller asks this module: the
+columns a stage needs from its input, the schema of each thing it writes, the names it owns in its
+output folder, which config fields change its output, and its typed manifest. Before a stage writes,
+`prepare()` decides from the output folder and the stage's fingerprint whether to skip (done, same
+fingerprint), resume (interrupted, same fingerprint), start afresh, or refuse with one line naming what
+changed (as DVC's lock entries and Dagster's code versions do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fnmatch
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from m9 import __version__, storage
+from m9.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: The file a stage writes last into its output folder; its presence means the output is complete.
+MANIFEST = "_m9.json"
+
+#: The fingerprint of a run in progress, written before a stage writes anything else: an interrupted
+#: output is resumed only by a run with the same fingerprint.
+PENDING = "_m9.pending.json"
+
+#: The output's lock (see m9.lease).
+LEASE = "_m9.lock"
+
+#: Names any stage may leave at the top of its output while it runs (its bookkeeping, Spark's and
+#: Hadoop's commit files, m9's atomic-write temporaries).
+_COMMON_OWNED = (MANIFEST, PENDING, LEASE, "_SUCCESS", "_temporary", ".*.crc", "*.tmp-*", ".part-*")
+
+_META = [
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("label", pa.string()),
+    ("split", pa.string()),
+]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One stage, stated once."""
+
+    #: The stage's name (`m9 <name>`).
+    name: str
+    #: Its folder under `m9 run`'s workdir.
+    folder: str
+    #: The stage whose output this stage reads (None: an image tree).
+    reads: str | None
+    #: Columns it needs from that output; checked first, so a wrong folder is one clear error.
+    needs: tuple[str, ...]
+    #: What it writes: a path inside its output ("" = Parquet files at the top) → the schema of that Parquet.
+    writes: Mapping[str, pa.Schema]
+    #: Other files it writes (CSV, JSON) inside its output.
+    files: tuple[str, ...]
+    #: Config fields that change the output: part of the fingerprint.
+    changes_output: tuple[str, ...]
+    #: Config fields that do not change the output (where it is written, how fast, how strict).
+    does_not_change_output: tuple[str, ...]
+
+    @property
+    def producer(self) -> str:
+        return f"m9 {self.name}"
+
+    @property
+    def owned(self) -> tuple[str, ...]:
+        """Name patterns at the top of the output folder that this stage may write or replace."""
+        top = tuple(p.split("/")[0] for p in self.writes if p) + self.files
+        parquet = ("part-*",) if "" in self.writes else ()
+        return _COMMON_OWNED + parquet + top
+
+    def owns(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.owned)
+
+    def columns(self, path: str = "") -> tuple[str, ...]:
+        return tuple(self.writes[path].names)
+
+
+INGEST = Contract(
+    name="ingest",
+    folder="images",
+    reads=None,
+    needs=(),
+    writes={
+        "": pa.schema(
+            [
+                *_META[:2],
+                ("relative_path", pa.string()),
+                *_META[2:],
+                ("sha256", pa.string()),
+                ("size", pa.int64()),
+                ("content", pa.binary()),
+            ]
+        )
+    },
+    files=(),
+    changes_output=("images_per_file",),
+    does_not_change_output=("overwrite",),
+)
+
+#: Subfolders of the embed output.
+EMBEDDINGS, ERRORS = "embeddings", "errors"
+
+EMBED = Contract(
+    name="embed",
+    folder="embed",
+    reads="ingest",
+    needs=("image_id", "path", "label", "split", "content"),
+    writes={
+        EMBEDDINGS: pa.schema([*_META, ("features", pa.list_(pa.float32()))]),
+        ERRORS: pa.schema([*_META, ("error", pa.string())]),
+    },
+    files=(),
+    # weights: the file's checksum goes into the fingerprint, not its path (see embed_fingerprint).
+    changes_output=("weights",),
+    # batch size, actors and threads change how fast, not what (the model is deterministic per image).
+    does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
+)
+
+#: Outputs of the reduce stage.
+PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
+
+REDUCE = Contract(
+    name="reduce",
+    folder="reduce",
+    reads="embed",
+    needs=("image_id", "path", "label", "split", "features"),
+    writes={PCA_DIR: pa.schema([*_META, ("pca", pa.list_(pa.float32()))])},
+    files=(CSV_NAME, VARIANCE_NAME),
+    changes_output=("k",),
+    does_not_change_output=("overwrite",),
+)
+
+STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE)}
+
+#: A column only one stage writes, to say whose output a folder looks like.
+_SIGNATURES = (("features", "m9 embed"), ("pca", "m9 reduce"), ("content", "m9 ingest"))
+
+
+def check_columns(contract: Contract, src: str, parquet_file: str) -> None:
+    """Raise InputError unless parquet_file (one file of the input src) has the columns `contract` needs
+    from the stage before it. Reads the file's footer only."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(parquet_file)
+    names = set(pq.read_schema(path, filesystem=fs).names)
+    missing = [c for c in contract.needs if c not in names]
+    if not missing:
+        return
+    producer = STAGES[contract.reads].producer
+    looks = next((f" (it looks like `{who}`'s output)" for col, who in _SIGNATURES if col in names), "")
+    columns = f"column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    raise InputError(
+        f"{src} is not `{producer}`'s output{looks}: its Parquet has no {columns}; pass the folder `{producer}` wrote"
+    )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a finished stage wrote into its output's _m9.json: the commit marker, and what it counted."""
+
+    stage: str
+    input: str
+    #: Everything that determines the output (see fingerprint()); a later run compares its own to it.
+    fingerprint: dict[str, Any]
+    counts: dict[str, int]
+    #: Stage-specific facts (k and explained variance, actors, wall time …).
+    details: dict[str, Any] = field(default_factory=dict)
+    m9_version: str = __version__
+    finished_at: str = ""
+    #: True when a run found this output already finished and did nothing (never written to disk).
+    skipped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("skipped")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest as stored; one written by an m9 before fingerprints has an empty fingerprint."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"skipped", "details"}
+        details = dict(data.get("details") or {})
+        details.update({k: v for k, v in data.items() if k not in known and k != "details"})
+        return cls(
+            stage=str(data.get("stage")),
+            input=str(data.get("input")),
+            fingerprint=dict(data.get("fingerprint") or {}),
+            counts=dict(data.get("counts") or {}),
+            details=details,
+            m9_version=str(data.get("m9_version", "")),
+            finished_at=str(data.get("finished_at", "")),
+        )
+
+
+def read_manifest(output: str) -> Manifest | None:
+    """The manifest of a finished stage output, or None."""
+    data = storage.read_json(storage.join(output, MANIFEST))
+    return None if data is None else Manifest.from_json(data)
+
+
+def write_manifest(output: str, manifest: Manifest) -> Manifest:
+    """Mark output as finished (last write of a stage) and drop its pending record."""
+    done = dataclasses.replace(manifest, finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    storage.write_json(storage.join(output, MANIFEST), done.to_json())
+    storage.remove(storage.join(output, PENDING))
+    return done
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_identity(src: str, suffix: str = ".parquet") -> str:
+    """Who the input is: the fingerprint of the stage output it is (a chain, as DVC's), else a hash of
+    its files' names, sizes and modification times."""
+    upstream = read_manifest(src)
+    if upstream is not None and upstream.fingerprint:
+        return f"{upstream.stage}:{digest(upstream.fingerprint)}"
+    return f"files:{digest(listing(src, suffix))}"
+
+
+def listing(src: str, suffix: str = "", recursive: bool = False) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of the files under src ending with suffix, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(src)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+    return sorted(
+        (i.path[len(root) :].lstrip("/"), int(i.size or 0), int(i.mtime_ns or 0))
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_"))
+    )
+
+
+def fingerprint(contract: Contract, cfg: Any, input_id: str, **extra: Any) -> dict[str, Any]:
+    """Everything that determines a stage's output: the input's identity, m9's version, the config
+    fields the contract says change the output, and `extra` (weights checksum, preprocessing version …)."""
+    values = {name: getattr(cfg, name) for name in contract.changes_output if name not in extra}
+    return {"input": input_id, "m9_version": __version__, **values, **extra}
+
+
+def unclassified_fields(contract: Contract, cfg_type: type) -> list[str]:
+    """Config fields the contract neither counts as changing the output nor as not changing it."""
+    known = {"input", "output", *contract.changes_output, *contract.does_not_change_output}
+    return [f.name for f in dataclasses.fields(cfg_type) if f.name not in known]
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two fingerprints, in words: `k 50 → 10, input changed`."""
+    if not old:
+        return "it was made by an earlier m9 that did not record its fingerprint"
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "input":
+            parts.append("the input changed")
+        else:
+            parts.append(f"{key} {_short(old.get(key))} → {_short(new.get(key))}")
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 24 else text[:12] + "…"
+
+
+def check_not_a_file(output: str) -> None:
+    """Refuse a local output that is, or lies under, a file (it would be a traceback later, or with
+    --overwrite the file would be deleted). S3 has no such thing: a key and a prefix may share a name."""
+    if storage.is_s3(output):
+        return
+    path = Path(output)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is" if candidate == path else f"lies under {candidate}, which is"
+                raise InputError(f"output {output} {where} a file, not a folder; choose a folder")
+            return
+
+
+def _top_names(output: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(output)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+
+
+def owned_files(contract: Contract, output: str) -> list[str]:
+    """What a stage wrote into its output folder so far, but not its bookkeeping (lease, pending record)."""
+    return [n for n in _top_names(output) if n not in (LEASE, PENDING) and contract.owns(n)]
+
+
+_REDO = "pass --overwrite to redo it, or choose another output folder"
+
+
+def prepare(contract: Contract, output: str, print_: dict[str, Any], overwrite: bool) -> Manifest | None:
+    """Decide what to do with the output folder before a stage writes into it (call with its lease held).
+
+    Returns the manifest when the output is finished with the same fingerprint (the caller skips);
+    clears the folder when overwrite is set; otherwise records print_ as the run in progress and
+    returns None (a fresh start, or the resume of an interrupted run with the same fingerprint).
+    Raises InputError, naming what changed, for a finished or interrupted output made differently,
+    another stage's output, or a folder holding files the stage does not own.
+    """
+    check_not_a_file(output)
+    if overwrite:
+        for name in _top_names(output):
+            if name != LEASE:
+                storage.remove(storage.join(output, name))
+        storage.write_json(storage.join(output, PENDING), print_)
+        return None
+    manifest = read_manifest(output)
+    if manifest is not None:
+        if manifest.stage != contract.name:
+            raise InputError(
+                f"{output} holds the output of `m9 {manifest.stage}` on {manifest.input}; "
+                f"choose another output folder or pass --overwrite to replace it"
+            )
+        if manifest.fingerprint == print_:
+            return dataclasses.replace(manifest, skipped=True)
+        raise InputError(
+            f"{output} already holds a finished `{contract.producer}` output made differently "
+            f"({describe_change(manifest.fingerprint, print_)}); {_REDO}"
+        )
+    foreign = sorted(n for n in _top_names(output) if not contract.owns(n))
+    if foreign:
+        raise InputError(
+            f"{output} already holds files m9 did not write (e.g. {foreign[0]}); "
+            f"choose another output folder or pass --overwrite to replace it"
+        )
+    pending = storage.read_json(storage.join(output, PENDING))
+    started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
+    if pending is not None and started and pending != print_:
+        raise InputError(
+            f"{output} holds an interrupted `{contract.producer}` run made differently "
+            f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
+        )
+    if started:
+        log.info("%s: resuming the interrupted run in %s", contract.name, output)
+    storage.write_json(storage.join(output, PENDING), print_)
+    return None

@@ -1,0 +1,201 @@
+"""The stage contracts and the output lease: staleness, resume and one writer per output (no engines)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from m9 import contract, lease
+from m9.config import EmbedConfig, IngestConfig, ReduceConfig
+from m9.contract import EMBED, INGEST, REDUCE, Manifest
+from m9.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("stage", "cfg_type"), [(INGEST, IngestConfig), (EMBED, EmbedConfig), (REDUCE, ReduceConfig)])
+def test_every_config_field_is_classified(stage, cfg_type):
+    """A new option must say whether it changes the stage's output (and so belongs in its fingerprint)."""
+    assert contract.unclassified_fields(stage, cfg_type) == []
+
+
+def test_configs_take_keywords_only():
+    with pytest.raises(TypeError):
+        IngestConfig("in", "out")  # positional: the point of the test
+
+
+def test_manifest_round_trip_and_old_manifests():
+    m = Manifest(stage="reduce", input="/x", fingerprint={"k": 5}, counts={"rows": 3}, details={"k": 5})
+    assert Manifest.from_json(json.loads(json.dumps(m.to_json()))) == m
+    old = Manifest.from_json({"stage": "reduce", "input": "/x", "counts": {"rows": 3}, "k": 50, "m9_version": "0.1.0"})
+    assert old.fingerprint == {} and old.details == {"k": 50}
+
+
+def test_describe_change_names_what_changed():
+    assert contract.describe_change({"k": 50, "input": "a"}, {"k": 10, "input": "b"}) == "the input changed, k 50 → 10"
+    assert "earlier m9" in contract.describe_change({}, {"k": 10})
+
+
+def _finish(out: Path, stage, print_: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    contract.write_manifest(str(out), Manifest(stage=stage.name, input="/in", fingerprint=print_, counts={}))
+
+
+def test_prepare_skips_refuses_and_resumes(tmp_path):
+    out = tmp_path / "reduce"
+    k50, k10 = {"input": "embed:1", "k": 50}, {"input": "embed:1", "k": 10}
+    assert contract.prepare(REDUCE, str(out), k50, overwrite=False) is None  # fresh
+    (out / "pca").mkdir()  # interrupted after pca/, before its manifest
+    (out / "pca" / "part-0.parquet").write_bytes(b"x")
+    assert contract.prepare(REDUCE, str(out), k50, overwrite=False) is None  # resumed, not refused
+    with pytest.raises(InputError, match=r"interrupted `m9 reduce` run made differently \(k 50 → 10\)"):
+        contract.prepare(REDUCE, str(out), k10, overwrite=False)
+    _finish(out, REDUCE, k50)
+    assert contract.prepare(REDUCE, str(out), k50, overwrite=False).skipped
+    with pytest.raises(InputError, match=r"finished `m9 reduce` output made differently \(k 50 → 10\)"):
+        contract.prepare(REDUCE, str(out), k10, overwrite=False)
+    assert (out / "pca" / "part-0.parquet").exists()  # refused means untouched
+    assert contract.prepare(REDUCE, str(out), k10, overwrite=True) is None
+    assert sorted(p.name for p in out.iterdir()) == [contract.PENDING]
+
+
+def test_prepare_refuses_foreign_files_and_other_stages(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match="files m9 did not write"):
+        contract.prepare(EMBED, str(out), {"k": 1}, overwrite=False)
+    (out / "holiday.jpg").unlink()
+    _finish(out, INGEST, {"x": 1})
+    with pytest.raises(InputError, match="holds the output of `m9 ingest`"):
+        contract.prepare(EMBED, str(out), {"x": 1}, overwrite=False)
+
+
+def test_each_stage_owns_what_it_writes():
+    assert REDUCE.owns("pca") and REDUCE.owns("pca.csv") and REDUCE.owns("variance.json")
+    assert EMBED.owns("embeddings") and EMBED.owns("errors") and not EMBED.owns("pca")
+    assert INGEST.owns("part-00000-abc.snappy.parquet") and INGEST.owns(".part-0.crc") and INGEST.owns("_SUCCESS")
+    assert not INGEST.owns("embeddings")
+
+
+def test_embed_fingerprint_names_a_weights_change(tmp_path):
+    from m9.inference import fingerprint
+
+    other = tmp_path / "other.weights.h5"
+    other.write_bytes(b"not the ImageNet weights")
+    (tmp_path / "images").mkdir()
+    base = EmbedConfig(input=str(tmp_path / "images"), output=str(tmp_path / "e"))
+    a = fingerprint(base, base.input)
+    b = fingerprint(EmbedConfig(input=base.input, output=base.output, weights=str(other)), base.input)
+    assert "weights c009b1f1262c" in contract.describe_change(a, b)
+    assert a == fingerprint(EmbedConfig(input=base.input, output=base.output, actors=7, batch_size=3), base.input)
+
+
+HOLD = """
+import sys, time
+from m9 import lease
+with lease.hold(sys.argv[1], "embed"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_local_writer_is_refused_until_the_first_dies(tmp_path):
+    out = tmp_path / "embed"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lease.OutputBusyError, match=rf"`m9 embed` \(pid {holder.pid} on {socket.gethostname()}"):
+            with lease.hold(str(out), "embed"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with lease.hold(str(out), "embed") as me:  # the kernel released the dead holder's lock
+        assert json.loads((out / contract.LEASE).read_text())["pid"] == me.pid == os.getpid()
+    assert not (out / contract.LEASE).exists()
+
+
+def test_a_refused_stage_leaves_no_folder_it_created(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with lease.hold(str(out), "reduce"):
+            contract.prepare(REDUCE, str(out), {"k": 1}, overwrite=False)
+            raise RuntimeError("k out of range")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """moto's S3 server on loopback with one bucket, and the environment m9 reads pointed at it."""
+    from moto.server import ThreadedMotoServer
+
+    from m9 import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "k")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        mp.setenv("AWS_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv(storage.S3_ENDPOINT_ENV, f"http://{host}:{port}")
+        client = storage.s3_client()
+        client.create_bucket(Bucket="lease")
+        yield client
+    server.stop()
+
+
+def _plant(client, key: str, holder: lease.Holder) -> None:
+    client.put_object(Bucket="lease", Key=key, Body=holder.to_bytes())
+
+
+def test_s3_lease_refuses_a_live_writer_and_takes_over_a_dead_one(moto_s3):
+    out = "s3://lease/run1/embed"
+    with lease.hold(out, "embed") as me:
+        body = moto_s3.get_object(Bucket="lease", Key=f"run1/embed/{contract.LEASE}")["Body"].read()
+        assert lease.Holder.parse(body) == me
+        with pytest.raises(lease.OutputBusyError, match=rf"pid {os.getpid()} on"):
+            with lease.hold(out, "embed"):
+                pass
+    assert "Contents" not in moto_s3.list_objects_v2(Bucket="lease", Prefix="run1/")  # released
+    # A killed writer on this host: its process is gone, so its lease is taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _plant(moto_s3, f"run1/embed/{contract.LEASE}", lease.Holder(socket.gethostname(), dead.pid, "t", "embed"))
+    with lease.hold(out, "embed") as me:
+        body = moto_s3.get_object(Bucket="lease", Key=f"run1/embed/{contract.LEASE}")["Body"].read()
+        assert lease.Holder.parse(body) == me
+
+
+def test_s3_lease_of_another_host_waits_for_its_ttl(moto_s3):
+    out = "s3://lease/run2/embed"
+    _plant(moto_s3, f"run2/embed/{contract.LEASE}", lease.Holder("elsewhere", 1, "t", "embed"))
+    with pytest.raises(lease.OutputBusyError, match=r"on elsewhere.*expires in \d+ s"):
+        with lease.hold(out, "embed"):
+            pass
+    time.sleep(2.2)  # moto's LastModified has whole seconds
+    with lease.hold(out, "embed", ttl_s=1) as me:
+        body = moto_s3.get_object(Bucket="lease", Key=f"run2/embed/{contract.LEASE}")["Body"].read()
+        assert lease.Holder.parse(body) == me
+
+
+def test_s3_lease_is_renewed_while_held(moto_s3):
+    key = f"run3/embed/{contract.LEASE}"
+    with lease.hold("s3://lease/run3/embed", "embed", renew_s=0.3):
+        first = moto_s3.head_object(Bucket="lease", Key=key)["LastModified"]
+        time.sleep(2.2)  # LastModified has whole seconds
+        assert moto_s3.head_object(Bucket="lease", Key=key)["LastModified"] > first
