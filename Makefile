@@ -9,7 +9,7 @@ TOOLS := .venv-tools
 CHECKOV_VERSION ?= 3.3.30
 STAMP := $(VENV)/.m9-installed
 
-.PHONY: help run test install assets tools lint fmt clean
+.PHONY: help run test test-fast install assets tools lint fmt clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,9 @@ tools: ## Install what the infra tests need: shellcheck (Debian) and checkov (ow
 
 test: assets tools ## Run the test suite (real Spark, Ray, TensorFlow, weights, terraform).
 	$(PY) -m pytest -ra
+
+test-fast: assets tools ## Run only the fast tier: pure functions and small fixtures, no engines (pytest -m "not slow").
+	$(PY) -m pytest -ra -m "not slow"
 
 lint: install ## ruff lint and format check.
 	$(VENV)/bin/ruff check m9 tests scripts

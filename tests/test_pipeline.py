@@ -12,6 +12,9 @@ from PIL import Image, ImageOps
 
 from tests.conftest import SAMPLE, TEST_K
 
+#: Every test here reads the suite's one pipeline run (Spark, Ray, TensorFlow).
+pytestmark = pytest.mark.slow
+
 BAD = {"truncated.jpg", "empty.jpg", "notes.png"}
 
 

@@ -225,6 +225,7 @@ def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
     return {"root": root, "work": work, "result": result}
 
 
+@pytest.mark.slow
 def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     root, work = corpus_run["root"], corpus_run["work"]
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(CORPUS)
@@ -256,6 +257,7 @@ def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     assert sorted(pca["image_id"]) == sorted(embedded["image_id"])
 
 
+@pytest.mark.slow
 def test_exif_rotation_and_alpha_are_applied(corpus_run):
     embedded = _table(corpus_run["work"] / "embed" / "embeddings")
     features = {Path(p).name: np.asarray(f, np.float32) for p, f in zip(embedded["path"], embedded["features"])}
@@ -264,6 +266,7 @@ def test_exif_rotation_and_alpha_are_applied(corpus_run):
     assert all(np.isfinite(f).all() and f.std() > 0.01 for f in features.values())
 
 
+@pytest.mark.slow
 def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
     result, work = corpus_run["result"], corpus_run["work"]
     assert result.exit_code == 1, result.output
@@ -279,6 +282,7 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
         assert (work / stage / "_m9.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("max_errors", "exit_code"), [("6", 0), ("5", 1), ("0.34", 0), ("0.3", 1), ("1.5", 2)])
 def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     """A re-run on the finished output is skipped, yet still says whether the rejections are too many."""
@@ -355,6 +359,7 @@ def _kill_all(pids: list[int]) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_to_the_uninterrupted_output(many, reference, weights_path, tmp_path):
     # The run's own Ray temp folder marks every process its driver starts (raylet, GCS, workers), so the
     # test can find and end exactly those; short, because Ray's socket paths must fit in 107 bytes.
@@ -437,6 +442,7 @@ def _title(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, ray_local, weights_path, tmp_path):
     import ray
 
@@ -488,6 +494,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     }
 
 
+@pytest.mark.slow
 def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, many, tmp_path):
     work, corpus = corpus_run["work"], corpus_run["root"]
     foreign = tmp_path / "foreign"

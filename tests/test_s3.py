@@ -266,6 +266,7 @@ def s3_run(s3_env, moto_port, images_tree, spark, ray_local, weights_path):
     return {"uploaded": uploaded, "output": result.output, "workdir": f"s3://{BUCKET}/m9", "proxy": proxy}
 
 
+@pytest.mark.slow
 def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
     work = s3_run["workdir"]
     assert "m9 run finished" in s3_run["output"]
@@ -313,6 +314,7 @@ def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
     assert manifests[1]["input"] == f"{work}/images"
 
 
+@pytest.mark.slow
 def test_rerun_on_s3_skips_finished_stages(s3_run, moto_port):
     result = CliRunner().invoke(
         main,
@@ -322,6 +324,7 @@ def test_rerun_on_s3_skips_finished_stages(s3_run, moto_port):
     assert "already done" in result.output
 
 
+@pytest.mark.slow
 def test_a_flaky_store_still_gives_every_row(s3_run):
     """503 SlowDown and dropped connections, met by every client in every stage, are retried with backoff;
     no row is lost (and test_run_on_s3_equals_the_local_run shows no value changed either)."""
@@ -337,6 +340,7 @@ def test_a_flaky_store_still_gives_every_row(s3_run):
     assert len(_s3_text(f"{work}/reduce/pca.csv").splitlines()) == 1 + 240
 
 
+@pytest.mark.slow
 def test_an_outage_mid_embed_is_one_clear_error_and_the_same_command_resumes(s3_run, s3_env, moto_port):
     """A store that fails every write of embeddings (503 SlowDown and dropped connections, without end) once
     the stage is under way: after m9's retries the run stops with one `Error:` line, not a traceback, and
@@ -424,6 +428,7 @@ def _one_error_line(output: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -446,6 +451,7 @@ def _m9_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "m9.cli", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_refused_and_missing_credentials_are_one_clear_error(s3_env, moto_port, tmp_path):
     _client(f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
     env = {
@@ -489,6 +495,7 @@ def test_jars_are_cached_and_verified():
     assert jars.cached() == paths
 
 
+@pytest.mark.slow
 def test_spark_gets_the_same_endpoint_and_credentials(s3_env, moto_port):
     from m9 import spark as m9spark
     from m9.storage import S3Settings
