@@ -26,6 +26,7 @@ def needs_terraform(test):
     """Skipped without terraform; in the slow tier (terraform init/plan take seconds to minutes)."""
     return pytest.mark.slow(pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")(test))
 
+
 # Dummy credentials and no account lookups: the plan runs offline and only in
 # the test's copy of infra/, so real users never get these settings.
 PROVIDER_OVERRIDE = """\
