@@ -34,17 +34,29 @@ def jar_dir(cache: Path | None = None) -> Path:
     return Path(cache or cache_dir()) / "jars"
 
 
+def _mismatched(paths: list[Path]) -> list[str]:
+    """Names of the jars among paths that are missing or whose SHA-256 differs from JARS."""
+    return [p.name for p in paths if not p.is_file() or sha256_file(p) != JARS[p.name]]
+
+
 def cached(cache: Path | None = None) -> list[Path] | None:
-    """The cached jars when all of them are present (sizes only; fetch() checked their hashes), else None."""
+    """The cached jars when all of them are present and match their SHA-256, else None.
+
+    Hashed on every call, not only when fetched: a jar changed in the cache after its download (a copy cut
+    short, a disk error, someone's edit) must not reach Spark's classpath. Both take about 0.5 s to hash.
+    """
     paths = [jar_dir(cache) / name for name in JARS]
-    return paths if all(p.is_file() and p.stat().st_size > 0 for p in paths) else None
+    return paths if not _mismatched(paths) else None
 
 
 def fetch(cache: Path | None = None) -> list[Path]:
     """Make sure the verified s3a jars are in the cache and return their paths; download the sdist if needed."""
-    found = cached(cache)
-    if found:
-        return found
+    paths = [jar_dir(cache) / name for name in JARS]
+    bad = _mismatched(paths)
+    if not bad:
+        return paths
+    if any(p.exists() for p in paths):
+        log.warning("%s in %s missing or failing the SHA-256 check; fetching again", ", ".join(bad), jar_dir(cache))
     target = jar_dir(cache)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -487,12 +488,41 @@ def test_an_endpoint_without_a_scheme_is_refused():
 
 
 def test_jars_are_cached_and_verified():
+    """On a warm cache too: what fetch() and cached() return has the pinned SHA-256."""
     from m9 import jars
+    from m9.pypi import sha256_file
 
     paths = jars.fetch()
     assert [p.name for p in paths] == list(jars.JARS)
-    assert all(p.stat().st_size > 0 for p in paths)
+    assert [sha256_file(p) for p in paths] == list(jars.JARS.values())
     assert jars.cached() == paths
+
+
+def test_a_tampered_cached_jar_is_never_handed_to_spark(tmp_path, monkeypatch):
+    """A cached jar changed after its download (same name, same size) is refused, and fetch() goes back to
+    PyPI for it instead of returning it; here pip is kept offline, so that ends in one clear error."""
+    from m9 import jars
+    from m9.errors import EngineError
+
+    real = jars.fetch()
+    folder = jars.jar_dir(tmp_path)
+    folder.mkdir(parents=True)
+    small = min(real, key=lambda p: p.stat().st_size)
+    for path in real:  # the large one linked (read only), the small one copied so it can be changed
+        if path == small:
+            shutil.copyfile(path, folder / path.name)
+        else:
+            (folder / path.name).symlink_to(path)
+    assert jars.cached(tmp_path) == [folder / name for name in jars.JARS]  # the copies pass as they are
+
+    data = bytearray((folder / small.name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / small.name).write_bytes(bytes(data))
+    assert jars.cached(tmp_path) is None
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(EngineError, match=r"pip could not download sagemaker-pyspark"):
+        jars.fetch(tmp_path)
+    assert (folder / small.name).read_bytes() == bytes(data)  # left for the next successful fetch to replace
 
 
 @pytest.mark.slow
