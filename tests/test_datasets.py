@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 import zipfile
@@ -14,9 +15,11 @@ from PIL import Image
 
 from m9.datasets import (
     FASHION_MNIST_LABELS,
+    FASHION_MNIST_PACKAGE,
     FRUITS360_LICENSE_NAME,
     NOTICE_NAME,
     DatasetError,
+    _download_deb,
     _read_idx,
     build_fashion_mnist,
     build_fruits360,
@@ -42,9 +45,26 @@ needs_package = pytest.mark.skipif(
 )
 
 
+def _download_or_skip(into: Path) -> Path:
+    """Debian's dataset-fashion-mnist .deb, or a skip naming apt-get's reason when it cannot be fetched (no
+    network, no mirror, stale package lists): that is this machine's state, not a failure of m9."""
+    try:
+        return _download_deb(FASHION_MNIST_PACKAGE, into)
+    except DatasetError as exc:
+        pytest.skip(f"Debian's {FASHION_MNIST_PACKAGE} could not be fetched: {exc}")
+
+
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
-    """Build a per_class=3 tree once from the system's package, or a .deb apt-get downloads."""
+def fashion_deb(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """None when the system has the package installed, else its .deb (downloaded once, or skipped)."""
+    if SYSTEM_FASHION_MNIST.is_dir():
+        return None
+    return _download_or_skip(tmp_path_factory.mktemp("fashion-deb"))
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_deb: Path | None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """Build a per_class=3 tree once, as a user would (no source: the system's package, else apt-get's)."""
     output = tmp_path_factory.mktemp("fashion-mnist")
     counts = build_fashion_mnist(output, per_class=PER_CLASS)
     return output, counts
@@ -104,12 +124,27 @@ def test_fashion_mnist_copies_the_mit_notice(fashion: tuple[Path, dict[str, int]
 
 @pytest.mark.slow
 @needs_package
-def test_fashion_mnist_rerun_keeps_existing_images(fashion: tuple[Path, dict[str, int]]) -> None:
+def test_fashion_mnist_rerun_keeps_existing_images(
+    fashion: tuple[Path, dict[str, int]], fashion_deb: Path | None
+) -> None:
     output, counts = fashion
     before = {p: p.stat().st_mtime_ns for p in _jpegs(output)}
-    source = SYSTEM_FASHION_MNIST if SYSTEM_FASHION_MNIST.is_dir() else None
+    # From the .deb file this time (or the installed tree): the --source path, with the same result.
+    source = fashion_deb or SYSTEM_FASHION_MNIST
     assert build_fashion_mnist(output, per_class=PER_CLASS, source=source) == counts
     assert {p: p.stat().st_mtime_ns for p in _jpegs(output)} == before
+
+
+def test_a_package_that_cannot_be_fetched_is_a_skip_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """What the Fashion-MNIST tests do when apt-get fails: skip, saying why, instead of erroring."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package dataset-fashion-mnist' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(pytest.skip.Exception, match="could not be fetched: .*Unable to locate package"):
+        _download_or_skip(tmp_path)
 
 
 @pytest.mark.parametrize(
