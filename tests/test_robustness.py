@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -443,38 +442,38 @@ def _title(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_killed_actor_is_replaced_and_every_image_lands_once(many, reference, ray_local, weights_path, tmp_path):
+def test_a_killed_actor_is_replaced_and_every_image_lands_once(
+    many, reference, ray_local, weights_path, tmp_path, monkeypatch
+):
     import ray
 
+    from m9 import inference
     from m9.config import EmbedConfig
-    from m9.inference import embed
 
     # The suite's own raylet: its children are this cluster's workers, not another session's.
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     out = tmp_path / "embed"
     killed: list[int] = []
-    stop = threading.Event()
+    commit = inference._ShardWriter._commit
 
-    def kill_one_actor_after_a_commit():
-        while not stop.is_set():
-            if list((out / "embeddings").glob("*.parquet")):
-                actors = [p for p in _children(raylet) if _title(p).startswith("ray::MapWorker(MapBatches(EmbedActor")]
-                if actors:
-                    os.kill(actors[0], signal.SIGKILL)
-                    killed.append(actors[0])
-                    return
-            time.sleep(0.05)
+    def commit_then_kill_an_actor(writer, shard: str) -> None:
+        """The kill happens inside the driver's own loop, right after the first shard is committed: the
+        driver takes no more rows until it is done, so all other shards are still to come (about 9 of 10,
+        seconds of work for both actors), whatever the machine's speed. A watcher thread polling for the
+        first file raced the run's end instead."""
+        commit(writer, shard)
+        if killed:
+            return
+        actors = [p for p in _children(raylet) if _title(p).startswith("ray::MapWorker(MapBatches(EmbedActor")]
+        assert actors, "no embed actor under the suite's raylet"
+        os.kill(actors[0], signal.SIGKILL)
+        killed.append(actors[0])
 
-    killer = threading.Thread(target=kill_one_actor_after_a_commit, daemon=True)
-    killer.start()
-    try:
-        result = embed(
-            EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
-        )
-    finally:
-        stop.set()
-        killer.join()
-    assert len(killed) == 1, "the run finished before an actor could be killed"
+    monkeypatch.setattr(inference._ShardWriter, "_commit", commit_then_kill_an_actor)
+    result = inference.embed(
+        EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
+    )
+    assert len(killed) == 1
     counts = result.counts
     assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
     assert counts["model_loads"] >= 3  # the replacement actor loaded the model again
