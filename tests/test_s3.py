@@ -365,6 +365,7 @@ def test_an_outage_mid_embed_is_one_clear_error_and_the_same_command_resumes(s3_
     assert embedded["image_id"].is_unique and errors["image_id"].is_unique
 
 
+@pytest.mark.slow
 def test_a_killed_embed_on_s3_leaves_its_lease_and_the_same_command_takes_over_and_resumes(s3_run, s3_env):
     """SIGKILL mid-embed on S3: the killed run's lease stays behind (no one released it), committed shards
     stay whole; the same command, run at once, sees the holder's process is gone, takes the lease over
