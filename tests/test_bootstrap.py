@@ -247,6 +247,7 @@ def emr_sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_three_ray_nodes_join(emr_sim_cluster: str) -> None:
     nodes = _alive_nodes(emr_sim_cluster)
     assert len(nodes) == 3
@@ -258,6 +259,7 @@ def test_three_ray_nodes_join(emr_sim_cluster: str) -> None:
     assert [n["Resources"]["CPU"] for n in nodes] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_bootstrap_logs_each_role(emr_sim_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.getbasetemp()
     logs = {p.parent.name: p.read_text() for p in root.glob("emr*/*/bootstrap.log")}
@@ -326,6 +328,7 @@ def test_unknown_argument_is_an_error() -> None:
     assert "unknown argument: --nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_embed_on_the_simulated_cluster_equals_the_local_run(emr_sim_cluster: str, pipeline, tmp_path: Path) -> None:
     """`m9 embed --ray-address` against the bootstrapped 3-node cluster: actors on several nodes, same output."""
     import numpy as np
