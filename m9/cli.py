@@ -91,22 +91,22 @@ class MaxErrors(click.ParamType):
     "default: $M9_S3_ENDPOINT, $AWS_ENDPOINT_URL, else AWS. Credentials and region come from "
     "the usual AWS environment and config.",
 )
-def main(verbose: bool, s3_endpoint: str | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
     """m9: images → MobileNetV2 feature vectors → PCA, on Spark and Ray, local or on EMR.
 
     Example: m9 run   (the whole pipeline on the bundled sample, outputs in ./m9-out/)
     """
     _setup_logging(verbose)
-    if s3_endpoint:
-        from m9.storage import S3_ENDPOINT_ENV
+    if s3_endpoint and not s3_endpoint.startswith(("http://", "https://")):
+        raise click.BadParameter(
+            f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000", param_hint="--s3-endpoint"
+        )
+    from m9 import storage
 
-        if not s3_endpoint.startswith(("http://", "https://")):
-            raise click.BadParameter(
-                f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000", param_hint="--s3-endpoint"
-            )
-
-        # The environment is where pyarrow, boto3 and m9's Spark settings all look for it.
-        os.environ[S3_ENDPOINT_ENV] = s3_endpoint
+    # In force for the command that follows (pyarrow, boto3, s3a, and the settings Ray tasks are handed),
+    # and gone when it returns; the process's environment is left as it was.
+    ctx.with_resource(storage.using(storage.S3Settings.from_env(endpoint=s3_endpoint)))
 
 
 input_opt = functools.partial(click.option, "--input", "input_", metavar="SRC")

@@ -259,7 +259,7 @@ def embed_batches(
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
             read_slices,
-            fn_kwargs={"s3": storage.S3Settings.from_env()},
+            fn_kwargs={"s3": storage.current_settings()},
             batch_size=1,
             num_cpus=READ_TASK_CPUS,
             batch_format="numpy",

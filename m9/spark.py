@@ -152,7 +152,7 @@ def s3a_settings(s3: storage.S3Settings) -> dict[str, str | None]:
 
 
 def configure_s3(spark, *uris: str) -> None:
-    """Point the session's s3a at the store in the environment before a stage touches one of uris.
+    """Point the session's s3a at the store in force (storage.current_settings()) before a stage touches one of uris.
 
     Applied at run time to the session's Hadoop configuration, so a reused session works too; the jars,
     however, must have been on the classpath when the JVM started (session() adds them).
@@ -168,7 +168,7 @@ def configure_s3(spark, *uris: str) -> None:
             "this Spark session was started without the s3a jars, so it cannot read s3:// "
             "URIs; run `m9 jars fetch` first (m9 then adds them to every session it starts)"
         )
-    wanted = s3a_settings(storage.S3Settings.from_env())
+    wanted = s3a_settings(storage.current_settings())
     context = spark.sparkContext
     applied, opened = getattr(context, _S3A_STATE, ({}, set()))
     hconf = context._jsc.hadoopConfiguration()

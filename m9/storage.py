@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -73,17 +75,37 @@ class S3Settings:
     session_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls) -> S3Settings:
-        """Endpoint, region and key-pair credentials from the environment. Credentials from a profile or
-        an instance role are not read here: each process's AWS SDK finds those itself."""
+    def from_env(cls, endpoint: str | None = None) -> S3Settings:
+        """Endpoint (unless given), region and key-pair credentials from the environment. Credentials from a
+        profile or an instance role are not read here: each process's AWS SDK finds those itself."""
         env = os.environ
         return cls(
-            endpoint=s3_endpoint(),
+            endpoint=endpoint or s3_endpoint(),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             access_key=env.get("AWS_ACCESS_KEY_ID") or None,
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=env.get("AWS_SESSION_TOKEN") or None,
         )
+
+
+#: The S3 settings of the command running in this thread (see using()); None: read the environment.
+_current: contextvars.ContextVar[S3Settings | None] = contextvars.ContextVar("m9_s3_settings", default=None)
+
+
+@contextlib.contextmanager
+def using(settings: S3Settings | None):
+    """Make settings the S3 settings of everything m9 does inside the block (in this thread), e.g. the
+    `--s3-endpoint` of one command, without changing the process's environment; restored on exit."""
+    token = _current.set(settings)
+    try:
+        yield settings
+    finally:
+        _current.reset(token)
+
+
+def current_settings() -> S3Settings:
+    """The settings in force: those of the enclosing using() block, else the environment's."""
+    return _current.get() or S3Settings.from_env()
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,7 +131,7 @@ def filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem,
     if not is_s3(uri):
         return pafs.LocalFileSystem(), normalize(uri)
     parsed = urlparse(uri)
-    return _s3_filesystem(s3 or S3Settings.from_env()), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+    return _s3_filesystem(s3 or current_settings()), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
 def exists(uri: str) -> bool:
@@ -200,7 +222,7 @@ _CREDENTIAL_CODES = {
 
 def s3_client(settings: S3Settings | None = None):
     """A boto3 S3 client for the store in settings (default: the environment's), with m9's retries."""
-    return _s3_client(settings or S3Settings.from_env())
+    return _s3_client(settings or current_settings())
 
 
 def _s3_client(settings: S3Settings):
@@ -301,7 +323,7 @@ def check_access(read: str | None = None, write: str | None = None) -> None:
     for uri, action in ((read, "read"), (write, "write")):
         if not uri or not is_s3(uri):
             continue
-        settings = S3Settings.from_env()
+        settings = current_settings()
         parsed = urlparse(uri)
         bucket, key = parsed.netloc, parsed.path.strip("/")
         try:
