@@ -10,7 +10,15 @@ import sys
 import click
 
 from m9 import __version__
-from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR
+from m9.config import (
+    DEFAULT_ACTORS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGES_PER_FILE,
+    DEFAULT_K,
+    DEFAULT_RUNTIME,
+    DEFAULT_WORKDIR,
+    RUNTIMES,
+)
 from m9.errors import M9Error, TooManyRejectedError
 
 
@@ -135,7 +143,16 @@ weights_opt = click.option(
     "--weights",
     type=click.Path(dir_okay=False),
     default=None,
-    help="MobileNetV2 no-top weights file to use instead of the verified cache.",
+    help="MobileNetV2 no-top Keras weights file (.h5 / .weights.h5) to use instead of the verified cache. "
+    "With --runtime onnx it is converted to ONNX once (cached by the file's sha256) and checked against Keras.",
+)
+runtime_opt = click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default=DEFAULT_RUNTIME,
+    show_default=True,
+    help="What runs the forward pass: onnx (ONNX Runtime on the checked conversion; no TensorFlow in the "
+    "actors) or keras (TensorFlow, the reference). Features agree within 1e-4.",
 )
 max_errors_opt = click.option(
     "--max-errors",
@@ -186,10 +203,11 @@ def ingest(input_, output, images_per_file, overwrite):
 @batch_opt
 @ray_opt
 @weights_opt
+@runtime_opt
 @max_errors_opt
 @overwrite_opt
 @user_errors
-def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, overwrite):
+def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max_errors, overwrite):
     """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
 
     Example: m9 embed --actors 2 --batch-size 16
@@ -206,6 +224,7 @@ def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, 
         weights=weights,
         overwrite=overwrite,
         max_errors=max_errors,
+        runtime=runtime,
     )
     result, too_many = _tolerating_rejections(run_embed, cfg)
     c = result.counts
@@ -253,10 +272,11 @@ def reduce(input_, output, k, overwrite):
 @batch_opt
 @ray_opt
 @weights_opt
+@runtime_opt
 @max_errors_opt
 @overwrite_opt
 @user_errors
-def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors, overwrite):
+def run(input_, workdir, actors, k, batch_size, ray_address, weights, runtime, max_errors, overwrite):
     """Ingest, embed and reduce in a row, then print a summary.
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
@@ -277,6 +297,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
             ray_address=ray_address,
             weights=weights,
             max_errors=max_errors,
+            runtime=runtime,
         ),
         reduce=ReduceConfig(input="", output="", k=k),
     )
@@ -310,13 +331,15 @@ def weights():
 @weights.command("fetch")
 @user_errors
 def weights_fetch():
-    """Obtain, verify and cache the weights; print the cached file's path.
+    """Obtain, verify and cache the weights, and their ONNX conversion (checked against Keras within 1e-4);
+    print both cached files' paths.
 
     Example: M9_CACHE_DIR=/opt/m9 m9 weights fetch
     """
     from m9 import weights as m9weights
 
     click.echo(str(m9weights.fetch()))
+    click.echo(str(m9weights.fetch_onnx()))
 
 
 @main.group()

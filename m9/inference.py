@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from m9 import contract, engine_ray, lease, storage
 from m9 import weights as m9weights
-from m9.config import FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
+from m9.config import DEFAULT_RUNTIME, FEATURE_DIM, PREPROCESS_VERSION, RUNTIMES, EmbedConfig
 from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.errors import InputError, TooManyRejectedError
 
@@ -41,13 +41,40 @@ ERRORS_SCHEMA = EMBED.writes[ERRORS]
 
 
 class EmbedActor:
-    """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled."""
+    """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled.
 
-    def __init__(self, weights_path: str | None, threads: int, batch_size: int):
+    runtime "onnx": the model's bytes come from the driver (Ray's object store, `model`), which converted
+    and checked them; the actor checks their sha256 and needs neither TensorFlow nor a cache of its own.
+    runtime "keras": the weights file, or the verified cache fetched on this worker when weights_path is None.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | None,
+        threads: int,
+        batch_size: int,
+        runtime: str = DEFAULT_RUNTIME,
+        model=None,
+        model_sha256: str | None = None,
+    ):
         from m9.model import Embedder
 
-        path = weights_path or str(m9weights.fetch())
-        self.embedder = Embedder(path, threads=threads, batch_size=batch_size, verify=weights_path is None)
+        if runtime == "onnx":
+            import ray
+
+            model_bytes = model if isinstance(model, bytes) else ray.get(model)
+            self.embedder = Embedder(
+                runtime="onnx",
+                threads=threads,
+                batch_size=batch_size,
+                model_bytes=model_bytes,
+                expected_sha256=model_sha256,
+            )
+        else:
+            path = weights_path or str(m9weights.fetch())
+            self.embedder = Embedder(
+                path, runtime="keras", threads=threads, batch_size=batch_size, verify=weights_path is None
+            )
         engine_ray.record_model_load()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -244,13 +271,30 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
 
 
 def embed_batches(
-    shards: list[str], actors: int, batch_size: int, weights_path: str | None
+    shards: list[str],
+    actors: int,
+    batch_size: int,
+    weights_path: str | None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
-    batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
+    batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them.
+
+    weights_path: for "keras" a weights file (None: the verified cache, on each worker); for "onnx" an
+    .onnx file m9 converted, or a Keras file to convert, or None for the verified conversion."""
     import ray
 
     actor_cpus, threads = plan_resources(engine_ray.node_cpus(), actors)
+    model_kwargs: dict = {"weights_path": weights_path, "runtime": runtime}
+    if runtime == "onnx":
+        if not (weights_path and str(weights_path).endswith(".onnx")):
+            weights_path = str(m9weights.resolve(weights_path, "onnx"))
+        # Read and checked once here; the actors share one copy per node from the object store, so a
+        # worker node needs neither its own conversion (TensorFlow, tf2onnx) nor a cache.
+        model_bytes = m9weights.read_onnx(weights_path)
+        model_kwargs.update(
+            weights_path=None, model=ray.put(model_bytes), model_sha256=m9weights.onnx_sha256(weights_path)
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
@@ -266,7 +310,7 @@ def embed_batches(
         )
         .map_batches(
             EmbedActor,
-            fn_constructor_kwargs={"weights_path": weights_path, "threads": threads, "batch_size": batch_size},
+            fn_constructor_kwargs={**model_kwargs, "threads": threads, "batch_size": batch_size},
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=actor_cpus,
             batch_size=batch_size,
@@ -274,9 +318,10 @@ def embed_batches(
         )
     )
     log.info(
-        "embed: %d shards (%d slices), %d actors × %d threads (%.3g CPUs each), batch %d",
+        "embed: %d shards (%d slices), %s, %d actors × %d threads (%.3g CPUs each), batch %d",
         len(shards),
         len(items),
+        runtime,
         actors,
         threads,
         actor_cpus,
@@ -312,6 +357,8 @@ def embed(cfg: EmbedConfig) -> Manifest:
         raise InputError("--actors must be at least 1")
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    if cfg.runtime not in RUNTIMES:
+        raise InputError(f"--runtime {cfg.runtime}: expected one of {', '.join(RUNTIMES)}")
     storage.check_access(read=src, write=out)
     shards = storage.list_files(src, ".parquet")
     if not shards:
@@ -334,16 +381,18 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
     expected = _count_rows(pending)
     rows_in = sum(_count_rows(shards).values())
-    weights_path = str(m9weights.resolve(cfg.weights)) if cfg.weights else None
+    # On the driver, before Ray starts: fail fast with one clear line if no weights can be had, and convert
+    # (once per cache) what the onnx runtime needs, so the actors never need TensorFlow.
+    weights_path = str(m9weights.resolve(cfg.weights, cfg.runtime)) if cfg.weights or cfg.runtime == "onnx" else None
     if weights_path is None:
-        m9weights.fetch()  # fail fast, on the driver, with one clear line if no weights can be had
+        m9weights.fetch()
     started = time.perf_counter()
     loads: list = []
     if pending:
         with engine_ray.connect(cfg.ray_address):
             writer = _ShardWriter(out, expected)
             counter = engine_ray.start_load_counter()
-            for batch in embed_batches(pending, cfg.actors, cfg.batch_size, weights_path):
+            for batch in embed_batches(pending, cfg.actors, cfg.batch_size, weights_path, cfg.runtime):
                 batch_shards = batch.pop("shard")
                 for shard in np.unique(batch_shards):
                     writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
@@ -373,7 +422,9 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
         len(loads),
         wall,
     )
-    details = {"actors": cfg.actors, "batch_size": cfg.batch_size, "wall_s": round(wall, 2)}
+    details = {"actors": cfg.actors, "batch_size": cfg.batch_size, "runtime": cfg.runtime, "wall_s": round(wall, 2)}
+    if cfg.runtime == "onnx":
+        details["onnx_sha256"] = m9weights.onnx_sha256(weights_path)
     return contract.write_manifest(
         out, Manifest(stage=EMBED.name, input=src, fingerprint=print_, counts=counts, details=details)
     )

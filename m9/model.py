@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from m9.config import FEATURE_DIM, IMAGE_SIZE, MAX_IMAGE_PIXELS
+from m9.config import DEFAULT_RUNTIME, FEATURE_DIM, IMAGE_SIZE, MAX_IMAGE_PIXELS, RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -128,31 +128,81 @@ def load_model(weights_path: str | None, threads: int | None = None, verify: boo
     return model
 
 
+def keras_function(model):
+    """The model's inference forward pass as a tf.function over float32 (None, 224, 224, 3), and its input
+    signature: what the Keras runtime runs and what the ONNX conversion converts, so both are the same graph."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32, name="input")]
+    forward = tf.function(lambda x: model(x, training=False), input_signature=signature, reduce_retracing=True)
+    return forward, signature
+
+
 class Embedder:
-    """Holds one loaded model; turns a batch of image bytes into features and per-image errors."""
+    """Holds one loaded model; turns a batch of image bytes into features and per-image errors.
+
+    runtime "onnx" (the default) runs ONNX Runtime on a converted model: `weights_path` is an .onnx file
+    (None: the verified cache, m9 weights fetch_onnx) or `model_bytes` its bytes (e.g. from a Spark broadcast
+    or Ray's object store); with verify, the bytes must hash to `expected_sha256`, or to the sha256 recorded
+    beside the file when it was converted and checked. TensorFlow is never imported on this path.
+    runtime "keras" runs TensorFlow/Keras on a Keras weights file (None: the verified cache), or on `arrays`
+    (model.get_weights()); with verify, the weights must have the ImageNet checksum.
+    """
 
     def __init__(
         self,
-        weights_path: str | None,
+        weights_path: str | None = None,
+        runtime: str = DEFAULT_RUNTIME,
         threads: int | None = None,
         batch_size: int = 16,
         verify: bool = True,
         arrays: list | None = None,
+        model_bytes: bytes | None = None,
+        expected_sha256: str | None = None,
     ):
-        import tensorflow as tf
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        self.runtime, self.batch_size = runtime, batch_size
+        if runtime == "onnx":
+            if arrays is not None:
+                raise ValueError("arrays are Keras weights; the onnx runtime takes model_bytes")
+            self._forward = self._onnx(weights_path, threads, verify, model_bytes, expected_sha256)
+        else:
+            if model_bytes is not None:
+                raise ValueError("model_bytes are an ONNX model; the keras runtime takes arrays")
+            self._forward = self._keras(weights_path, threads, verify, arrays)
 
-        self.model = load_model(weights_path, threads, verify=verify, arrays=arrays)
-        self.batch_size = batch_size
-        self._forward = tf.function(
-            lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32)],
-            reduce_retracing=True,
-        )
+    @staticmethod
+    def _onnx(weights_path, threads, verify, model_bytes, expected_sha256):
+        from m9 import ort
+        from m9 import weights as m9weights
+
+        if model_bytes is None:
+            path = weights_path or m9weights.fetch_onnx()
+            with open(path, "rb") as f:
+                model_bytes = f.read()
+            what = str(path)
+        else:
+            path, what = None, "the ONNX model handed to this worker"
+        if verify:
+            m9weights.check_bytes(model_bytes, expected_sha256 or m9weights.onnx_sha256(path), what)
+        sess = ort.session(model_bytes, ort.SessionSettings(threads=threads))
+        return lambda x: ort.run(sess, x)
+
+    @staticmethod
+    def _keras(weights_path, threads, verify, arrays):
+        if weights_path is None and arrays is None:
+            from m9 import weights as m9weights
+
+            weights_path = str(m9weights.fetch())
+        model = load_model(weights_path, threads, verify=verify, arrays=arrays)
+        forward, _ = keras_function(model)
+        return lambda x: forward(x).numpy()
 
     def forward_slices(self, inputs: np.ndarray) -> Iterator[np.ndarray]:
         """forward one batch_size slice at a time: features (≤ batch_size, 1280) float32 per slice."""
         for i in range(0, len(inputs), self.batch_size):
-            yield self._forward(inputs[i : i + self.batch_size]).numpy().astype(np.float32, copy=False)
+            yield np.asarray(self._forward(inputs[i : i + self.batch_size]), dtype=np.float32)
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (n, 224, 224, 3) → features (n, 1280) float32, in slices of batch_size."""

