@@ -29,7 +29,8 @@ READ_TASK_CPUS = 0.25
 
 #: CPUs kept free of actor claims, on the largest node, so two read tasks can always run beside the
 #: actors (a 2-CPU machine whose two actors claim a whole CPU each never starts reading and hangs).
-#: Claims are bookkeeping, not limits: the actors' TensorFlow threads still use every core.
+#: Claims are bookkeeping, not limits: the actors' model threads (ONNX Runtime or TensorFlow) still use
+#: every core.
 READ_RESERVE_CPUS = 2 * READ_TASK_CPUS
 
 #: Work items hold this many batches' worth of rows: enough to keep an actor's batches full, few enough
@@ -96,7 +97,8 @@ def part_name(shard_uri: str) -> str:
 
 
 def plan_resources(node_cpus: list[float], actors: int) -> tuple[float, int]:
-    """(CPUs each actor claims, TensorFlow threads each runs) so that `actors` actors fit on these nodes.
+    """(CPUs each actor claims, model threads each runs) so that `actors` actors fit on these nodes; the
+    threads are ONNX Runtime's intra-op threads or TensorFlow's, whichever runtime the actors run.
 
     Ray places whole actors on nodes, so the claim must fit the nodes as they are, not the cluster's total:
     on EMR's 2-CPU master and two 4-CPU core nodes, 4 actors claiming (10 - 1) / 4 = 2.25 CPUs would fit one

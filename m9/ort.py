@@ -119,3 +119,20 @@ def time_settings(
                     break
             rates[name].append(done / elapsed)
     return {name: float(np.median(r)) for name, r in rates.items()}
+
+
+def defaults_vs_best(
+    model_bytes: bytes, threads: int | None, inputs: np.ndarray, batch_size: int, rounds: int = 3, seconds: float = 2.0
+) -> dict:
+    """m9's default session against every candidate at this thread count, timed on this machine: the rates,
+    the best setting, and default ÷ best (the bench's check that the fixed defaults are within 5 % of the
+    best measured setting)."""
+    rates = time_settings(model_bytes, candidates(threads), inputs, batch_size, rounds, seconds)
+    best = max(rates, key=rates.get)
+    return {
+        "threads": threads,
+        "batch_size": batch_size,
+        "images_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "best": best,
+        "default_over_best": round(rates["default"] / rates[best], 3),
+    }

@@ -202,3 +202,12 @@ def test_embed_with_runtime_keras_matches_the_default_onnx_output(pipeline, ray_
         return np.stack(table["features"].to_numpy(zero_copy_only=False))
 
     assert np.abs(features(tmp_path) - features(pipeline["dirs"]["embed"])).max() <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_bench_can_time_the_default_session_against_every_candidate(onnx_path):
+    inputs = np.random.default_rng(0).uniform(-1, 1, (4, 224, 224, 3)).astype(np.float32)
+    report = ort.defaults_vs_best(m9weights.read_onnx(onnx_path), 1, inputs, 2, rounds=1, seconds=0.05)
+    assert set(report["images_per_s"]) == set(ort.candidates(1))
+    assert all(rate > 0 for rate in report["images_per_s"].values())
+    assert report["best"] in report["images_per_s"] and 0 < report["default_over_best"] <= 1
