@@ -248,7 +248,7 @@ def test_the_other_rows_match_the_code() -> None:
     checked = {f"`--{n.removeprefix('DEFAULT_').lower().replace('_', '-')}`" for n in NAMED_DEFAULTS}
     assert _number(table["Parquet row groups (ingest)"]) == ROW_GROUP_BYTES
     checked.add("Parquet row groups (ingest)")
-    for row, which in (("CPUs claimed per actor (Ray)", 0), ("TensorFlow threads per actor", 1)):
+    for row, which in (("CPUs claimed per actor (Ray)", 0), ("model threads per actor", 1)):
         examples = _plan_examples(table[row])
         assert len(examples) >= 2, f"the '{row}' row needs worked examples like '(2 CPUs, 2 actors: 0.75)'"
         for nodes, actors, value in examples:

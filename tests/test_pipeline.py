@@ -98,7 +98,7 @@ def _reference_input(path: Path) -> np.ndarray:
 def test_embeddings_equal_a_direct_keras_forward_pass(pipeline, weights_path):
     import keras
 
-    assert pipeline["embed"]["runtime"] == "onnx"  # the default path, ONNX Runtime, against Keras itself
+    assert pipeline["embed"].details["runtime"] == "onnx"  # the default path, ONNX Runtime, against Keras itself
 
     model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None, pooling="avg")
     model.load_weights(str(weights_path))

@@ -194,8 +194,8 @@ def test_embed_with_runtime_keras_matches_the_default_onnx_output(pipeline, ray_
     from m9.inference import embed
 
     result = embed(EmbedConfig(input=pipeline["dirs"]["images"], output=str(tmp_path), actors=2, runtime="keras"))
-    assert result["runtime"] == "keras" and pipeline["embed"]["runtime"] == "onnx"
-    assert result["counts"]["embedded"] == pipeline["embed"]["counts"]["embedded"]
+    assert result.details["runtime"] == "keras" and pipeline["embed"].details["runtime"] == "onnx"
+    assert result.counts["embedded"] == pipeline["embed"].counts["embedded"]
 
     def features(folder):
         table = pq.read_table(str(Path(folder, "embeddings"))).sort_by("image_id")
