@@ -35,8 +35,8 @@ DEFAULT_BATCH_SIZE = 16
 RUNTIMES = ("onnx", "keras")
 
 #: ONNX Runtime: the same features (max abs diff 2.5e-5 on the check inputs, 4.7e-5 on the bundled sample) at
-#: 1.5-1.7x Keras's images per core here, a tenth of its start-up and a quarter of its memory per actor, without
-#: TensorFlow in the actors (README, Runtimes).
+#: 1.5x Keras's images per CPU-second on a 2-core EPYC, a tenth of its start-up and a quarter of its memory per
+#: actor, without TensorFlow in the actors (README, Runtimes).
 DEFAULT_RUNTIME = "onnx"
 
 #: Components kept by `m9 reduce`: the seed's choice. It keeps 83.7 % of the variance on the bundled sample
