@@ -141,7 +141,7 @@ def test_huge_images_are_rejected_without_decoding_them(tmp_path):
     script = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from m9.model import DecodeError, decode
+from m9.decode import DecodeError, decode
 for name in ("huge-header.png", "huge-header.jpg", "bomb-1x-to-2x.png"):
     try:
         decode(open({str(tmp_path / "odd")!r} + "/" + name, "rb").read())
