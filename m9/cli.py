@@ -372,6 +372,35 @@ def data_fashion_mnist(output, per_class, source):
     )
 
 
+@data.command("photos")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the photos into.")
+@click.option("--count", type=click.IntRange(min=1), default=300, show_default=True, help="JPEGs to write.")
+@click.option(
+    "--megapixels",
+    type=click.FloatRange(0.01, 100),
+    default=None,
+    help="Make every photo this size (e.g. 12); default: cycle through 1, 2, 4, 8, 12 and 16 MP.",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True),
+    default=None,
+    help="The mate-backgrounds .deb or its extracted tree (default: the installed package, else Debian's archive).",
+)
+@user_errors
+def data_photos(output, count, megapixels, source):
+    """Camera-sized JPEGs (1-16 MP) cropped from the photographs in Debian's mate-backgrounds (GPL-2+).
+
+    Example: m9 data photos --output data/photos --count 200 --megapixels 12
+    """
+    from pathlib import Path
+
+    from m9.photos import build_photos
+
+    counts = build_photos(output, count=count, megapixels=megapixels, source=Path(source) if source else None)
+    click.echo(f"photos: {counts['files']} JPEGs ({counts['bytes'] / 1e6:.0f} MB) in {output}")
+
+
 @data.command("fruits-360")
 @click.option(
     "--archive",
