@@ -10,7 +10,16 @@ import sys
 import click
 
 from m9 import __version__
-from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_FILE, DEFAULT_K, DEFAULT_WORKDIR
+from m9.config import (
+    DEFAULT_ACTORS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BYTES_PER_FILE,
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_IMAGES_PER_FILE,
+    DEFAULT_K,
+    DEFAULT_WORKDIR,
+    IMAGE_EXTENSIONS,
+)
 from m9.errors import M9Error, TooManyRejectedError
 
 
@@ -59,9 +68,32 @@ def _tolerating_rejections(stage_fn, cfg) -> tuple[dict, TooManyRejectedError | 
         return exc.result, exc
 
 
-def _ignored(counts: dict) -> str:
-    """What ingest left out: other files, and hidden ones (names starting with '.' or '_', never read)."""
-    return f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
+def _ignored(result) -> str:
+    """What ingest left out (from its Manifest): other files, hidden ones (names starting with '.' or '_',
+    never read), and unreadable ones (dangling symlinks, no permission) with their reasons."""
+    counts = result.counts
+    text = f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
+    if counts.get("unreadable_files"):
+        from m9.ingest import unreadable_summary
+
+        text += f", {counts['unreadable_files']} unreadable: {unreadable_summary(result.details['unreadable_reasons'])}"
+    return text
+
+
+class Extensions(click.ParamType):
+    """Comma-separated file extensions, e.g. jpg,png,webp."""
+
+    name = "EXT,EXT,…"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from m9.ingest import parse_extensions
+
+        try:
+            return parse_extensions(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class MaxErrors(click.ParamType):
@@ -144,6 +176,32 @@ max_errors_opt = click.option(
     help="Fail (exit 1, after writing everything) if more images than this are rejected: a count like 10 "
     "or a fraction like 0.05. Default: any number.",
 )
+decode_memory_opt = click.option(
+    "--decode-memory",
+    "decode_memory_mb",
+    type=click.IntRange(min=1),
+    default=DEFAULT_DECODE_MEMORY_MB,
+    show_default=True,
+    metavar="MB",
+    help="Most memory one image's decode may take, estimated from its header; a larger image is rejected "
+    "with a reason naming this option (the default embeds a 13,000×13,000 drawing).",
+)
+extensions_opt = click.option(
+    "--extensions",
+    type=Extensions(),
+    default=",".join(IMAGE_EXTENSIONS),
+    show_default=True,
+    help="File extensions taken as images (any case); other files are counted as ignored.",
+)
+bytes_per_file_opt = click.option(
+    "--bytes-per-file",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BYTES_PER_FILE,
+    show_default=True,
+    metavar="BYTES",
+    help="At most about this many bytes of images per Parquet file (beside --images-per-file; whichever "
+    "gives more files).",
+)
 k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
 
 
@@ -155,12 +213,14 @@ k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help
     type=click.IntRange(min=1),
     default=DEFAULT_IMAGES_PER_FILE,
     show_default=True,
-    help="About this many images per Parquet file.",
+    help="At most this many images per Parquet file.",
 )
+@bytes_per_file_opt
+@extensions_opt
 @overwrite_opt
 @user_errors
-def ingest(input_, output, images_per_file, overwrite):
-    """Read jpg/jpeg/png images (recursively) into Parquet with ids, labels and splits.
+def ingest(input_, output, images_per_file, bytes_per_file, extensions, overwrite):
+    """Read images (recursively; symlinks followed) into Parquet with ids, labels and splits.
 
     Example: m9 ingest --input ~/fruits-360 --output m9-out/images
     """
@@ -169,13 +229,18 @@ def ingest(input_, output, images_per_file, overwrite):
     from m9.pipeline import sample_dir
 
     cfg = IngestConfig(
-        input=input_ or sample_dir(), output=output, images_per_file=images_per_file, overwrite=overwrite
+        input=input_ or sample_dir(),
+        output=output,
+        images_per_file=images_per_file,
+        bytes_per_file=bytes_per_file,
+        extensions=extensions,
+        overwrite=overwrite,
     )
     result = run_ingest(cfg)
     c = result.counts
     click.echo(
         f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-        f" ({_ignored(c)}){' — already done' if result.skipped else ''}"
+        f" ({_ignored(result)}){' — already done' if result.skipped else ''}"
     )
 
 
@@ -187,9 +252,10 @@ def ingest(input_, output, images_per_file, overwrite):
 @ray_opt
 @weights_opt
 @max_errors_opt
+@decode_memory_opt
 @overwrite_opt
 @user_errors
-def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, overwrite):
+def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, decode_memory_mb, overwrite):
     """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
 
     Example: m9 embed --actors 2 --batch-size 16
@@ -206,6 +272,7 @@ def embed(input_, output, actors, batch_size, ray_address, weights, max_errors, 
         weights=weights,
         overwrite=overwrite,
         max_errors=max_errors,
+        decode_memory_mb=decode_memory_mb,
     )
     result, too_many = _tolerating_rejections(run_embed, cfg)
     c = result.counts
@@ -254,14 +321,30 @@ def reduce(input_, output, k, overwrite):
 @ray_opt
 @weights_opt
 @max_errors_opt
+@decode_memory_opt
+@bytes_per_file_opt
+@extensions_opt
 @overwrite_opt
 @user_errors
-def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors, overwrite):
+def run(
+    input_,
+    workdir,
+    actors,
+    k,
+    batch_size,
+    ray_address,
+    weights,
+    max_errors,
+    decode_memory_mb,
+    bytes_per_file,
+    extensions,
+    overwrite,
+):
     """Ingest, embed and reduce in a row, then print a summary.
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
-    from m9.config import EmbedConfig, ReduceConfig
+    from m9.config import EmbedConfig, IngestConfig, ReduceConfig
     from m9.pipeline import RunConfig, sample_dir
     from m9.pipeline import run as run_pipeline
 
@@ -269,6 +352,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
         input=input_ or sample_dir(),
         workdir=workdir,
         overwrite=overwrite,
+        ingest=IngestConfig(input="", output="", bytes_per_file=bytes_per_file, extensions=extensions),
         embed=EmbedConfig(
             input="",
             output="",
@@ -277,6 +361,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
             ray_address=ray_address,
             weights=weights,
             max_errors=max_errors,
+            decode_memory_mb=decode_memory_mb,
         ),
         reduce=ReduceConfig(input="", output="", k=k),
     )
@@ -288,7 +373,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, max_errors
         "\n".join(
             [
                 "m9 run finished",
-                f"  images found      {st['ingest'].counts['files_found']} ({_ignored(st['ingest'].counts)})",
+                f"  images found      {st['ingest'].counts['files_found']} ({_ignored(st['ingest'])})",
                 f"  embedded          {emb['embedded']}",
                 f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
                 f"  model loads       {emb['model_loads']}",

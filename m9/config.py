@@ -13,8 +13,16 @@ DEFAULT_WORKDIR = "m9-out"
 #: negligible, small enough that a 2-actor machine still gets several blocks to share, and the unit of resume.
 DEFAULT_IMAGES_PER_FILE = 1000
 
-#: Extensions the ingest admits (any case); everything else in the tree is ignored and counted as ignored.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+#: Extensions the ingest admits by default (any case; `--extensions` changes them); everything else in the
+#: tree is ignored and counted as ignored. Every format Pillow decodes to what the model needs: camera and
+#: web formats (WebP is what img2dataset writes and GNOME ships its wallpapers as), scans (TIFF), BMP, GIF
+#: (its first frame).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
+
+#: Bytes of images per Parquet file at most (beside --images-per-file, whichever gives more files): a file
+#: is embed's unit of resume and of Spark's write tasks; 128 MB keeps 12-MP photos (~1 MB each) in files
+#: Spark writes without spilling, where 1,000 of them made 1 GB files.
+DEFAULT_BYTES_PER_FILE = 128 * 2**20
 
 #: MobileNetV2's ImageNet input size; the weights were trained at this resolution.
 IMAGE_SIZE = 224
@@ -79,6 +87,10 @@ class IngestConfig:
     output: str
     images_per_file: int = DEFAULT_IMAGES_PER_FILE
     overwrite: bool = False
+    #: Image bytes per Parquet file at most (how rows are split into files; the rows are the same).
+    bytes_per_file: int = DEFAULT_BYTES_PER_FILE
+    #: Extensions taken (lower case, no dot); other files are counted as ignored (changes the output).
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +107,8 @@ class EmbedConfig:
     #: Rejected images tolerated before the run fails (after writing everything): a count (int) or a
     #: fraction of the images (float); None tolerates any number.
     max_errors: int | float | None = None
+    #: MB one image's decode may take; a larger image is rejected with a reason (changes the output).
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from m9 import contract, engine_ray, lease, storage
 from m9 import weights as m9weights
-from m9.config import FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
+from m9.config import DEFAULT_DECODE_MEMORY_MB, FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
 from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.errors import InputError, TooManyRejectedError
 
@@ -39,19 +39,35 @@ SLICE_BATCHES = 4
 EMBEDDINGS_SCHEMA = EMBED.writes[EMBEDDINGS]
 ERRORS_SCHEMA = EMBED.writes[ERRORS]
 
+#: Where images are decoded and resized: "stage", in the Ray Data tasks that read the rows, so what
+#: reaches the actors is 224×224×3 uint8 pixels (150 KB) instead of the file, and the model never waits
+#: on a decoder; or "actor", inside the actor before its forward pass. See README "Big images".
+DECODE_IN = "stage"
+
 
 class EmbedActor:
     """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled."""
 
-    def __init__(self, weights_path: str | None, threads: int, batch_size: int):
+    def __init__(
+        self, weights_path: str | None, threads: int, batch_size: int, decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+    ):
         from m9.model import Embedder
 
         path = weights_path or str(m9weights.fetch())
         self.embedder = Embedder(path, threads=threads, batch_size=batch_size, verify=weights_path is None)
+        self.decode_memory_mb = decode_memory_mb
         engine_ray.record_model_load()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features, errors = self.embedder.embed(list(batch["content"]))
+        from m9.decode import decode_many, to_input
+        from m9.model import place
+
+        if "pixels" in batch:  # decoded by the read tasks (DECODE_IN = "stage")
+            errors = [e or None for e in batch["error"]]
+            inputs = to_input(np.asarray(batch["pixels"])[[e is None for e in errors]])
+        else:
+            inputs, errors = decode_many(list(batch["content"]), self.decode_memory_mb)
+        features = place(self.embedder.forward(inputs), errors)
         return {
             "image_id": batch["image_id"],
             "path": batch["path"],
@@ -184,8 +200,11 @@ def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
     return items
 
 
-def read_slices(items: dict[str, np.ndarray], s3: storage.S3Settings | None = None) -> dict[str, np.ndarray]:
-    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata).
+def read_slices(
+    items: dict[str, np.ndarray], s3: storage.S3Settings | None = None, decode_memory_mb: int | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata); with
+    decode_memory_mb, decode them too: `pixels` (n, 224, 224, 3) uint8 and `error` replace `content`.
 
     s3 carries the driver's S3 settings: a Ray worker's environment is its node's, not the driver's.
     """
@@ -196,7 +215,15 @@ def read_slices(items: dict[str, np.ndarray], s3: storage.S3Settings | None = No
         table = table.slice(int(start), int(stop) - int(start))
         tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
     table = pa.concat_tables(tables)
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    if decode_memory_mb is None:
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    from m9.decode import decode_many_pixels
+    from m9.model import place
+
+    pixels, errors = decode_many_pixels(table.column("content").to_pylist(), decode_memory_mb)
+    table = table.drop_columns(["content"])
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return {**columns, "pixels": place(pixels, errors), "error": np.array([e or "" for e in errors], dtype=object)}
 
 
 def _prepare_resume(out: str, src: str, shards: list[str]) -> None:
@@ -244,7 +271,11 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
 
 
 def embed_batches(
-    shards: list[str], actors: int, batch_size: int, weights_path: str | None
+    shards: list[str],
+    actors: int,
+    batch_size: int,
+    weights_path: str | None,
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
     batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
@@ -259,14 +290,22 @@ def embed_batches(
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
             read_slices,
-            fn_kwargs={"s3": storage.current_settings()},
+            fn_kwargs={
+                "s3": storage.current_settings(),
+                "decode_memory_mb": decode_memory_mb if DECODE_IN == "stage" else None,
+            },
             batch_size=1,
             num_cpus=READ_TASK_CPUS,
             batch_format="numpy",
         )
         .map_batches(
             EmbedActor,
-            fn_constructor_kwargs={"weights_path": weights_path, "threads": threads, "batch_size": batch_size},
+            fn_constructor_kwargs={
+                "weights_path": weights_path,
+                "threads": threads,
+                "batch_size": batch_size,
+                "decode_memory_mb": decode_memory_mb,
+            },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=actor_cpus,
             batch_size=batch_size,
@@ -312,6 +351,8 @@ def embed(cfg: EmbedConfig) -> Manifest:
         raise InputError("--actors must be at least 1")
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    if cfg.decode_memory_mb < 1:
+        raise InputError("--decode-memory must be at least 1 (MB)")
     storage.check_access(read=src, write=out)
     shards = storage.list_files(src, ".parquet")
     if not shards:
@@ -343,7 +384,7 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
         with engine_ray.connect(cfg.ray_address):
             writer = _ShardWriter(out, expected)
             counter = engine_ray.start_load_counter()
-            for batch in embed_batches(pending, cfg.actors, cfg.batch_size, weights_path):
+            for batch in embed_batches(pending, cfg.actors, cfg.batch_size, weights_path, cfg.decode_memory_mb):
                 batch_shards = batch.pop("shard")
                 for shard in np.unique(batch_shards):
                     writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
@@ -373,7 +414,12 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
         len(loads),
         wall,
     )
-    details = {"actors": cfg.actors, "batch_size": cfg.batch_size, "wall_s": round(wall, 2)}
+    details = {
+        "actors": cfg.actors,
+        "batch_size": cfg.batch_size,
+        "decode_memory_mb": cfg.decode_memory_mb,
+        "wall_s": round(wall, 2),
+    }
     return contract.write_manifest(
         out, Manifest(stage=EMBED.name, input=src, fingerprint=print_, counts=counts, details=details)
     )
