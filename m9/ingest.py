@@ -89,9 +89,13 @@ def _walk_local(root: str) -> Listing:
         real_top = os.path.realpath(top)
         for d in list(dirs):
             real = os.path.realpath(os.path.join(top, d))
-            if real_top == real or real_top.startswith(real + os.sep):  # a link back up: Hadoop would loop
-                dirs.remove(d)
-                listing.unreadable.append((os.path.join(top, d), "symlink loop"))
+            if real_top == real or real_top.startswith(real + os.sep):
+                # Hadoop's listing follows it again and again (until the path is too long): no count of
+                # the tree would be right, so the user removes the link.
+                raise InputError(
+                    f"{os.path.join(top, d)} links back to {real}, a folder above it: Spark would read that "
+                    f"tree over and over; remove the link (or move the images out of its way)"
+                )
         for name in sorted(names):
             path = os.path.join(top, name)
             rel = path[len(root) :].lstrip("/")
