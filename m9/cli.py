@@ -14,7 +14,7 @@ from m9.config import (
     DEFAULT_ACTORS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_BYTES_PER_FILE,
-    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_MEMORY,
     DEFAULT_IMAGES_PER_FILE,
     DEFAULT_K,
     DEFAULT_WORKDIR,
@@ -180,7 +180,7 @@ decode_memory_opt = click.option(
     "--decode-memory",
     "decode_memory_mb",
     type=click.IntRange(min=1),
-    default=DEFAULT_DECODE_MEMORY_MB,
+    default=DEFAULT_DECODE_MEMORY,
     show_default=True,
     metavar="MB",
     help="Most memory one image's decode may take, estimated from its header; a larger image is rejected "

@@ -56,7 +56,7 @@ PREPROCESS_VERSION = 2
 #: is rejected before any pixel is decoded. 2 GiB embeds a 13,000×13,000 RGBA drawing (1.35 GB: the decoded
 #: pixels and the premultiplied copy Image.reduce makes) and a 16,383² WebP, and rejects a 30,000² PNG
 #: (3.6 GB) or a 60,000² JPEG header (14.4 GB) at once; 2 actors × 2 GiB stay far below a 16 GB EMR node.
-DEFAULT_DECODE_MEMORY_MB = 2048
+DEFAULT_DECODE_MEMORY = 2048  # MB
 
 
 def parse_max_errors(text: str) -> int | float:
@@ -108,7 +108,7 @@ class EmbedConfig:
     #: fraction of the images (float); None tolerates any number.
     max_errors: int | float | None = None
     #: MB one image's decode may take; a larger image is rejected with a reason (changes the output).
-    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY
 
 
 @dataclass(frozen=True, kw_only=True)

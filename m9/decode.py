@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from m9.config import DEFAULT_DECODE_MEMORY_MB, IMAGE_SIZE
+from m9.config import DEFAULT_DECODE_MEMORY, IMAGE_SIZE
 
 #: White, the background alpha is composited onto (Fruits-360 photographs fruit on white).
 BACKGROUND = (255, 255, 255)
@@ -99,7 +99,7 @@ def _open_to_size(content: bytes, memory_mb: int) -> Image.Image:
     return im
 
 
-def decode_pixels(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY_MB) -> np.ndarray:
+def decode_pixels(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY) -> np.ndarray:
     """Image bytes → uint8 RGB array (224, 224, 3): what decode() scales, 4× smaller to send between processes.
 
     Pillow decode to about 2× the model's input (decode to size, above), EXIF orientation applied, RGB
@@ -130,14 +130,14 @@ def to_input(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / 127.5 - 1.0
 
 
-def decode(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY_MB) -> np.ndarray:
+def decode(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY) -> np.ndarray:
     """Image bytes → float32 array (224, 224, 3) in [-1, 1], exactly as m9 feeds MobileNetV2 (decode_pixels,
     then to_input). Raises DecodeError with a one-line reason."""
     return to_input(decode_pixels(content, memory_mb))
 
 
 def decode_many_pixels(
-    contents: Sequence[bytes | None], memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+    contents: Sequence[bytes | None], memory_mb: int = DEFAULT_DECODE_MEMORY
 ) -> tuple[np.ndarray, list[str | None]]:
     """Decode a batch: the stacked uint8 pixels of the good images, and per image None or why it failed."""
     arrays, errors = [], []
@@ -152,7 +152,7 @@ def decode_many_pixels(
 
 
 def decode_many(
-    contents: Sequence[bytes | None], memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+    contents: Sequence[bytes | None], memory_mb: int = DEFAULT_DECODE_MEMORY
 ) -> tuple[np.ndarray, list[str | None]]:
     """Decode a batch: the stacked model inputs of the good images, and per image None or why it failed."""
     pixels, errors = decode_many_pixels(contents, memory_mb)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from m9 import contract, engine_ray, lease, storage
 from m9 import weights as m9weights
-from m9.config import DEFAULT_DECODE_MEMORY_MB, FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
+from m9.config import DEFAULT_DECODE_MEMORY, FEATURE_DIM, PREPROCESS_VERSION, EmbedConfig
 from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.errors import InputError, TooManyRejectedError
 
@@ -49,7 +49,7 @@ class EmbedActor:
     """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled."""
 
     def __init__(
-        self, weights_path: str | None, threads: int, batch_size: int, decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+        self, weights_path: str | None, threads: int, batch_size: int, decode_memory_mb: int = DEFAULT_DECODE_MEMORY
     ):
         from m9.model import Embedder
 
@@ -275,7 +275,7 @@ def embed_batches(
     actors: int,
     batch_size: int,
     weights_path: str | None,
-    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB,
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
     batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them."""
