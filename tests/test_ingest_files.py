@@ -74,7 +74,7 @@ def test_ingest_counts_reconcile_and_extensions_select(spark, tmp_path):
     c = manifest["counts"]
     assert (c["files_found"], c["ignored_files"], c["hidden_files"], c["unreadable_files"]) == (13, 2, 2, 1)
     assert c["entries"] == c["files_found"] + c["ignored_files"] + c["hidden_files"] + c["unreadable_files"]
-    assert [u["reason"] for u in manifest["unreadable"]] == ["dangling symlink to ../pics/gone.jpg"]
+    assert [u["reason"] for u in manifest["details"]["unreadable"]] == ["dangling symlink to ../pics/gone.jpg"]
     rows = pq.read_table(str(out), columns=["relative_path", "size"]).to_pylist()
     by_path = {r["relative_path"]: r["size"] for r in rows}
     assert by_path["links/good.jpg"] == (tree / "pics/photo.jpg").stat().st_size  # the target's bytes
@@ -103,8 +103,8 @@ def test_files_and_row_groups_are_sized_by_bytes(spark, tmp_path):
     total = sum(p.stat().st_size for p in src.iterdir())
     result = ingest(IngestConfig(input=str(tmp_path / "noise"), output=str(tmp_path / "out"), bytes_per_file=2**21))
     files = sorted((tmp_path / "out").glob("*.parquet"))
-    assert result["counts"]["parquet_files"] == len(files) == math.ceil(total / 2**21)
-    assert result["counts"]["rows"] == 40
+    assert result.counts["parquet_files"] == len(files) == math.ceil(total / 2**21)
+    assert result.counts["rows"] == 40
     for f in files:
         meta = pq.ParquetFile(f).metadata
         groups = [meta.row_group(g) for g in range(meta.num_row_groups)]

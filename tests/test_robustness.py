@@ -237,7 +237,8 @@ def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     root, work = corpus_run["root"], corpus_run["work"]
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(CORPUS)
+    entries = (p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    assert sorted(p.relative_to(root).as_posix() for p in entries) == sorted(CORPUS)
     embedded = _table(work / "embed" / "embeddings")
     errors = _table(work / "embed" / "errors")
     outcome = {Path(p).relative_to(root).as_posix(): "embedded" for p in embedded["path"]}
@@ -282,7 +283,7 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert "  rejected          6  (reasons in " in result.output
-    assert "  images found      19 (4 other files and 3 hidden files ignored)" in lines
+    assert "  images found      24 (2 other files and 3 hidden files ignored, 1 unreadable: 1 dangling symlink)" in lines
     assert lines[-1] == (
         f"Error: 6 of 24 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
         f"reasons in {work / 'embed' / 'errors'}"
@@ -302,9 +303,9 @@ def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     )
     assert result.exit_code == exit_code, result.output
     if exit_code == 0:
-        assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
+        assert result.output.startswith("embed: 18 embedded, 6 rejected (of 24)")
     elif exit_code == 1:  # the summary first, then the one error line
-        assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
+        assert result.output.startswith("embed: 18 embedded, 6 rejected (of 24)")
         assert result.output.splitlines()[-1].startswith(
             f"Error: 6 of 24 images were rejected (more than --max-errors {max_errors})"
         )
