@@ -132,3 +132,22 @@ print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("V
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) < 2048 * 1024  # KiB: within --decode-memory's default
+
+
+def test_read_tasks_can_decode_for_the_actors(tmp_path):
+    """DECODE_IN = "stage": read_slices hands on uint8 pixels and reasons instead of the bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m9.inference import read_slices
+
+    good = _encoded(_photo((1200, 900)), "JPEG")
+    rows = {"image_id": ["a", "b"], "path": ["p/a", "p/b"], "label": ["l", "l"], "split": [None, None]}
+    pq.write_table(pa.table({**rows, "content": pa.array([good, b"junk"], pa.binary())}), tmp_path / "part-0.parquet")
+    shard = str(tmp_path / "part-0.parquet")
+    items = {"shard": np.array([shard]), "row_group": np.array([0]), "start": [0], "stop": [2]}
+    out = read_slices(items, decode_memory_mb=64)
+    assert "content" not in out and out["pixels"].dtype == np.uint8 and out["pixels"].shape == (2, 224, 224, 3)
+    assert np.array_equal(out["pixels"][0].astype(np.float32) / 127.5 - 1.0, decode(good))
+    assert out["error"][0] == "" and out["error"][1].startswith("cannot decode: UnidentifiedImageError")
+    assert "content" in read_slices(items)  # without a budget the bytes travel, for the actor to decode

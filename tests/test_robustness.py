@@ -283,7 +283,8 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert "  rejected          6  (reasons in " in result.output
-    assert "  images found      24 (2 other files and 3 hidden files ignored, 1 unreadable: 1 dangling symlink)" in lines
+    found = "  images found      24 (2 other files and 3 hidden files ignored, 1 unreadable: 1 dangling symlink)"
+    assert found in lines
     assert lines[-1] == (
         f"Error: 6 of 24 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
         f"reasons in {work / 'embed' / 'errors'}"
