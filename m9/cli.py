@@ -13,10 +13,13 @@ from m9 import __version__
 from m9.config import (
     DEFAULT_ACTORS,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_BYTES_PER_FILE,
+    DEFAULT_DECODE_MEMORY,
     DEFAULT_IMAGES_PER_FILE,
     DEFAULT_K,
     DEFAULT_RUNTIME,
     DEFAULT_WORKDIR,
+    IMAGE_EXTENSIONS,
     RUNTIMES,
 )
 from m9.errors import M9Error, TooManyRejectedError
@@ -67,9 +70,32 @@ def _tolerating_rejections(stage_fn, cfg) -> tuple[dict, TooManyRejectedError | 
         return exc.result, exc
 
 
-def _ignored(counts: dict) -> str:
-    """What ingest left out: other files, and hidden ones (names starting with '.' or '_', never read)."""
-    return f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
+def _ignored(result) -> str:
+    """What ingest left out (from its Manifest): other files, hidden ones (names starting with '.' or '_',
+    never read), and unreadable ones (dangling symlinks, no permission) with their reasons."""
+    counts = result.counts
+    text = f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
+    if counts.get("unreadable_files"):
+        from m9.ingest import unreadable_summary
+
+        text += f", {counts['unreadable_files']} unreadable: {unreadable_summary(result.details['unreadable_reasons'])}"
+    return text
+
+
+class Extensions(click.ParamType):
+    """Comma-separated file extensions, e.g. jpg,png,webp."""
+
+    name = "EXT,EXT,…"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from m9.ingest import parse_extensions
+
+        try:
+            return parse_extensions(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class MaxErrors(click.ParamType):
@@ -161,6 +187,32 @@ max_errors_opt = click.option(
     help="Fail (exit 1, after writing everything) if more images than this are rejected: a count like 10 "
     "or a fraction like 0.05. Default: any number.",
 )
+decode_memory_opt = click.option(
+    "--decode-memory",
+    "decode_memory_mb",
+    type=click.IntRange(min=1),
+    default=DEFAULT_DECODE_MEMORY,
+    show_default=True,
+    metavar="MB",
+    help="Most memory one image's decode may take, estimated from its header; a larger image is rejected "
+    "with a reason naming this option (the default embeds a 13,000×13,000 drawing).",
+)
+extensions_opt = click.option(
+    "--extensions",
+    type=Extensions(),
+    default=",".join(IMAGE_EXTENSIONS),
+    show_default=True,
+    help="File extensions taken as images (any case); other files are counted as ignored.",
+)
+bytes_per_file_opt = click.option(
+    "--bytes-per-file",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BYTES_PER_FILE,
+    show_default=True,
+    metavar="BYTES",
+    help="At most about this many bytes of images per Parquet file (beside --images-per-file; whichever "
+    "gives more files).",
+)
 k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
 
 
@@ -172,12 +224,14 @@ k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help
     type=click.IntRange(min=1),
     default=DEFAULT_IMAGES_PER_FILE,
     show_default=True,
-    help="About this many images per Parquet file.",
+    help="At most this many images per Parquet file.",
 )
+@bytes_per_file_opt
+@extensions_opt
 @overwrite_opt
 @user_errors
-def ingest(input_, output, images_per_file, overwrite):
-    """Read jpg/jpeg/png images (recursively) into Parquet with ids, labels and splits.
+def ingest(input_, output, images_per_file, bytes_per_file, extensions, overwrite):
+    """Read images (recursively; symlinks followed) into Parquet with ids, labels and splits.
 
     Example: m9 ingest --input ~/fruits-360 --output m9-out/images
     """
@@ -186,13 +240,18 @@ def ingest(input_, output, images_per_file, overwrite):
     from m9.pipeline import sample_dir
 
     cfg = IngestConfig(
-        input=input_ or sample_dir(), output=output, images_per_file=images_per_file, overwrite=overwrite
+        input=input_ or sample_dir(),
+        output=output,
+        images_per_file=images_per_file,
+        bytes_per_file=bytes_per_file,
+        extensions=extensions,
+        overwrite=overwrite,
     )
     result = run_ingest(cfg)
     c = result.counts
     click.echo(
         f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-        f" ({_ignored(c)}){' — already done' if result.skipped else ''}"
+        f" ({_ignored(result)}){' — already done' if result.skipped else ''}"
     )
 
 
@@ -205,9 +264,10 @@ def ingest(input_, output, images_per_file, overwrite):
 @weights_opt
 @runtime_opt
 @max_errors_opt
+@decode_memory_opt
 @overwrite_opt
 @user_errors
-def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max_errors, overwrite):
+def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max_errors, decode_memory_mb, overwrite):
     """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
 
     Example: m9 embed --actors 2 --batch-size 16
@@ -225,6 +285,7 @@ def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max
         overwrite=overwrite,
         max_errors=max_errors,
         runtime=runtime,
+        decode_memory_mb=decode_memory_mb,
     )
     result, too_many = _tolerating_rejections(run_embed, cfg)
     c = result.counts
@@ -274,14 +335,31 @@ def reduce(input_, output, k, overwrite):
 @weights_opt
 @runtime_opt
 @max_errors_opt
+@decode_memory_opt
+@bytes_per_file_opt
+@extensions_opt
 @overwrite_opt
 @user_errors
-def run(input_, workdir, actors, k, batch_size, ray_address, weights, runtime, max_errors, overwrite):
+def run(
+    input_,
+    workdir,
+    actors,
+    k,
+    batch_size,
+    ray_address,
+    weights,
+    runtime,
+    max_errors,
+    decode_memory_mb,
+    bytes_per_file,
+    extensions,
+    overwrite,
+):
     """Ingest, embed and reduce in a row, then print a summary.
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
-    from m9.config import EmbedConfig, ReduceConfig
+    from m9.config import EmbedConfig, IngestConfig, ReduceConfig
     from m9.pipeline import RunConfig, sample_dir
     from m9.pipeline import run as run_pipeline
 
@@ -289,6 +367,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, runtime, m
         input=input_ or sample_dir(),
         workdir=workdir,
         overwrite=overwrite,
+        ingest=IngestConfig(input="", output="", bytes_per_file=bytes_per_file, extensions=extensions),
         embed=EmbedConfig(
             input="",
             output="",
@@ -298,6 +377,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, runtime, m
             weights=weights,
             max_errors=max_errors,
             runtime=runtime,
+            decode_memory_mb=decode_memory_mb,
         ),
         reduce=ReduceConfig(input="", output="", k=k),
     )
@@ -309,7 +389,7 @@ def run(input_, workdir, actors, k, batch_size, ray_address, weights, runtime, m
         "\n".join(
             [
                 "m9 run finished",
-                f"  images found      {st['ingest'].counts['files_found']} ({_ignored(st['ingest'].counts)})",
+                f"  images found      {st['ingest'].counts['files_found']} ({_ignored(st['ingest'])})",
                 f"  embedded          {emb['embedded']}",
                 f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
                 f"  model loads       {emb['model_loads']}",
@@ -393,6 +473,35 @@ def data_fashion_mnist(output, per_class, source):
     click.echo(
         f"fashion-mnist: {counts.get('Training', 0)} training and {counts.get('Test', 0)} test images in {output}"
     )
+
+
+@data.command("photos")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the photos into.")
+@click.option("--count", type=click.IntRange(min=1), default=300, show_default=True, help="JPEGs to write.")
+@click.option(
+    "--megapixels",
+    type=click.FloatRange(0.01, 100),
+    default=None,
+    help="Make every photo this size (e.g. 12); default: cycle through 1, 2, 4, 8, 12 and 16 MP.",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True),
+    default=None,
+    help="The mate-backgrounds .deb or its extracted tree (default: the installed package, else Debian's archive).",
+)
+@user_errors
+def data_photos(output, count, megapixels, source):
+    """Camera-sized JPEGs (1-16 MP) cropped from the photographs in Debian's mate-backgrounds (GPL-2+).
+
+    Example: m9 data photos --output data/photos --count 200 --megapixels 12
+    """
+    from pathlib import Path
+
+    from m9.photos import build_photos
+
+    counts = build_photos(output, count=count, megapixels=megapixels, source=Path(source) if source else None)
+    click.echo(f"photos: {counts['files']} JPEGs ({counts['bytes'] / 1e6:.0f} MB) in {output}")
 
 
 @data.command("fruits-360")

@@ -13,8 +13,16 @@ DEFAULT_WORKDIR = "m9-out"
 #: negligible, small enough that a 2-actor machine still gets several blocks to share, and the unit of resume.
 DEFAULT_IMAGES_PER_FILE = 1000
 
-#: Extensions the ingest admits (any case); everything else in the tree is ignored and counted as ignored.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+#: Extensions the ingest admits by default (any case; `--extensions` changes them); everything else in the
+#: tree is ignored and counted as ignored. Every format Pillow decodes to what the model needs: camera and
+#: web formats (WebP is what img2dataset writes and GNOME ships its wallpapers as), scans (TIFF), BMP, GIF
+#: (its first frame).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
+
+#: Bytes of images per Parquet file at most (beside --images-per-file, whichever gives more files): a file
+#: is embed's unit of resume and of Spark's write tasks; 128 MB keeps 12-MP photos (~1 MB each) in files
+#: Spark writes without spilling, where 1,000 of them made 1 GB files.
+DEFAULT_BYTES_PER_FILE = 128 * 2**20
 
 #: MobileNetV2's ImageNet input size; the weights were trained at this resolution.
 IMAGE_SIZE = 224
@@ -47,13 +55,17 @@ DEFAULT_K = 50
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 
-#: Version of the decode → preprocess step (m9.model.decode). Part of embed's fingerprint: bump it whenever
+#: Version of the decode → preprocess step (m9.decode). Part of embed's fingerprint: bump it whenever
 #: any image's model input changes, so finished embed outputs made the old way are reported stale.
-PREPROCESS_VERSION = 1
+#: 1: full decode, bilinear resize. 2: decode to size (JPEG DCT scaling, Image.reduce) when the short side
+#: is >= 896 px; smaller images are unchanged.
+PREPROCESS_VERSION = 2
 
-#: Pillow refuses images above this many pixels (its own decompression-bomb default is 89.5 M); a larger
-#: image is rejected with a reason rather than decoded, so one file cannot exhaust an actor's memory.
-MAX_IMAGE_PIXELS = 89_478_485
+#: MB one image's decode may take (m9.decode.decode_bytes estimates it from the header); an image above it
+#: is rejected before any pixel is decoded. 2 GiB embeds a 13,000×13,000 RGBA drawing (1.35 GB: the decoded
+#: pixels and the premultiplied copy Image.reduce makes) and a 16,383² WebP, and rejects a 30,000² PNG
+#: (3.6 GB) or a 60,000² JPEG header (14.4 GB) at once; 2 actors × 2 GiB stay far below a 16 GB EMR node.
+DEFAULT_DECODE_MEMORY = 2048  # MB
 
 
 def parse_max_errors(text: str) -> int | float:
@@ -84,6 +96,10 @@ class IngestConfig:
     output: str
     images_per_file: int = DEFAULT_IMAGES_PER_FILE
     overwrite: bool = False
+    #: Image bytes per Parquet file at most (how rows are split into files; the rows are the same).
+    bytes_per_file: int = DEFAULT_BYTES_PER_FILE
+    #: Extensions taken (lower case, no dot); other files are counted as ignored (changes the output).
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +118,8 @@ class EmbedConfig:
     max_errors: int | float | None = None
     #: Which runtime runs the forward pass (RUNTIMES); features agree within 1e-4 on photographs.
     runtime: str = DEFAULT_RUNTIME
+    #: MB one image's decode may take; a larger image is rejected with a reason (changes the output).
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY
 
 
 @dataclass(frozen=True, kw_only=True)

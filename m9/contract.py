@@ -107,7 +107,8 @@ INGEST = Contract(
         )
     },
     files=(),
-    changes_output=("images_per_file",),
+    # bytes_per_file, like images_per_file, changes how the rows are split into files (not the rows).
+    changes_output=("images_per_file", "bytes_per_file", "extensions"),
     does_not_change_output=("overwrite",),
 )
 
@@ -126,7 +127,8 @@ EMBED = Contract(
     files=(),
     # weights: the file's checksum goes into the fingerprint, not its path (see embed_fingerprint).
     # runtime: ONNX Runtime and Keras agree within 1e-4, not bit for bit, so a switch makes other features.
-    changes_output=("weights", "runtime"),
+    # decode_memory_mb: which images are rejected as too large.
+    changes_output=("weights", "runtime", "decode_memory_mb"),
     # batch size, actors and threads change how fast, not what (the model is deterministic per image).
     does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
 )

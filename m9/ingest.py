@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -25,6 +28,13 @@ ID_HEX_CHARS = 16
 #: the size every 100 rows, so groups of small JPEGs hold 100 rows; embed slices them further.)
 ROW_GROUP_BYTES = 256 * 1024
 
+#: Rows parquet-mr writes between two checks of a row group's size (its default is 100, which let groups
+#: of 1 MB photos grow to 100 MB, and every work item read a whole group to use 64 rows of it).
+ROW_GROUP_CHECK_ROWS = 4
+
+#: Unreadable files listed by name in the manifest (all are counted); the rest are summed by reason.
+UNREADABLE_LISTED = 100
+
 
 def _glob(extensions=IMAGE_EXTENSIONS) -> str:
     """A Hadoop glob matching the extensions in any case, e.g. *.{[jJ][pP][gG],…}."""
@@ -43,32 +53,99 @@ def _check_input(src: str) -> None:
         raise InputError(f"input {src} is not a folder" if Path(src).exists() else f"input {src} does not exist")
 
 
-def _is_image(name: str) -> bool:
-    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+def _is_image(name: str, extensions=IMAGE_EXTENSIONS) -> bool:
+    return "." in name and name.rsplit(".", 1)[-1].lower() in extensions
 
 
-def list_tree(src: str) -> tuple[list[tuple[str, int]], int]:
-    """(path inside the filesystem, size) of every file under src that Spark would see, and how many
-    hidden files it skipped.
+def parse_extensions(text: str) -> tuple[str, ...]:
+    """`--extensions jpg,PNG,.webp` → ("jpg", "png", "webp")."""
+    exts = tuple(dict.fromkeys(e.strip().lstrip(".").lower() for e in text.split(",") if e.strip()))
+    if not exts or not all(e.isalnum() for e in exts):
+        raise ValueError(f"--extensions {text}: expected comma-separated extensions like jpg,png,webp")
+    return exts
+
+
+@dataclass
+class Listing:
+    """Every entry under an input: the files Spark reads (path inside the filesystem, size), how many
+    hidden ones it skips, and the ones nobody can read, each with its reason."""
+
+    files: list[tuple[str, int]] = field(default_factory=list)
+    hidden: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _walk_local(root: str) -> Listing:
+    """The local tree as Hadoop's local filesystem lists it: symlinks followed (to files and to folders, as
+    Hadoop's getFileStatus does; a file reached through two paths is two images, as Spark reads it), except
+    a link whose target is gone, which Hadoop drops without a word and m9 counts as unreadable; a file the
+    user cannot read is counted too (Spark would fail on it)."""
+    listing = Listing()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        real_top = os.path.realpath(top)
+        for d in list(dirs):
+            real = os.path.realpath(os.path.join(top, d))
+            if real_top == real or real_top.startswith(real + os.sep):
+                # Hadoop's listing follows it again and again (until the path is too long): no count of
+                # the tree would be right, so the user removes the link.
+                raise InputError(
+                    f"{os.path.join(top, d)} links back to {real}, a folder above it: Spark would read that "
+                    f"tree over and over; remove the link (or move the images out of its way)"
+                )
+        for name in sorted(names):
+            path = os.path.join(top, name)
+            rel = path[len(root) :].lstrip("/")
+            if _hidden(rel):
+                listing.hidden += 1
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                listing.unreadable.append((path, f"dangling symlink to {os.readlink(path)}"))
+                continue
+            except OSError as exc:  # a symlink loop, an I/O error
+                listing.unreadable.append((path, f"cannot stat: {exc.strerror or exc}"))
+                continue
+            if not os.path.isfile(path):
+                listing.unreadable.append((path, "not a regular file"))
+            elif not os.access(path, os.R_OK):
+                listing.unreadable.append((path, "permission denied"))
+            else:
+                listing.files.append((path, st.st_size))
+    return listing
+
+
+def list_tree(src: str) -> Listing:
+    """Every entry under src: what Spark will see, the hidden files it skips, and the unreadable ones.
 
     Hadoop skips names starting with '.' or '_' (hidden and bookkeeping files, or any file below such a
     folder); so does this listing, and m9 never reads them, but it counts them so the user can see them.
     Spark's file scans also drop zero-byte files without a word, so m9 lists the tree itself to find them.
     """
     fs, root = storage.filesystem(src)
-    files, hidden = [], 0
+    if not storage.is_s3(src):
+        return _walk_local(root)
+    listing = Listing()
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.type != pafs.FileType.File:
             continue
-        rel = info.path[len(root) :].lstrip("/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            hidden += 1
+        if _hidden(info.path[len(root) :].lstrip("/")):
+            listing.hidden += 1
             continue
-        files.append((info.path, info.size))
-    return files, hidden
+        listing.files.append((info.path, info.size))
+    return listing
 
 
-def images_frame(spark, src: str, empty_files: list[str] = ()):
+def unreadable_summary(reasons: dict[str, int]) -> str:
+    """`2 dangling symlink, 1 permission denied` from {reason kind: count}."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items()))
+
+
+def images_frame(spark, src: str, empty_files: list[str] = (), extensions=IMAGE_EXTENSIONS):
     """The images under src as a DataFrame with m9's ingest schema (lazy; nothing is read yet).
 
     empty_files are filesystem paths of zero-byte images, which Spark's scan skips; they are added back
@@ -84,7 +161,10 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
     raw = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", _glob())
+        .option("pathGlobFilter", _glob(extensions))
+        # A file m9's listing found unreadable (permission denied) is counted there; Spark must skip it,
+        # not fail the job. The count check after the read catches any other file Spark skipped.
+        .option("ignoreCorruptFiles", "true")
         .load(m9spark.read_uri(src))
         # Spark 3.5 reports each file's path as it is (a space stays a space, a literal "%20" stays "%20"):
         # URL-decoding it would turn real names into names that do not exist, or fail on "100%.jpg".
@@ -120,36 +200,50 @@ def images_frame(spark, src: str, empty_files: list[str] = ()):
 
 
 def ingest(cfg: IngestConfig) -> Manifest:
-    """Read every jpg/jpeg/png under cfg.input into Parquet files of about cfg.images_per_file rows."""
+    """Read every image (cfg.extensions) under cfg.input into Parquet files of at most cfg.images_per_file
+    rows and about cfg.bytes_per_file bytes; every entry of the tree is counted."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     _check_input(src)
     if cfg.images_per_file < 1:
         raise InputError("--images-per-file must be at least 1")
+    if cfg.bytes_per_file < 1:
+        raise InputError("--bytes-per-file must be at least 1")
     contract.check_not_a_file(out)
-    listed, hidden = list_tree(src)
-    images = [(path, size) for path, size in listed if _is_image(path.rsplit("/", 1)[-1])]
-    # The input is the tree as listed: where it is, and each image's path and size.
+    listing = list_tree(src)
+    images = [(path, size) for path, size in listing.files if _is_image(path.rsplit("/", 1)[-1], cfg.extensions)]
+    unreadable = [(p, r) for p, r in listing.unreadable if _is_image(p.rsplit("/", 1)[-1], cfg.extensions)]
     if not images:
-        raise InputError(f"no images (.{', .'.join(IMAGE_EXTENSIONS)}) found under {src}")
-    print_ = contract.fingerprint(INGEST, cfg, f"files:{contract.digest([src, images])}")
+        raise InputError(
+            f"no images (.{', .'.join(cfg.extensions)}) found under {src}"
+            + (f"; {len(unreadable)} unreadable" if unreadable else "")
+        )
+    # The input is the tree as listed: where it is, and each image's path and size.
+    # extensions as a list: the fingerprint is compared with its JSON copy, where a tuple is a list.
+    print_ = contract.fingerprint(
+        INGEST, cfg, f"files:{contract.digest([src, images])}", extensions=list(cfg.extensions)
+    )
     with lease.hold(out, INGEST.name):
         done = contract.prepare(INGEST, out, print_, cfg.overwrite)
         if done is not None:
             log.info("ingest: %s already holds this input's output; skipping", out)
             return done
-        return _write(cfg, src, out, images, len(listed) - len(images), hidden, print_)
+        return _write(cfg, src, out, images, listing, unreadable, print_)
 
 
-def _write(cfg: IngestConfig, src: str, out: str, images: list, ignored: int, hidden: int, print_: dict) -> Manifest:
+def _write(
+    cfg: IngestConfig, src: str, out: str, images: list, listing: Listing, unreadable: list, print_: dict
+) -> Manifest:
     started = time.perf_counter()
+    ignored = len(listing.files) + len(listing.unreadable) - len(images) - len(unreadable)
+    total_bytes = sum(size for _, size in images)
     # Spark appends below: its "overwrite" mode would delete the folder, and with it the lease we hold.
     # An interrupted run's files are ours (contract.prepare checked), so clear them first.
     for name in contract.owned_files(INGEST, out):
         storage.remove(storage.join(out, name))
     with m9spark.session("m9-ingest", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, src, out)
-        frame = images_frame(spark, src, [path for path, size in images if size == 0]).cache()
+        frame = images_frame(spark, src, [path for path, size in images if size == 0], cfg.extensions).cache()
         found = frame.count()
         if found != len(images):
             frame.unpersist()
@@ -157,7 +251,7 @@ def _write(cfg: IngestConfig, src: str, out: str, images: list, ignored: int, hi
                 f"Spark found {found} images under {src} but the listing has {len(images)}; "
                 f"was the folder changed during the run? Re-run the same command."
             )
-        files = math.ceil(found / cfg.images_per_file)
+        files = max(math.ceil(found / cfg.images_per_file), math.ceil(total_bytes / cfg.bytes_per_file), 1)
         (
             frame.repartition(files, "image_id")
             .sortWithinPartitions("image_id")
@@ -165,28 +259,45 @@ def _write(cfg: IngestConfig, src: str, out: str, images: list, ignored: int, hi
             .option("maxRecordsPerFile", cfg.images_per_file)
             .option("compression", "snappy")
             .option("parquet.block.size", ROW_GROUP_BYTES)
+            .option("parquet.block.size.row.check.min", ROW_GROUP_CHECK_ROWS)
+            .option("parquet.page.size.row.check.min", ROW_GROUP_CHECK_ROWS)
             .parquet(m9spark.spark_uri(out))
         )
         written = spark.read.parquet(m9spark.read_uri(out)).count()
         frame.unpersist()
     if written != found:
         raise RuntimeError(f"ingest wrote {written} rows for {found} files found")
+    reasons = Counter(reason.split(" to ")[0] for _, reason in unreadable)
     counts = {
+        "entries": len(listing.files) + len(listing.unreadable) + listing.hidden,
         "files_found": found,
         "rows": written,
         "ignored_files": ignored,
-        "hidden_files": hidden,
+        "hidden_files": listing.hidden,
+        "unreadable_files": len(unreadable),
         "parquet_files": len(storage.list_files(out, ".parquet")),
     }
     log.info(
-        "ingest: %d images from %s into %d Parquet files (%d other files and %d hidden files ignored)",
+        "ingest: %d images (%.0f MB) from %s into %d Parquet files (%d other files and %d hidden files ignored, "
+        "%d unreadable%s)",
         found,
+        total_bytes / 1e6,
         src,
         counts["parquet_files"],
         ignored,
-        hidden,
+        listing.hidden,
+        len(unreadable),
+        f": {unreadable_summary(reasons)}" if unreadable else "",
     )
-    details = {"images_per_file": cfg.images_per_file, "wall_s": round(time.perf_counter() - started, 2)}
+    for path, reason in unreadable[:UNREADABLE_LISTED]:
+        log.warning("ingest: unreadable: %s: %s", path, reason)
+    details = {
+        "images_per_file": cfg.images_per_file,
+        "bytes_per_file": cfg.bytes_per_file,
+        "unreadable": [{"path": p, "reason": r} for p, r in unreadable[:UNREADABLE_LISTED]],
+        "unreadable_reasons": dict(reasons),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
     return contract.write_manifest(
         out, Manifest(stage=INGEST.name, input=src, fingerprint=print_, counts=counts, details=details)
     )

@@ -63,7 +63,7 @@ def test_a_folder_without_images_is_a_clean_error(tmp_path, spark):
     (tmp_path / "in" / "readme.txt").write_text("no pictures here")
     result = CliRunner().invoke(main, ["ingest", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: no images (.jpg, .jpeg, .png) found under")
+    assert result.output.startswith("Error: no images (.jpg, .jpeg, .png, .webp, .tif, .tiff, .bmp, .gif) found under")
 
 
 @pytest.mark.slow

@@ -29,8 +29,9 @@ from tests.conftest import SAMPLE, write_bad_images
 # The corpus: every file, and what m9 must do with it.
 # ----------------------------------------------------------------------------------------------------------
 
-#: Relative path → expected outcome: "embedded", "rejected: <reason start>", "ignored" (not jpg/jpeg/png)
-#: or "hidden" (a name starting with '.' or '_' somewhere in the path: Hadoop and Spark never list those).
+#: Relative path → expected outcome: "embedded", "rejected: <reason start>", "ignored" (not an image
+#: extension), "hidden" (a name starting with '.' or '_' somewhere in the path: Hadoop and Spark never list
+#: those) or "unreadable: <reason start>" (counted by ingest, never read).
 CORPUS = {
     "odd/truncated.jpg": "rejected: cannot decode: OSError: image file is truncated",
     "odd/zero-bytes.jpg": "rejected: empty file",
@@ -44,7 +45,7 @@ CORPUS = {
     "odd/one-pixel.png": "embedded",
     "odd/huge-header.png": "rejected: too large",
     "odd/huge-header.jpg": "rejected: too large",
-    "odd/bomb-1x-to-2x.png": "rejected: too large",
+    "odd/bomb-1x-to-2x.png": "rejected: cannot decode: OSError: image file is truncated",
     "odd/exif-rotated.jpg": "embedded",
     "odd/rotated-by-hand.png": "embedded",
     "odd/UPPER.JPEG": "embedded",
@@ -54,8 +55,12 @@ CORPUS = {
     "odd/.hidden.jpg": "hidden",
     "odd/_underscore.jpg": "hidden",
     ".thumbnails/thumb.jpg": "hidden",
-    "odd/picture.gif": "ignored",
-    "odd/picture.tiff": "ignored",
+    "odd/picture.gif": "embedded",
+    "odd/picture.tiff": "embedded",
+    "odd/picture.webp": "embedded",
+    "odd/picture.bmp": "embedded",
+    "links/good-link.jpg": "embedded",
+    "links/dangling.jpg": "unreadable: dangling symlink",
     "odd/notes.txt": "ignored",
     "odd/README": "ignored",
 }
@@ -112,7 +117,7 @@ def write_corpus(root: Path) -> None:
     save("odd/one-pixel.png", Image.new("RGB", (1, 1), (200, 30, 40)))
     (root / "odd/huge-header.png").write_bytes(_png_declaring(30_000, 30_000))
     (root / "odd/huge-header.jpg").write_bytes(_jpeg_declaring(photo_bytes, 60_000, 60_000))
-    # Between Pillow's limit and twice it, Image.open warns instead of raising: m9 must still say "too large".
+    # Between Pillow's old bomb limit and twice it: within m9's --decode-memory, so decoded (and truncated).
     (root / "odd/bomb-1x-to-2x.png").write_bytes(_png_declaring(10_000, 10_000))
     # EXIF orientation 6 = "rotate 90° clockwise to display"; the hand-rotated PNG holds the displayed pixels.
     exif = Image.Exif()
@@ -131,22 +136,27 @@ def write_corpus(root: Path) -> None:
         (root / rel).write_bytes(photo_bytes)
     save("odd/picture.gif", photo)
     save("odd/picture.tiff", photo)
+    save("odd/picture.webp", photo, quality=90)
+    save("odd/picture.bmp", photo)
+    os.symlink("../odd/UPPER.JPEG", root / "links/good-link.jpg")
+    os.symlink("../odd/gone.jpg", root / "links/dangling.jpg")
     (root / "odd/notes.txt").write_text("notes\n")
     (root / "odd/README").write_text("readme\n")
 
 
 def test_huge_images_are_rejected_without_decoding_them(tmp_path):
-    """In a fresh process limited to 1 GB of address space: a 3.6 G-pixel JPEG header is rejected, not decoded."""
+    """In a fresh process limited to 1 GB of address space: a 3.6 G-pixel JPEG header is rejected, not decoded,
+    with a reason naming the option that would admit it."""
     write_corpus(tmp_path)
     script = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from m9.model import DecodeError, decode
-for name in ("huge-header.png", "huge-header.jpg", "bomb-1x-to-2x.png"):
+from m9.decode import DecodeError, decode
+for name in ("huge-header.png", "huge-header.jpg"):
     try:
         decode(open({str(tmp_path / "odd")!r} + "/" + name, "rb").read())
     except DecodeError as exc:
-        assert str(exc).startswith("too large"), exc
+        assert str(exc).startswith("too large") and "--decode-memory" in str(exc), exc
     else:
         sys.exit(name + " was decoded")
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (here, the large test process).
@@ -227,7 +237,8 @@ def corpus_run(spark, ray_local, weights_path, tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     root, work = corpus_run["root"], corpus_run["work"]
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(CORPUS)
+    entries = (p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    assert sorted(p.relative_to(root).as_posix() for p in entries) == sorted(CORPUS)
     embedded = _table(work / "embed" / "embeddings")
     errors = _table(work / "embed" / "errors")
     outcome = {Path(p).relative_to(root).as_posix(): "embedded" for p in embedded["path"]}
@@ -236,18 +247,19 @@ def test_every_corpus_file_has_its_expected_outcome(corpus_run):
     )
     manifest = json.loads((work / "images" / "_m9.json").read_text())["counts"]
     for rel, expected in CORPUS.items():
-        if expected in ("hidden", "ignored"):
+        if expected in ("hidden", "ignored") or expected.startswith("unreadable"):
             assert rel not in outcome, rel
         else:
             assert outcome[rel].startswith(expected), (rel, outcome[rel])
     # Counts reconcile: every file is embedded, rejected, ignored or hidden, and counted as such.
     want = {
         kind: sum(1 for v in CORPUS.values() if v.split(":")[0] == kind)
-        for kind in ("embedded", "rejected", "ignored", "hidden")
+        for kind in ("embedded", "rejected", "ignored", "hidden", "unreadable")
     }
-    assert want == {"embedded": 13, "rejected": 6, "ignored": 4, "hidden": 3}
+    assert want == {"embedded": 18, "rejected": 6, "ignored": 2, "hidden": 3, "unreadable": 1}
     assert manifest["files_found"] == len(outcome) == want["embedded"] + want["rejected"]
     assert manifest["ignored_files"] == want["ignored"] and manifest["hidden_files"] == want["hidden"]
+    assert manifest["unreadable_files"] == want["unreadable"] and manifest["entries"] == len(CORPUS)
     assert len(embedded) == want["embedded"] and len(errors) == want["rejected"]
     assert embedded["image_id"].is_unique and set(embedded["image_id"]).isdisjoint(errors["image_id"])
     labels = dict(zip(embedded["path"].map(lambda p: Path(p).name), embedded["label"]))
@@ -271,9 +283,10 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert "  rejected          6  (reasons in " in result.output
-    assert "  images found      19 (4 other files and 3 hidden files ignored)" in lines
+    found = "  images found      24 (2 other files and 3 hidden files ignored, 1 unreadable: 1 dangling symlink)"
+    assert found in lines
     assert lines[-1] == (
-        f"Error: 6 of 19 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
+        f"Error: 6 of 24 images were rejected (more than --max-errors {CORPUS_MAX_ERRORS}); "
         f"reasons in {work / 'embed' / 'errors'}"
     )
     assert [ln for ln in lines if ln.startswith("Error:")] == lines[-1:]
@@ -282,7 +295,7 @@ def test_too_many_rejections_fail_the_run_after_writing_everything(corpus_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("max_errors", "exit_code"), [("6", 0), ("5", 1), ("0.34", 0), ("0.3", 1), ("1.5", 2)])
+@pytest.mark.parametrize(("max_errors", "exit_code"), [("6", 0), ("5", 1), ("0.25", 0), ("0.2", 1), ("1.5", 2)])
 def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     """A re-run on the finished output is skipped, yet still says whether the rejections are too many."""
     work = corpus_run["work"]
@@ -291,11 +304,11 @@ def test_max_errors_counts_and_fractions(corpus_run, max_errors, exit_code):
     )
     assert result.exit_code == exit_code, result.output
     if exit_code == 0:
-        assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
+        assert result.output.startswith("embed: 18 embedded, 6 rejected (of 24)")
     elif exit_code == 1:  # the summary first, then the one error line
-        assert result.output.startswith("embed: 13 embedded, 6 rejected (of 19)")
+        assert result.output.startswith("embed: 18 embedded, 6 rejected (of 24)")
         assert result.output.splitlines()[-1].startswith(
-            f"Error: 6 of 19 images were rejected (more than --max-errors {max_errors})"
+            f"Error: 6 of 24 images were rejected (more than --max-errors {max_errors})"
         )
     else:
         assert "expected a count like 10 or a fraction like 0.05" in result.output
