@@ -16,7 +16,7 @@ import fnmatch
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,12 +312,20 @@ def owned_files(contract: Contract, output: str) -> list[str]:
 _REDO = "pass --overwrite to redo it, or choose another output folder"
 
 
-def prepare(contract: Contract, output: str, print_: dict[str, Any], overwrite: bool) -> Manifest | None:
+def prepare(
+    contract: Contract,
+    output: str,
+    print_: dict[str, Any],
+    overwrite: bool,
+    before_start: Callable[[], None] | None = None,
+) -> Manifest | None:
     """Decide what to do with the output folder before a stage writes into it (call with its lease held).
 
     Returns the manifest when the output is finished with the same fingerprint (the caller skips);
     clears the folder when overwrite is set; otherwise records print_ as the run in progress and
     returns None (a fresh start, or the resume of an interrupted run with the same fingerprint).
+    before_start, if given, runs just before that record is written: a stage's own refusals there leave
+    the folder untouched.
     Raises InputError, naming what changed, for a finished or interrupted output made differently,
     another stage's output, or a folder holding files the stage does not own.
     """
@@ -354,6 +362,8 @@ def prepare(contract: Contract, output: str, print_: dict[str, Any], overwrite: 
             f"{output} holds an interrupted `{contract.producer}` run made differently "
             f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
         )
+    if before_start is not None:
+        before_start()
     if started:
         log.info("%s: resuming the interrupted run in %s", contract.name, output)
     storage.write_json(storage.join(output, PENDING), print_)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -369,22 +370,13 @@ def embed_batches(
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
 
-def weights_checksum(weights: str | None) -> str:
-    """What identifies the weights a run uses: the verified ImageNet checksum, or the given file's sha256."""
-    if weights is None:
-        return m9weights.EXPECTED_CHECKSUM
-    from m9.pypi import sha256_file
-
-    return sha256_file(m9weights.resolve_path(weights))
-
-
 def fingerprint(cfg: EmbedConfig, src: str) -> dict:
     """Everything that determines embed's output for cfg (see m9.contract)."""
     return contract.fingerprint(
         EMBED,
         cfg,
         contract.input_identity(src),
-        weights=weights_checksum(cfg.weights),
+        weights=m9weights.identity(cfg.weights),
         preprocess=PREPROCESS_VERSION,
     )
 
@@ -408,7 +400,9 @@ def embed(cfg: EmbedConfig) -> Manifest:
     contract.check_not_a_file(out)
     print_ = fingerprint(cfg, src)
     with lease.hold(out, EMBED.name):
-        done = contract.prepare(EMBED, out, print_, cfg.overwrite)
+        # Another input's unfinished output is refused before the pending record marks it as ours.
+        check = functools.partial(_prepare_resume, out, src, shards)
+        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check)
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)
@@ -418,7 +412,6 @@ def embed(cfg: EmbedConfig) -> Manifest:
 def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) -> Manifest:
     import ray
 
-    _prepare_resume(out, src, shards)
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
     expected = _count_rows(pending)
     rows_in = sum(_count_rows(shards).values())

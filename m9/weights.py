@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -168,6 +169,38 @@ def resolve_path(path: str) -> Path:
     return Path(path)
 
 
+def identity(path: str | None) -> str:
+    """What identifies the weights a run uses, whatever file holds them: the checksum of the arrays (the
+    verified ImageNet checksum when path is None), or an .onnx file's sha256. A Keras file is loaded once
+    (a few seconds); one Keras cannot load is a WeightsError."""
+    if path is None:
+        return EXPECTED_CHECKSUM
+    file = resolve_path(path)
+    stat = file.stat()
+    return _identity(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(path: str, size: int, mtime_ns: int) -> str:
+    if path.endswith(".onnx"):
+        from m9.pypi import sha256_file
+
+        return "sha256:" + sha256_file(Path(path))
+    return checksum(_load_keras_file(path).get_weights())
+
+
+def _load_keras_file(path: str):
+    from m9.model import load_model
+
+    try:
+        return load_model(str(path), verify=False)
+    except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+        ) from None
+
+
 def resolve(path: str | None = None, runtime: str = "keras") -> Path:
     """The model file to use for a runtime: for "keras" an explicit weights file, else the verified cache
     (fetched if missing); for "onnx" the ONNX conversion of either (converted and checked once, cached)."""
@@ -176,18 +209,9 @@ def resolve(path: str | None = None, runtime: str = "keras") -> Path:
     if runtime == "onnx":
         return convert_file(path) if path else fetch_onnx()
     if path:
-        resolve_path(path)
-        # Load it once here, on the driver: a file the actors cannot load would otherwise surface as a
-        # dead actor's traceback after Ray has started. (A few seconds, and only when --weights is given.)
-        from m9.model import load_model
-
-        try:
-            load_model(str(path), verify=False)
-        except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WeightsError(
-                f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
-            ) from None
+        # Loaded once here, on the driver (identity() does, and remembers it): a file the actors cannot
+        # load would otherwise surface as a dead actor's traceback after Ray has started.
+        identity(path)
         return Path(path)
     return fetch()
 

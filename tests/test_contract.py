@@ -90,7 +90,7 @@ def test_each_stage_owns_what_it_writes():
 def test_embed_fingerprint_names_a_weights_change(tmp_path):
     from m9.inference import fingerprint
 
-    other = tmp_path / "other.weights.h5"
+    other = tmp_path / "other.onnx"  # identified by its sha256 (a Keras file by its arrays' checksum)
     other.write_bytes(b"not the ImageNet weights")
     (tmp_path / "images").mkdir()
     base = EmbedConfig(input=str(tmp_path / "images"), output=str(tmp_path / "e"))

@@ -217,8 +217,18 @@ def test_a_finished_output_made_differently_is_refused_naming_the_change(pipelin
         reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=pipeline["dirs"]["reduce"], k=5))
     assert Path(pipeline["dirs"]["reduce"], "pca.csv").read_text() == before
 
+    from m9.model import load_model
+
+    model = load_model(str(weights_path))
+    arrays = model.get_weights()
+    model.set_weights([arrays[0] + 1e-3, *arrays[1:]])  # other weights: one array nudged
     other = tmp_path / "other.weights.h5"
-    shutil.copy(weights_path, other)  # the same arrays in another file: not the verified ImageNet checksum
+    model.save_weights(str(other))
+    same = tmp_path / "same.weights.h5"  # the verified arrays in another file: the same weights
+    shutil.copy(weights_path, same)
+    assert embed(
+        EmbedConfig(input=pipeline["dirs"]["images"], output=pipeline["dirs"]["embed"], weights=str(same))
+    ).skipped
     with pytest.raises(InputError, match=r"made differently \(weights c009b1f1262c… → "):
         embed(EmbedConfig(input=pipeline["dirs"]["images"], output=pipeline["dirs"]["embed"], weights=str(other)))
     assert json.loads(Path(pipeline["dirs"]["embed"], "_m9.json").read_text())["counts"]["embedded"] == 240

@@ -518,8 +518,8 @@ def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, ma
     cases = [
         (
             ["run", "--input", str(SAMPLE), "--workdir", str(work)],
-            f"{work / 'images'} holds the output of `m9 ingest` on {corpus}; choose another output folder or pass "
-            f"--overwrite to replace it",
+            f"{work / 'images'} already holds a finished `m9 ingest` output made differently (the input changed); "
+            f"pass --overwrite to redo it, or choose another output folder",
         ),
         (
             ["embed", "--input", str(work / "images"), "--output", str(work / "images")],
