@@ -20,11 +20,12 @@ PLAN_BUCKET = "m9-plan-test"
 PLAN_BUCKET_ARN = f"arn:aws:s3:::{PLAN_BUCKET}"
 
 TERRAFORM = shutil.which("terraform")
+_no_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")
 
 
 def needs_terraform(test):
-    """Skipped without terraform; in the slow tier (terraform init/plan take seconds to minutes)."""
-    return pytest.mark.slow(pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")(test))
+    """Runs terraform: skipped without it, and in the slow tier."""
+    return pytest.mark.slow(_no_terraform(test))
 
 
 # Dummy credentials and no account lookups: the plan runs offline and only in
@@ -180,7 +181,7 @@ def test_non_eu_region_is_rejected(tf_workdir: Path, region: str) -> None:
 def test_ssh_from_everywhere_is_rejected(tf_workdir: Path) -> None:
     proc = _tf(tf_workdir, *_plan_args('-var=allowed_ssh_cidrs=["0.0.0.0/0"]'), check=False)
     assert proc.returncode != 0
-    assert "must not include 0.0.0.0/0" in proc.stderr
+    assert "0.0.0.0/0 is never allowed" in " ".join(proc.stderr.split())
 
 
 @needs_terraform
@@ -253,12 +254,21 @@ def test_no_ingress_from_the_internet(plan: dict) -> None:
 def test_ssh_only_from_allowed_cidrs(tf_workdir: Path) -> None:
     _tf(
         tf_workdir,
-        *_plan_args('-var=allowed_ssh_cidrs=["203.0.113.0/24"]', "-out=ssh.tfplan"),
+        *_plan_args('-var=allowed_ssh_cidrs=["10.20.0.0/16"]', "-out=ssh.tfplan"),
     )
     ssh_plan = json.loads(_tf(tf_workdir, "show", "-json", "ssh.tfplan").stdout)
     ssh = [r for r in _changes(ssh_plan, "aws_vpc_security_group_ingress_rule") if r["from_port"] == 22]
-    assert [r["cidr_ipv4"] for r in ssh] == ["203.0.113.0/24"]
+    assert [r["cidr_ipv4"] for r in ssh] == ["10.20.0.0/16"]
     assert "0.0.0.0/0" not in _ingress_cidrs(ssh_plan)
+
+
+@needs_terraform
+@pytest.mark.parametrize("cidr", ["203.0.113.0/24", "8.0.0.0/8", "172.32.0.0/16"])
+def test_ssh_from_a_public_network_is_rejected(tf_workdir: Path, cidr: str) -> None:
+    """The subnet has no route from the internet: a public CIDR could never connect, so it is refused."""
+    proc = _tf(tf_workdir, *_plan_args(f'-var=allowed_ssh_cidrs=["{cidr}"]'), check=False)
+    assert proc.returncode != 0
+    assert "must be private IPv4 CIDR blocks" in " ".join(proc.stderr.split())
 
 
 @needs_terraform
@@ -290,11 +300,20 @@ def test_emr_cluster(plan: dict) -> None:
 @needs_terraform
 def test_run_step_uses_yarn_ray_and_the_bucket(plan: dict) -> None:
     args = plan["planned_values"]["outputs"]["run_step_args"]["value"]
-    m9 = args.index("/opt/m9/venv/bin/m9")
+    m9 = args.index("/mnt/m9/venv/bin/m9")
     assert args[:m9] == [
         "/usr/bin/env",
         "M9_SPARK_MASTER=yarn",
-        "M9_CACHE_DIR=/opt/m9/cache",
+        "M9_CACHE_DIR=/mnt/m9/cache",
+        "AWS_REGION=eu-west-1",
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN_PATH=/mnt/m9/ray-auth-token",
+        # Every running EMR instance must have joined Ray before m9 starts.
+        "/mnt/m9/venv/bin/m9-preflight",
+        "--emr",
+        "--timeout",
+        "600",
+        "--",
     ]
     opts = dict(zip(args[m9 + 2 :: 2], args[m9 + 3 :: 2], strict=True))
     assert args[m9 + 1] == "run"
@@ -309,6 +328,7 @@ def test_bootstrap_files_are_uploaded_next_to_each_other(plan: dict) -> None:
     assert keys == {
         "bootstrap/bootstrap.sh",
         "bootstrap/constraints.txt",
+        "bootstrap/m9_preflight.py",
         "bootstrap/m9-0.0.0-py3-none-any.whl",
     }
 
@@ -351,12 +371,17 @@ def test_instance_profile_is_scoped_to_the_bucket(plan: dict) -> None:
                 resource,
             )
         assert not any(a in ("s3:*", "*") for a in s["actions"]), s["sid"]
-    writes = next(s for s in statements if "s3:PutObject" in s["actions"])
-    assert {r.removeprefix(PLAN_BUCKET_ARN) for r in writes["resources"]} == {
+    writes = [s for s in statements if "s3:PutObject" in s["actions"]]
+    deletes = [s for s in statements if "s3:DeleteObject" in s["actions"]]
+    assert {r.removeprefix(PLAN_BUCKET_ARN) for s in writes for r in s["resources"]} == {
         "/runs/*",
         "/tmp/*",
         "/logs/emr/*",
+        "/logs/m9/*",
+        "/logs/ssm/*",
     }
+    # Logs are append-only for the nodes.
+    assert {r.removeprefix(PLAN_BUCKET_ARN) for s in deletes for r in s["resources"]} == {"/runs/*", "/tmp/*"}
     # "*" only for SSM channel actions, which have no resource type in IAM.
     for s in policy["statement"]:
         if "*" in (s.get("resources") or []):
@@ -367,6 +392,178 @@ def test_instance_profile_is_scoped_to_the_bucket(plan: dict) -> None:
 def test_no_broad_managed_policies(plan: dict) -> None:
     attached = [a["policy_arn"] for a in _changes(plan, "aws_iam_role_policy_attachment")]
     assert attached == ["arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"]
+
+
+def _config(plan: dict, address: str) -> dict:
+    """The configuration expressions of one resource (which other resources its arguments reference)."""
+    (resource,) = [r for r in plan["configuration"]["root_module"]["resources"] if r["address"] == address]
+    return resource["expressions"]
+
+
+def _ref(expressions: dict, key: str) -> str:
+    """The resource an argument points at, e.g. 'aws_security_group.emr_core'."""
+    return next(r for r in expressions[key]["references"] if r.count(".") == 1)
+
+
+def _sg_rules(plan: dict, kind: str) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """(group, peer group) -> (protocol, port) for every group-to-group rule of one kind (ingress/egress)."""
+    rules = {}
+    for rc in plan["resource_changes"]:
+        if rc["type"] != f"aws_vpc_security_group_{kind}_rule" or rc["change"]["after"].get("cidr_ipv4"):
+            continue
+        expressions = _config(plan, rc["address"])
+        if "referenced_security_group_id" not in expressions:
+            continue
+        key = (
+            _ref(expressions, "security_group_id").split(".")[1],
+            _ref(expressions, "referenced_security_group_id").split(".")[1],
+        )
+        after = rc["change"]["after"]
+        assert key not in rules, f"two {kind} rules for {key}"
+        rules[key] = (after["ip_protocol"], after.get("from_port"))
+    return rules
+
+
+@needs_terraform
+def test_security_groups_follow_emrs_rules_for_private_subnets(plan: dict) -> None:
+    """AWS's minimum for EMR-managed groups in a private subnet (finding 1 of issue 12)."""
+    everything = ("-1", None)
+    assert _sg_rules(plan, "egress") == {
+        ("emr_master", "emr_master"): everything,
+        ("emr_master", "emr_core"): everything,
+        ("emr_core", "emr_core"): everything,
+        ("emr_core", "emr_master"): everything,  # HDFS, YARN and Ray's GCS (6379) on the master
+        ("emr_master", "emr_service_access"): ("tcp", 9443),
+        ("emr_core", "emr_service_access"): ("tcp", 9443),
+        ("emr_service_access", "emr_master"): ("tcp", 8443),
+        ("emr_service_access", "emr_core"): ("tcp", 8443),
+    }
+    assert _sg_rules(plan, "ingress") == {
+        ("emr_master", "emr_master"): everything,
+        ("emr_master", "emr_core"): everything,
+        ("emr_core", "emr_core"): everything,
+        ("emr_core", "emr_master"): everything,
+        ("emr_master", "emr_service_access"): ("tcp", 8443),
+        ("emr_core", "emr_service_access"): ("tcp", 8443),
+        # Without it, cluster creation fails with a VALIDATION_ERROR.
+        ("emr_service_access", "emr_master"): ("tcp", 9443),
+    }
+    # The cluster is created only after the rules EMR validates exist.
+    depends = set(_config_resource(plan, "aws_emr_cluster.main").get("depends_on", []))
+    assert "aws_vpc_security_group_ingress_rule.service_access_from_master" in depends
+
+
+def _config_resource(plan: dict, address: str) -> dict:
+    (resource,) = [r for r in plan["configuration"]["root_module"]["resources"] if r["address"] == address]
+    return resource
+
+
+@needs_terraform
+def test_only_https_goes_to_the_internet(plan: dict) -> None:
+    """0.0.0.0/0 appears only as HTTPS egress (AWS APIs and PyPI), never as ingress or any other egress."""
+    wide = [r for r in _changes(plan, "aws_vpc_security_group_egress_rule") if r.get("cidr_ipv4") == "0.0.0.0/0"]
+    assert wide and all((r["ip_protocol"], r["from_port"], r["to_port"]) == ("tcp", 443, 443) for r in wide)
+    assert "0.0.0.0/0" not in _ingress_cidrs(plan)
+
+
+@needs_terraform
+def test_disk_root_volume_and_everything_of_m9_on_the_ebs_volume(plan: dict) -> None:
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    assert cluster["ebs_root_volume_size"] >= 30  # EMR's default 15 GiB is too small
+    args = cluster["bootstrap_action"][0]["args"]
+    opt = dict(zip(args[::2], args[1::2], strict=True))
+    # EMR mounts the first EBS volume at /mnt; /tmp may be a small tmpfs.
+    for key in ("--venv", "--cache-dir", "--ray-temp-dir", "--ray-token-file"):
+        assert opt[key].startswith("/mnt/"), (key, opt[key])
+    ebs = cluster["core_instance_group"][0]["ebs_config"][0]
+    assert ebs["size"] >= 32 and ebs["type"] == "gp3"
+    descriptions = {k: v["description"] for k, v in plan["configuration"]["root_module"]["variables"].items()}
+    assert "/mnt" in descriptions["ebs_volume_size_gb"] and "venv" in descriptions["ebs_volume_size_gb"]
+
+
+@needs_terraform
+def test_yarn_offers_only_what_ray_leaves(plan: dict) -> None:
+    """m5.2xlarge core nodes: 8 vCPUs, 32 GiB; Ray gets floor(8 * 0.5) = 4 CPUs, YARN the other 4."""
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    configurations = {c["Classification"]: c["Properties"] for c in json.loads(cluster["configurations_json"])}
+    yarn = configurations["yarn-site"]
+    vcores, memory = int(yarn["yarn.nodemanager.resource.cpu-vcores"]), int(yarn["yarn.nodemanager.resource.memory-mb"])
+    ray_cpus = 8 // 2
+    assert vcores + ray_cpus == 8
+    assert memory == 32768 * 3 // 4 // 2  # half of EMR's usual 75% share
+    assert int(yarn["yarn.scheduler.maximum-allocation-vcores"]) == vcores
+    # Without the dominant-resource calculator YARN schedules by memory alone and ignores the vcores.
+    calculator = configurations["capacity-scheduler"]["yarn.scheduler.capacity.resource-calculator"]
+    assert calculator.endswith("DominantResourceCalculator")
+    # Spark's executors fit YARN's share, overhead (max(384 MiB, 10%)) included.
+    spark = configurations["spark-defaults"]
+    cores, executor_mib = int(spark["spark.executor.cores"]), int(spark["spark.executor.memory"].removesuffix("m"))
+    per_node = vcores // cores
+    assert per_node >= 1 and per_node * (executor_mib + max(384, executor_mib // 10)) <= memory
+    # The head offers no actor CPUs; the workers' share is the same fraction the YARN split used.
+    args = cluster["bootstrap_action"][0]["args"]
+    assert args[args.index("--ray-head-cpus") + 1] == "0"
+    assert float(args[args.index("--ray-cpu-fraction") + 1]) == 0.5
+
+
+@needs_terraform
+def test_task_nodes_get_their_own_yarn_share(tf_workdir: Path) -> None:
+    _tf(
+        tf_workdir,
+        *_plan_args("-var=task_instance_count=2", "-var=task_instance_type=m5.4xlarge", "-out=task.tfplan"),
+    )
+    task_plan = json.loads(_tf(tf_workdir, "show", "-json", "task.tfplan").stdout)
+    (task,) = _changes(task_plan, "aws_emr_instance_group")
+    (yarn,) = json.loads(task["configurations_json"])
+    assert yarn["Properties"]["yarn.nodemanager.resource.cpu-vcores"] == "8"  # 16 vCPUs, 8 for Ray
+
+
+@needs_terraform
+def test_unknown_instance_type_is_refused_at_plan(tf_workdir: Path) -> None:
+    proc = _tf(tf_workdir, *_plan_args("-var=core_instance_type=x9.huge"), check=False)
+    assert proc.returncode != 0
+    assert "must be listed in local.instance_shapes" in " ".join(proc.stderr.split())
+
+
+@needs_terraform
+def test_ray_token_is_generated_encrypted_and_wired(plan: dict) -> None:
+    token = _one(plan, "aws_ssm_parameter", "ray_token")
+    assert token["type"] == "SecureString"
+    assert "aws_kms_key.data.arn" in _config(plan, "aws_ssm_parameter.ray_token")["key_id"]["references"]
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    args = cluster["bootstrap_action"][0]["args"]
+    assert args[args.index("--ray-token-parameter") + 1] == token["name"]
+    token_file = args[args.index("--ray-token-file") + 1]
+    step = plan["planned_values"]["outputs"]["run_step_args"]["value"]
+    assert "RAY_AUTH_MODE=token" in step and f"RAY_AUTH_TOKEN_PATH={token_file}" in step
+    # The nodes may read this one parameter, nothing else in SSM's parameter store.
+    node_policy = _config(plan, "data.aws_iam_policy_document.emr_ec2")["statement"]
+    reads = [s for s in node_policy if "ssm:GetParameter" in s["actions"]["constant_value"]]
+    assert len(reads) == 1 and reads[0]["resources"]["references"][0] == "aws_ssm_parameter.ray_token.arn"
+    # The bootstrap turns token auth on for every Ray process it starts.
+    assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE" in (BOOTSTRAP / "bootstrap.sh").read_text()
+
+
+@needs_terraform
+def test_small_iam_things(plan: dict) -> None:
+    """Finding 7 of issue 12."""
+    kms = _one(plan, "aws_iam_policy_document", "kms")["statement"]
+    (grants,) = [s for s in kms if "kms:CreateGrant" in s["actions"]]
+    grant_refs = _config(plan, "data.aws_iam_policy_document.kms")["statement"]
+    (grant_cfg,) = [s for s in grant_refs if "kms:CreateGrant" in s["actions"]["constant_value"]]
+    assert grant_cfg["principals"][0]["identifiers"]["references"] == [
+        "aws_iam_role.emr_service.arn",
+        "aws_iam_role.emr_service",
+    ], "only the service role may create grants"
+    assert grants["condition"][0]["variable"] == "kms:GrantIsForAWSResource"
+    (trust,) = _one(plan, "aws_iam_policy_document", "emr_assume")["statement"]
+    assert {c["variable"] for c in trust["condition"]} == {"aws:SourceAccount", "aws:SourceArn"}
+    session = _one(plan, "aws_ssm_document", "session")
+    assert session["document_type"] == "Session"
+    # destroy validates m9_dist like apply, so the printed command must pass it.
+    teardown = plan["configuration"]["root_module"]["outputs"]["teardown_commands"]["expression"]
+    assert "var.m9_dist" in teardown["references"]
+    assert "destroy -var m9_dist=${var.m9_dist}" in (INFRA / "outputs.tf").read_text()
 
 
 # --- linters ----------------------------------------------------------------------
