@@ -74,7 +74,9 @@ def _tf(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of infra/ (+ the files it uploads) with the provider override, initialised offline."""
     root = tmp_path_factory.mktemp("tf")
-    shutil.copytree(INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform*", "*.tfplan"))
+    shutil.copytree(
+        INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*")
+    )
     shutil.copytree(BOOTSTRAP, root / "bootstrap")
     constraints = REPO / "constraints.txt"
     if constraints.exists():
@@ -144,6 +146,15 @@ def test_offline_mirror_pins_provider() -> None:
             pinned.group(1),
             mirrored,
         )
+
+
+def test_provider_lock_file_is_committed() -> None:
+    """infra/.terraform.lock.hcl pins the provider build (made offline: terraform providers lock -fs-mirror)."""
+    lock = (INFRA / ".terraform.lock.hcl").read_text()
+    pinned = re.search(r'version\s*=\s*"~>\s*([0-9.]+)"', (INFRA / "versions.tf").read_text()).group(1)
+    locked = re.search(r'provider "registry.terraform.io/hashicorp/aws" \{\n\s+version\s+=\s+"([0-9.]+)"', lock)
+    assert locked and locked.group(1).startswith(pinned)
+    assert re.search(r'"h1:[A-Za-z0-9+/=]+"', lock)
 
 
 @needs_terraform
@@ -631,6 +642,11 @@ def test_docker_compose_deploy_profile() -> None:
     assert {"terraform", "aws-cli"} <= set(services)
     for name in ("terraform", "aws-cli"):
         assert services[name]["profiles"] == ["deploy"]
+    # `aws ssm start-session` needs the Session Manager plugin, which the stock aws-cli image lacks.
+    aws_cli = services["aws-cli"]
+    dockerfile = (REPO / aws_cli["build"]["context"] / aws_cli["build"]["dockerfile"]).read_text()
+    assert "FROM amazon/aws-cli:" in dockerfile and "session-manager-plugin" in dockerfile
+    assert all(p.startswith("127.0.0.1:") for p in aws_cli["ports"])
     terraform = services["terraform"]
     assert terraform["image"] == f"hashicorp/terraform:{TERRAFORM_VERSION}"
     assert any(v.startswith("./infra:") for v in terraform["volumes"])
