@@ -19,6 +19,7 @@
 #   bootstrap.sh --artifacts s3://BUCKET/bootstrap/ [--venv DIR] [--cache-dir DIR]
 #                [--ray-port N] [--ray-cpu-fraction F] [--ray-head-cpus N] [--ray-temp-dir DIR]
 #                [--ray-token-parameter NAME] [--ray-token-file FILE] [--log-uri s3://BUCKET/logs/m9/]
+#                [--jupyter]
 #
 # Environment (everything needed to simulate an EMR node in a test):
 #   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz, constraints.txt, m9_preflight.py
@@ -52,6 +53,9 @@
 #                          parameter it must already hold the token. Ray runs with RAY_AUTH_MODE=token.
 #   M9_LOG_URI             s3:// URI or local folder the logs are copied to (none: not shipped)
 #   M9_LOG_SHIP_INTERVAL_S how often they are copied              (60)
+#   M9_JUPYTER=1           master: install JupyterLab into the venv and run it under systemd on
+#                          127.0.0.1:8888 (m9-jupyter.service; token: Ray's), with the notebooks
+#                          from the artifacts (*.ipynb) in <state>/notebooks (--jupyter)
 #   M9_NO_SYSTEMD=1        use the supervising loop even where systemd runs
 #   M9_RAY_RESTART_DELAY_S pause before the supervisor restarts Ray (10)
 #   M9_WAIT_TIMEOUT_S      how long a Ray start waits for its node/head (3600)
@@ -69,6 +73,7 @@ RAY_TEMP_DIR=${M9_RAY_TEMP_DIR:-/mnt/m9/ray}
 TOKEN_PARAMETER=${M9_RAY_TOKEN_PARAMETER:-}
 TOKEN_FILE=${M9_RAY_TOKEN_FILE:-}
 LOG_URI=${M9_LOG_URI:-}
+JUPYTER=${M9_JUPYTER:-0}
 
 MODE="install"
 while (($# > 0)); do
@@ -83,6 +88,7 @@ while (($# > 0)); do
     --ray-token-parameter) TOKEN_PARAMETER=$2; shift 2 ;;
     --ray-token-file) TOKEN_FILE=$2; shift 2 ;;
     --log-uri) LOG_URI=$2; shift 2 ;;
+    --jupyter) JUPYTER=1; shift ;;
     # internal: what the supervisor runs (systemd unit or loop)
     __ray-node) MODE="ray-node"; shift ;;
     __supervise) MODE="supervise"; shift ;;
@@ -242,11 +248,11 @@ fetch_artifacts() {
   if [[ $ARTIFACTS_URI == s3://* ]]; then
     aws s3 cp --recursive --only-show-errors "${ARTIFACTS_URI%/}/" "$dest" \
       --exclude '*' --include 'constraints.txt' --include 'm9-*.whl' --include 'm9-*.tar.gz' \
-      --include 'm9_preflight.py'
+      --include 'm9_preflight.py' --include '*.ipynb'
   else
     [[ -d $ARTIFACTS_URI ]] || die "artifacts folder $ARTIFACTS_URI does not exist"
     find "$ARTIFACTS_URI" -maxdepth 1 -type f \( -name constraints.txt -o -name 'm9-*.whl' \
-      -o -name 'm9-*.tar.gz' -o -name m9_preflight.py \) -exec cp {} "$dest"/ \;
+      -o -name 'm9-*.tar.gz' -o -name m9_preflight.py -o -name '*.ipynb' \) -exec cp {} "$dest"/ \;
   fi
 }
 
@@ -292,6 +298,14 @@ install_m9() {
     chmod 755 "$VENV/bin/m9-preflight"
   else
     die "m9_preflight.py missing in $ARTIFACTS_URI"
+  fi
+
+  if [[ $JUPYTER == 1 ]] && is_master; then
+    log "installing JupyterLab into $VENV (master only)"
+    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+      "${pip_args[@]}" -c "$work/constraints.txt" jupyterlab
+    ensure_dir "$STATE_DIR/notebooks"
+    find "$work" -maxdepth 1 -name '*.ipynb' -exec cp {} "$STATE_DIR/notebooks/" \;
   fi
 
   # Make EMR's pyspark importable from the venv (for `m9 run` as an EMR step).
@@ -451,12 +465,39 @@ RestartSec=30
 [Install]
 WantedBy=multi-user.target
 UNIT
+    if [[ $JUPYTER == 1 ]] && is_master && [[ -x $VENV/bin/jupyter ]]; then
+      log "starting m9-jupyter.service on 127.0.0.1:8888 (reach it with infra/aws.sh notebook)"
+      sudo tee /etc/systemd/system/m9-jupyter.service >/dev/null <<UNIT
+[Unit]
+Description=m9: JupyterLab on loopback (Session Manager port forwarding only)
+After=m9-ray.service
+
+[Service]
+User=$user
+EnvironmentFile=$STATE_DIR/ray.env
+# As the EMR step runs m9: Spark on YARN, the cluster's Ray with its token.
+Environment=M9_SPARK_MASTER=yarn PYSPARK_PYTHON=$VENV/bin/python
+WorkingDirectory=$STATE_DIR/notebooks
+# Jupyter's token is Ray's: whoever has one can run code as $user anyway. Read from
+# the 0600 file into the environment, not onto the command line, which ps shows.
+ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks'
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    fi
     sudo systemctl daemon-reload
     sudo systemctl enable --now --no-block m9-ray.service
+    if [[ -f /etc/systemd/system/m9-jupyter.service ]]; then
+      sudo systemctl enable --now --no-block m9-jupyter.service
+    fi
     [[ -z $LOG_URI ]] || sudo systemctl enable --now --no-block m9-ray-logs.service
   else
     # Own session, stdio on the log file, so EMR (or a test) does not wait for it.
     log "no systemd here: Ray runs under a supervising loop (restarts it when it exits)"
+    [[ $JUPYTER != 1 ]] || log "warning: no systemd, so no Jupyter service (run it by hand)"
     nohup setsid bash "$copy" __supervise >>"$LOG" 2>&1 </dev/null &
     log "supervisor pid $!"
     if [[ -n $LOG_URI ]]; then

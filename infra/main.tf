@@ -305,6 +305,21 @@ resource "aws_s3_object" "bootstrap_script" {
   depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
 }
 
+# Notebooks for the Jupyter server on the master (infra/aws.sh notebook), if the repository has them.
+resource "aws_s3_object" "notebooks" {
+  for_each = fileset("${path.module}/../notebooks", "*.ipynb")
+
+  bucket                 = aws_s3_bucket.data.id
+  key                    = "bootstrap/${each.value}"
+  source                 = "${path.module}/../notebooks/${each.value}"
+  source_hash            = filemd5("${path.module}/../notebooks/${each.value}")
+  content_type           = "application/x-ipynb+json"
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
+}
+
 # The step's preflight (installed as <venv>/bin/m9-preflight by the bootstrap).
 resource "aws_s3_object" "preflight" {
   bucket                 = aws_s3_bucket.data.id
@@ -1151,6 +1166,7 @@ resource "aws_emr_cluster" "main" {
       "--ray-token-parameter", aws_ssm_parameter.ray_token.name,
       "--ray-token-file", local.ray_token_file,
       "--log-uri", "${local.bucket_uri}/logs/m9/",
+      "--jupyter",
     ]
   }
 
