@@ -6,7 +6,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -659,3 +664,213 @@ def test_docker_compose_deploy_profile() -> None:
             env=_terraform_env(),
         ).stdout
         assert f"v{TERRAFORM_VERSION}" in out, "docker-compose.yml and the installed terraform differ"
+
+
+# --- terraform apply and destroy against moto's server on loopback ------------------
+
+MOTO_BUCKET = "m9-moto-test"
+MOTO_SERVICES = ("ec2", "emr", "iam", "kms", "s3", "ssm", "sts")
+
+# Where moto 5.2.5 behaves unlike AWS although it has the call, a test-only override stands in, so the
+# apply gets past it to the rest of the stack (each is named in the report and in infra/README.md):
+#  - IAM AttachRolePolicy: AmazonEMRServicePolicy_v2 is not among moto's AWS managed policies;
+#  - S3 PutObject: moto applies the bucket policy's Deny without its aws:SecureTransport condition,
+#    so the TLS-only bucket refuses every upload, even over TLS;
+#  - EC2 CreateFlowLogs: moto reads an S3 destination with a key prefix (bucket/logs/vpc-flow/) as a
+#    bucket name that does not exist.
+MOTO_STAND_INS = """\
+resource "aws_iam_role_policy_attachment" "emr_service" {
+  policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonElasticMapReduceRole"
+}
+
+resource "aws_s3_bucket_policy" "data" {
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "MotoStandIn"
+      Effect    = "Allow"
+      Principal = { AWS = "arn:aws:iam::123456789012:root" }
+      Action    = "s3:GetObject"
+      Resource  = "${local.bucket_arn}/*"
+    }]
+  })
+}
+
+resource "aws_flow_log" "main" {
+  log_destination = local.bucket_arn
+}
+"""
+# The one call moto lacks: after RunJobFlow the provider reads the cluster's instance fleets, and
+# moto 5.2.5 answers ListInstanceFleets with a 500 (NotImplementedError), which the provider retries
+# for as long as its create timeout. The test stops there.
+MOTO_MISSING_CALL = "EMR ListInstanceFleets"
+CLUSTER_APPLY_TIMEOUT_S = 90
+
+
+def _moto_provider(endpoint: str) -> str:
+    endpoints = "\n".join(f'    {s} = "{endpoint}"' for s in MOTO_SERVICES)
+    return f"""\
+provider "aws" {{
+  access_key                  = "test"
+  secret_key                  = "test"
+  skip_credentials_validation = true
+  skip_requesting_account_id  = true
+  skip_metadata_api_check     = true
+  skip_region_validation      = true
+  s3_use_path_style           = true
+  # moto's self-signed certificate (TLS, because the bucket policy refuses plain HTTP).
+  insecure = true
+
+  endpoints {{
+{endpoints}
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def moto_server(tmp_path: Path) -> Iterator[str]:
+    """moto's server on 127.0.0.1 with TLS and AWS's managed IAM policies loaded; yields its endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), "-s"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
+    )
+    endpoint = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                assert proc.poll() is None, (tmp_path / "moto.log").read_text()
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _tf_timed(workdir: Path, timeout: float, *args: str) -> subprocess.CompletedProcess[str] | None:
+    """terraform in its own process group, killed with its provider after timeout (None then)."""
+    proc = subprocess.Popen(
+        [TERRAFORM, *args, "-no-color"],
+        cwd=workdir,
+        env=_terraform_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@needs_terraform
+def test_apply_and_destroy_against_moto(moto_server: str, tmp_path: Path) -> None:
+    """terraform apply, then destroy, of the whole stack against a local AWS API (issue 12).
+
+    Everything but the EMR cluster is applied and then checked in moto; the cluster's apply reaches
+    RunJobFlow and stops at the call moto lacks (xfail naming it), after destroy has removed the rest.
+    """
+    boto3 = pytest.importorskip("boto3")
+    root = tmp_path / "stack"
+    shutil.copytree(
+        INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*")
+    )
+    shutil.copytree(BOOTSTRAP, root / "bootstrap")
+    shutil.copy(REPO / "constraints.txt", root / "constraints.txt")
+    (root / "dist").mkdir()
+    (root / "dist" / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
+    workdir = root / "infra"
+    (workdir / "moto_provider_override.tf").write_text(_moto_provider(moto_server))
+    (workdir / "moto_stand_ins_override.tf").write_text(MOTO_STAND_INS)
+    _tf(workdir, "init", "-input=false", "-backend=false")
+    variables = [
+        "-var=m9_dist=../dist/m9-0.0.0-py3-none-any.whl",
+        f"-var=bucket_name={MOTO_BUCKET}",
+        "-var=force_destroy_bucket=true",
+    ]
+    _tf(workdir, "plan", "-input=false", *variables, "-out=moto.tfplan")
+    planned = json.loads(_tf(workdir, "show", "-json", "moto.tfplan").stdout)
+    addresses = [rc["address"] for rc in planned["resource_changes"] if rc["mode"] == "managed"]
+    cluster = "aws_emr_cluster.main"
+    rest = [a for a in addresses if a != cluster]
+
+    # 1. Everything except the cluster.
+    _tf(workdir, "apply", "-input=false", "-auto-approve", *variables, *(f"-target={a}" for a in rest))
+    applied = [a for a in _tf(workdir, "state", "list").stdout.split() if not a.startswith("data.")]
+    assert sorted(applied) == sorted(rest)
+    print(f"applied against moto ({len(applied)}): {' '.join(applied)}")
+
+    # What moto now holds is what the plan promised.
+    aws = {
+        "endpoint_url": moto_server,
+        "region_name": "eu-west-1",
+        "verify": False,
+        "aws_access_key_id": "test",
+        "aws_secret_access_key": "test",
+    }
+    s3 = boto3.client("s3", **aws)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=MOTO_BUCKET)["Contents"]}
+    assert {"bootstrap/bootstrap.sh", "bootstrap/m9_preflight.py", "bootstrap/constraints.txt"} <= keys
+    head = s3.head_object(Bucket=MOTO_BUCKET, Key="bootstrap/bootstrap.sh")
+    assert head["ServerSideEncryption"] == "aws:kms"
+    token = boto3.client("ssm", **aws).get_parameter(Name="/m9/ray-auth-token", WithDecryption=True)["Parameter"]
+    assert token["Type"] == "SecureString" and re.fullmatch(r"[0-9a-f]{64}", token["Value"])
+    ec2 = boto3.client("ec2", **aws)
+    groups = {g["GroupName"]: g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
+    rules = ec2.describe_security_group_rules()["SecurityGroupRules"]
+    service_ingress = [r for r in rules if r["GroupId"] == groups["m9-emr-service-access"] and not r["IsEgress"]]
+    assert [(r["FromPort"], r["ReferencedGroupInfo"]["GroupId"]) for r in service_ingress] == [
+        (9443, groups["m9-emr-master"])
+    ]
+
+    # 2. The cluster: RunJobFlow, then the provider reads it back. No refresh: moto describes an
+    # all-protocol security group rule with ports, which the provider would then try to "fix" with
+    # ModifySecurityGroupRules, which moto refuses.
+    cluster_apply = _tf_timed(
+        workdir,
+        CLUSTER_APPLY_TIMEOUT_S,
+        "apply",
+        "-input=false",
+        "-auto-approve",
+        "-refresh=false",
+        *variables,
+        f"-target={cluster}",
+    )
+    moto_log = (tmp_path / "moto.log").read_text()
+    cluster_created = cluster_apply is not None and cluster_apply.returncode == 0
+    # RunJobFlow itself went through: moto holds the cluster, with the bootstrap action and the step's pieces.
+    emr = boto3.client("emr", **aws)
+    (summary,) = [c for c in emr.list_clusters()["Clusters"] if c["Name"] == "m9"]
+    actions = emr.list_bootstrap_actions(ClusterId=summary["Id"])["BootstrapActions"]
+    assert actions[0]["ScriptPath"] == f"s3://{MOTO_BUCKET}/bootstrap/bootstrap.sh"
+    assert "--ray-token-parameter" in actions[0]["Args"]
+
+    # 3. destroy removes everything terraform created, the bucket with its objects included.
+    _tf(workdir, "destroy", "-input=false", "-auto-approve", "-lock=false", *variables)
+    assert [a for a in _tf(workdir, "state", "list").stdout.split() if not a.startswith("data.")] == []
+    assert MOTO_BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert not [g for g in groups if g.startswith("m9-") and g in {
+        g2["GroupName"] for g2 in ec2.describe_security_groups()["SecurityGroups"]
+    }]  # fmt: skip
+
+    if not cluster_created:
+        assert "The list_instance_fleets action has not been implemented" in moto_log, (
+            cluster_apply.stderr if cluster_apply else "cluster apply timed out for another reason"
+        )
+        pytest.xfail(f"moto lacks {MOTO_MISSING_CALL}: the EMR cluster's apply stops after RunJobFlow")
