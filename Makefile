@@ -59,7 +59,7 @@ AWS_SH := PYTHON=$(abspath $(PY)) M9=$(abspath $(VENV))/bin/m9 infra/aws.sh
 AWS_UPLOAD_ARGS = $(if $(FRUITS360),--fruits360 $(ARCHIVE),$(DIR))
 .PHONY: aws-up aws-upload aws-run aws-fetch aws-down aws-all aws-shell aws-notebook aws-dashboard aws-spark-history aws-yarn
 
-aws-up: $(PY) ## AWS: build the wheel, then terraform apply (bucket, VPC, EMR cluster).
+aws-up: install ## AWS: build the wheel and the hashed wheelhouse (with the weights), then terraform apply (bucket, VPC, EMR cluster).
 	$(AWS_SH) up
 
 aws-upload: install ## AWS: copy DIR (default: the sample) or FRUITS360=1 [ARCHIVE=] to s3://<bucket>/inputs/.

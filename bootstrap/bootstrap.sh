@@ -22,7 +22,10 @@
 #                [--jupyter]
 #
 # Environment (everything needed to simulate an EMR node in a test):
-#   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz, constraints.txt, m9_preflight.py
+#   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz, constraints.txt, m9_preflight.py,
+#                          and wheelhouse/ (bootstrap/build_wheelhouse.sh): when it is there, pip installs
+#                          only from it (--no-index --require-hashes) and the weights come from its
+#                          weights/ folder, so the node needs no internet
 #   M9_VENV                venv to create; its parent folder holds m9's state (ray.env,
 #                          the supervised copy of this script)       (/mnt/m9/venv)
 #   M9_CACHE_DIR           weights cache, also exported to the Ray nodes (m9's default: ~/.cache/m9)
@@ -248,11 +251,12 @@ fetch_artifacts() {
   if [[ $ARTIFACTS_URI == s3://* ]]; then
     aws s3 cp --recursive --only-show-errors "${ARTIFACTS_URI%/}/" "$dest" \
       --exclude '*' --include 'constraints.txt' --include 'm9-*.whl' --include 'm9-*.tar.gz' \
-      --include 'm9_preflight.py' --include '*.ipynb'
+      --include 'm9_preflight.py' --include '*.ipynb' --include 'wheelhouse/*'
   else
     [[ -d $ARTIFACTS_URI ]] || die "artifacts folder $ARTIFACTS_URI does not exist"
     find "$ARTIFACTS_URI" -maxdepth 1 -type f \( -name constraints.txt -o -name 'm9-*.whl' \
       -o -name 'm9-*.tar.gz' -o -name m9_preflight.py -o -name '*.ipynb' \) -exec cp {} "$dest"/ \;
+    if [[ -d $ARTIFACTS_URI/wheelhouse ]]; then cp -r "$ARTIFACTS_URI/wheelhouse" "$dest/"; fi
   fi
 }
 
@@ -282,11 +286,20 @@ install_m9() {
 
   local pip_args=()
   read -r -a pip_args <<<"${M9_PIP_ARGS:-}"
-  # Plain m9, not m9[local]: EMR's own Spark provides pyspark and the JVM. The
-  # constraints file is the single list of tested versions.
-  log "installing ${dists[0]##*/} with -c constraints.txt"
-  "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-    "${pip_args[@]}" -c "$work/constraints.txt" "${dists[0]}"
+  if [[ -s $work/wheelhouse/requirements.txt ]]; then
+    # Everything from the wheelhouse built with the stack, each file checked against its hash:
+    # no index, no internet, and nothing but what was built.
+    log "installing from the hashed wheelhouse ($(wc -l <"$work/wheelhouse/requirements.txt") wheels)"
+    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+      --no-index --find-links "$work/wheelhouse" --require-hashes -r "$work/wheelhouse/requirements.txt"
+    WHEELHOUSE_WEIGHTS=$work/wheelhouse/weights
+  else
+    # Plain m9, not m9[local]: EMR's own Spark provides pyspark and the JVM. The
+    # constraints file is the single list of tested versions.
+    log "no wheelhouse: installing ${dists[0]##*/} from the index with -c constraints.txt"
+    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+      "${pip_args[@]}" -c "$work/constraints.txt" "${dists[0]}"
+  fi
 
   if "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("pyspark") is None)'; then
     die "pyspark got installed into $VENV; on EMR only the cluster's own Spark may be used"
@@ -301,9 +314,11 @@ install_m9() {
   fi
 
   if [[ $JUPYTER == 1 ]] && is_master; then
-    log "installing JupyterLab into $VENV (master only)"
-    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-      "${pip_args[@]}" -c "$work/constraints.txt" jupyterlab
+    if [[ ! -x $VENV/bin/jupyter ]]; then
+      log "installing JupyterLab into $VENV (master only)"
+      "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+        "${pip_args[@]}" -c "$work/constraints.txt" jupyterlab
+    fi
     ensure_dir "$STATE_DIR/notebooks"
     find "$work" -maxdepth 1 -name '*.ipynb' -exec cp {} "$STATE_DIR/notebooks/" \;
   fi
@@ -315,6 +330,12 @@ install_m9() {
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   printf 'import sys, glob; sys.path.extend(sorted(glob.glob("%s/python/lib/py4j-*-src.zip")) + ["%s/python"])\n' \
     "$SPARK_HOME_EMR" "$SPARK_HOME_EMR" >"$site/m9-emr-spark.pth"
+  if [[ -n ${WHEELHOUSE_WEIGHTS:-} && -d $WHEELHOUSE_WEIGHTS ]]; then
+    local cache=${M9_CACHE_DIR:-$HOME/.cache/m9}
+    ensure_dir "$cache"
+    cp "$WHEELHOUSE_WEIGHTS"/* "$cache/"
+    log "weights copied from the wheelhouse into $cache"
+  fi
   rm -rf "$work"
   log "m9 installed: $("$VENV/bin/python" -m pip show m9 2>/dev/null | awk '/^Version:/ { print $2 }')"
 }
@@ -326,6 +347,7 @@ fetch_weights() {
     log "copying weights from $M9_WEIGHTS_URI to $cache"
     aws s3 cp --recursive --only-show-errors "$M9_WEIGHTS_URI" "$cache"
   else
+    # With the wheelhouse's copy already in the cache, m9 finds it there and downloads nothing.
     log "fetching MobileNetV2 weights into $cache with m9 weights fetch"
     PATH="$VENV/bin:$PATH" "$VENV/bin/m9" weights fetch
   fi

@@ -2,7 +2,8 @@
 # Run m9 on AWS from start to finish: terraform apply, upload images, run the EMR step, fetch, destroy.
 #
 # Usage: infra/aws.sh COMMAND [ARGS]
-#   up                            build the m9 wheel, then terraform init + apply (bucket, VPC, EMR)
+#   up                            build the m9 wheel and the hashed wheelhouse (with the verified
+#                                 weights), then terraform init + apply (bucket, VPC, EMR)
 #   upload [DIR]                  sync a folder of images to s3://<bucket>/inputs/
 #                                 (default: the bundled sample, m9/sample)
 #   upload --fruits360 [ARCHIVE]  unpack Fruits-360 straight into s3://<bucket>/inputs/ with
@@ -186,6 +187,10 @@ cmd_up() {
     [[ -f $wheel ]] || die "pip wheel did not write $wheel"
     printf '%s\n' "$wheel" >"$DIST_FILE"
   fi
+  # The nodes have no route to the internet: everything they install comes from here.
+  log "building the hashed wheelhouse and the verified weights into infra/wheelhouse/"
+  run "$M9" weights fetch
+  run env PYTHON="$PYTHON" bash "$REPO/bootstrap/build_wheelhouse.sh" "$wheel" "$HERE/wheelhouse"
   log "creating the bucket, network and EMR cluster (about 10-15 minutes)"
   tf init -input=false
   # The committed .terraform.lock.hcl was made offline for linux_amd64; elsewhere, add this

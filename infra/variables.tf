@@ -107,6 +107,12 @@ variable "constraints_file" {
   default     = null
 }
 
+variable "wheelhouse_dir" {
+  type        = string
+  description = "Local folder built by bootstrap/build_wheelhouse.sh (hashed wheels, requirements.txt, weights/), uploaded to s3://<bucket>/bootstrap/wheelhouse/; the nodes install only from it. Null means infra/wheelhouse, where infra/aws.sh up builds it."
+  default     = null
+}
+
 variable "m9_venv" {
   type        = string
   description = "Python 3.11 virtualenv the bootstrap creates on every node, on the EBS volume EMR mounts at /mnt (TensorFlow alone is ~1.3 GB; the root volume is kept for the OS). PYSPARK_PYTHON points at its interpreter, so Spark executors and the Ray workers run the same m9."

@@ -121,8 +121,11 @@ def test_dry_run_up_builds_the_wheel_then_applies(tmp_path: Path) -> None:
         if line.startswith("__version__")
     )
     wheel = f"{REPO}/dist/m9-{version}-py3-none-any.whl"
-    build, init, apply = _commands(proc)
+    build, weights, wheelhouse, init, apply = _commands(proc)
     assert "-m pip wheel --no-deps" in build and f"-w {REPO}/dist {REPO}" in build
+    # The nodes install only from the hashed wheelhouse, with the verified weights in it.
+    assert weights.endswith("m9 weights fetch")
+    assert wheelhouse.endswith(f"bash {REPO}/bootstrap/build_wheelhouse.sh {wheel} {REPO}/infra/wheelhouse")
     assert init == f"terraform -chdir={REPO}/infra init -input=false"
     assert apply == f"terraform -chdir={REPO}/infra apply -input=false -auto-approve -var m9_dist={wheel}"
 
@@ -178,10 +181,17 @@ def test_dry_run_all_runs_every_step_in_order(tmp_path: Path) -> None:
     proc = _run(tmp_path, "all", RUN_ID="exp-2")
     assert proc.returncode == 0, proc.stderr
     kinds = [
-        " ".join(c.split()[1:3]) if c.startswith(("aws", "terraform")) else c.split()[1:4] for c in _commands(proc)
+        " ".join(c.split()[1:3])
+        if c.startswith(("aws", "terraform"))
+        else c.split()[2:4]
+        if c.startswith("env ")
+        else c.split()[1:4]
+        for c in _commands(proc)
     ]
     assert kinds == [
         ["-m", "pip", "wheel"],
+        ["weights", "fetch"],
+        ["bash", f"{REPO}/bootstrap/build_wheelhouse.sh"],
         f"-chdir={REPO}/infra init",
         f"-chdir={REPO}/infra apply",
         "s3 sync",
@@ -194,7 +204,7 @@ def test_dry_run_all_runs_every_step_in_order(tmp_path: Path) -> None:
         f"-chdir={REPO}/infra destroy",
     ]
     # Without AUTO_APPROVE, terraform asks; -input=false would make it fail instead.
-    assert "-input=false" not in _commands(proc)[2] and "-auto-approve" not in _commands(proc)[-1]
+    assert "-input=false" not in _commands(proc)[4] and "-auto-approve" not in _commands(proc)[-1]
     # After a successful fetch the bucket goes too, via force_destroy set on it first.
     force_apply, destroy = _commands(proc)[-2:]
     assert "-target=aws_s3_bucket.data" in force_apply and "force_destroy_bucket=true" in force_apply

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -519,3 +520,77 @@ def test_the_supervisor_restarts_a_dead_ray_node(emr_sim_cluster: SimCluster) ->
 
     _wait_for("core2 to rejoin", rejoined, detail=lambda: log.read_text()[-3000:])
     assert log.read_text().count("joining Ray at") >= 2
+
+
+# --- the hashed wheelhouse ------------------------------------------------------------
+
+WHEELHOUSE_SCRIPT = REPO / "bootstrap" / "build_wheelhouse.sh"
+
+
+def _toy_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """A minimal pure-Python wheel, built by hand so the test needs neither an index nor a build backend."""
+    import zipfile
+
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": "Metadata-Version: 2.1\n"
+        f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist_info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist_info}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for arcname, text in files.items():
+            zf.writestr(arcname, text)
+    return path
+
+
+@pytest.mark.slow
+def test_wheelhouse_is_hashed_and_installs_only_what_was_built(tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    index.mkdir()
+    _toy_wheel(index, "toydep", "1.0", [])
+    _toy_wheel(index, "toydep", "2.0", [])
+    m9_wheel = _toy_wheel(tmp_path, "m9", "0.0.1", ["toydep"])
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("toydep==1.0\nunrelated==9.9\n")  # read generically: pins for absent packages are fine
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "model.weights.h5").write_bytes(b"h5")
+    (cache / "model.onnx").write_bytes(b"onnx")
+    (cache / "model.onnx.json").write_text("{}")
+    (cache / "jars").mkdir()  # not weights: not copied
+    out = tmp_path / "wheelhouse"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "M9_CACHE_DIR": str(cache),
+        "M9_WHEELHOUSE_EXTRA": "",
+        "M9_PIP_DOWNLOAD_ARGS": f"--no-index --find-links {index}",
+    }
+    proc = subprocess.run(
+        ["bash", str(WHEELHOUSE_SCRIPT), str(m9_wheel), str(out), str(constraints)],
+        capture_output=True, text=True, check=False, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = (out / "requirements.txt").read_text().splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["m9==0.0.1", "toydep==1.0"]  # the constraint won
+    assert all(re.search(r" --hash=sha256:[0-9a-f]{64}$", line) for line in lines)
+    assert sorted(p.name for p in (out / "weights").iterdir()) == ["model.onnx", "model.onnx.json", "model.weights.h5"]
+
+    def install(target: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-index",
+             "--find-links", str(out), "--require-hashes", "-r", str(out / "requirements.txt"),
+             "--target", str(target)],
+            capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+
+    assert install(tmp_path / "site").returncode == 0
+    assert (tmp_path / "site" / "toydep" / "__init__.py").read_text() == "VERSION = '1.0'\n"
+    # A wheel changed after the build is refused.
+    with (out / "toydep-1.0-py3-none-any.whl").open("ab") as f:
+        f.write(b"\0")
+    tampered = install(tmp_path / "site2")
+    assert tampered.returncode != 0 and "HASHES" in tampered.stderr.upper()

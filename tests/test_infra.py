@@ -75,12 +75,22 @@ def _tf(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def _fake_wheelhouse(folder: Path) -> None:
+    """What bootstrap/build_wheelhouse.sh leaves (its own test builds a real one): the plan only uploads it."""
+    (folder / "weights").mkdir(parents=True)
+    (folder / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
+    (folder / "requirements.txt").write_text("m9==0.0.0 --hash=sha256:" + "0" * 64 + "\n")
+    (folder / "weights" / "mobilenet_v2_imagenet_no_top.weights.h5").write_bytes(b"not real weights")
+
+
 @pytest.fixture(scope="module")
 def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of infra/ (+ the files it uploads) with the provider override, initialised offline."""
     root = tmp_path_factory.mktemp("tf")
     shutil.copytree(
-        INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*")
+        INFRA,
+        root / "infra",
+        ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*", "wheelhouse"),
     )
     shutil.copytree(BOOTSTRAP, root / "bootstrap")
     constraints = REPO / "constraints.txt"
@@ -91,6 +101,7 @@ def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dist").mkdir()
     (root / "dist" / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
     workdir = root / "infra"
+    _fake_wheelhouse(workdir / "wheelhouse")
     (workdir / "test_provider_override.tf").write_text(PROVIDER_OVERRIDE)
     _tf(workdir, "init", "-input=false", "-backend=false")
     return workdir
@@ -346,6 +357,10 @@ def test_bootstrap_files_are_uploaded_next_to_each_other(plan: dict) -> None:
         "bootstrap/constraints.txt",
         "bootstrap/m9_preflight.py",
         "bootstrap/m9-0.0.0-py3-none-any.whl",
+        # The nodes install only from here (no route to PyPI).
+        "bootstrap/wheelhouse/m9-0.0.0-py3-none-any.whl",
+        "bootstrap/wheelhouse/requirements.txt",
+        "bootstrap/wheelhouse/weights/mobilenet_v2_imagenet_no_top.weights.h5",
     }
 
 
@@ -425,7 +440,8 @@ def _sg_rules(plan: dict, kind: str) -> dict[tuple[str, str], tuple[str, int | N
     """(group, peer group) -> (protocol, port) for every group-to-group rule of one kind (ingress/egress)."""
     rules = {}
     for rc in plan["resource_changes"]:
-        if rc["type"] != f"aws_vpc_security_group_{kind}_rule" or rc["change"]["after"].get("cidr_ipv4"):
+        after = rc["change"]["after"]
+        if rc["type"] != f"aws_vpc_security_group_{kind}_rule" or after.get("cidr_ipv4") or "index" in rc:
             continue
         expressions = _config(plan, rc["address"])
         if "referenced_security_group_id" not in expressions:
@@ -475,11 +491,20 @@ def _config_resource(plan: dict, address: str) -> dict:
 
 
 @needs_terraform
-def test_only_https_goes_to_the_internet(plan: dict) -> None:
-    """0.0.0.0/0 appears only as HTTPS egress (AWS APIs and PyPI), never as ingress or any other egress."""
-    wide = [r for r in _changes(plan, "aws_vpc_security_group_egress_rule") if r.get("cidr_ipv4") == "0.0.0.0/0"]
-    assert wide and all((r["ip_protocol"], r["from_port"], r["to_port"]) == ("tcp", 443, 443) for r in wide)
+def test_nothing_reaches_the_internet(plan: dict) -> None:
+    """No NAT gateway, no internet gateway, no default route, no 0.0.0.0/0 in any rule (finding 6)."""
+    types = {rc["type"] for rc in plan["resource_changes"]}
+    assert not types & {"aws_nat_gateway", "aws_internet_gateway", "aws_eip", "aws_egress_only_internet_gateway"}
+    for table in _changes(plan, "aws_route_table"):
+        assert not table.get("route"), table
+    egress = _changes(plan, "aws_vpc_security_group_egress_rule")
+    assert not [r for r in egress if r.get("cidr_ipv4") in ("0.0.0.0/0",) or r.get("cidr_ipv6") == "::/0"]
     assert "0.0.0.0/0" not in _ingress_cidrs(plan)
+    # HTTPS to the interface endpoints inside the VPC and to S3's gateway endpoint, from both node groups.
+    https = [r for r in egress if (r["ip_protocol"], r["from_port"]) == ("tcp", 443)]
+    assert sorted(r.get("cidr_ipv4") or "prefix-list" for r in https) == ["10.42.0.0/16"] * 2 + ["prefix-list"] * 2
+    services = {e["service_name"].rsplit(".", 1)[1] for e in _changes(plan, "aws_vpc_endpoint")}
+    assert services == {"s3", "ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"}
 
 
 @needs_terraform
@@ -487,7 +512,7 @@ def test_disk_root_volume_and_everything_of_m9_on_the_ebs_volume(plan: dict) -> 
     cluster = _one(plan, "aws_emr_cluster", "main")
     assert cluster["ebs_root_volume_size"] >= 30  # EMR's default 15 GiB is too small
     args = cluster["bootstrap_action"][0]["args"]
-    opt = dict(zip(args[::2], args[1::2], strict=True))
+    opt = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
     # EMR mounts the first EBS volume at /mnt; /tmp may be a small tmpfs.
     for key in ("--venv", "--cache-dir", "--ray-temp-dir", "--ray-token-file"):
         assert opt[key].startswith("/mnt/"), (key, opt[key])
@@ -789,13 +814,16 @@ def test_apply_and_destroy_against_moto(moto_server: str, tmp_path: Path) -> Non
     boto3 = pytest.importorskip("boto3")
     root = tmp_path / "stack"
     shutil.copytree(
-        INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*")
+        INFRA,
+        root / "infra",
+        ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*", "wheelhouse"),
     )
     shutil.copytree(BOOTSTRAP, root / "bootstrap")
     shutil.copy(REPO / "constraints.txt", root / "constraints.txt")
     (root / "dist").mkdir()
     (root / "dist" / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
     workdir = root / "infra"
+    _fake_wheelhouse(workdir / "wheelhouse")
     (workdir / "moto_provider_override.tf").write_text(_moto_provider(moto_server))
     (workdir / "moto_stand_ins_override.tf").write_text(MOTO_STAND_INS)
     _tf(workdir, "init", "-input=false", "-backend=false")
