@@ -501,8 +501,9 @@ EnvironmentFile=$STATE_DIR/ray.env
 Environment=M9_SPARK_MASTER=yarn PYSPARK_PYTHON=$VENV/bin/python
 WorkingDirectory=$STATE_DIR/notebooks
 # Jupyter's token is Ray's: whoever has one can run code as $user anyway. Read from
-# the 0600 file into the environment, not onto the command line, which ps shows.
-ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks'
+# the 0600 file into the environment, not onto the command line, which ps shows
+# (\$\$ is systemd's escape for a literal \$).
+ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks'
 Restart=always
 RestartSec=10
 
