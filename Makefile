@@ -57,9 +57,9 @@ clean: ## Remove outputs and caches (not the venvs).
 # --- AWS (infra/aws.sh; see infra/README.md "Run on AWS"). DIR=, FRUITS360=1 [ARCHIVE=], RUN_ID=, KEEP=1.
 AWS_SH := PYTHON=$(abspath $(PY)) M9=$(abspath $(VENV))/bin/m9 infra/aws.sh
 AWS_UPLOAD_ARGS = $(if $(FRUITS360),--fruits360 $(ARCHIVE),$(DIR))
-.PHONY: aws-up aws-upload aws-run aws-fetch aws-down aws-all
+.PHONY: aws-up aws-upload aws-run aws-fetch aws-down aws-all aws-shell aws-notebook aws-dashboard aws-spark-history aws-yarn
 
-aws-up: $(PY) ## AWS: build the wheel, then terraform apply (bucket, VPC, EMR cluster).
+aws-up: install ## AWS: build the wheel and the hashed wheelhouse (with the weights), then terraform apply (bucket, VPC, EMR cluster).
 	$(AWS_SH) up
 
 aws-upload: install ## AWS: copy DIR (default: the sample) or FRUITS360=1 [ARCHIVE=] to s3://<bucket>/inputs/.
@@ -77,3 +77,19 @@ aws-down: $(PY) ## AWS: terminate the cluster and terraform destroy (FORCE_DESTR
 
 aws-all: install ## AWS: up, upload, run, fetch, down in one go (KEEP=1 keeps the stack up).
 	$(AWS_SH) all $(AWS_UPLOAD_ARGS)
+
+# Interactive work through Session Manager port forwarding (no port opens on the cluster). LOCAL_PORT= another port.
+aws-shell: ## AWS: a shell on the master through Session Manager (logged to s3://<bucket>/logs/ssm/).
+	$(AWS_SH) shell
+
+aws-notebook: ## AWS: Jupyter on the master (m9's venv, Spark on YARN, the cluster's Ray) at http://127.0.0.1:8888.
+	$(AWS_SH) notebook
+
+aws-dashboard: ## AWS: Ray's dashboard at http://127.0.0.1:8265.
+	$(AWS_SH) dashboard
+
+aws-spark-history: ## AWS: Spark History Server at http://127.0.0.1:18080.
+	$(AWS_SH) spark-history
+
+aws-yarn: ## AWS: YARN ResourceManager UI at http://127.0.0.1:8088.
+	$(AWS_SH) yarn

@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# EMR bootstrap action for m9: install the pinned m9 into a Python 3.11 venv,
-# fetch the MobileNetV2 weights, then start Ray in the background.
+# EMR bootstrap action for m9: install the pinned m9 into a Python 3.11 venv on
+# the EBS volume, fetch the MobileNetV2 weights and Ray's token, then hand Ray to
+# a supervisor that keeps it running and ships its logs to S3.
 #
 # Bootstrap actions run on every node *before* EMR installs Hadoop and Spark,
-# and the cluster waits for them, so the synchronous part (install) fails loudly
-# and returns; the Ray part runs in the background:
-#   master: waits until EMR reports this node provisioned, then `ray start --head`
-#   others: wait until the head's port answers, then `ray start --address`
+# and the cluster waits for them, so the synchronous part (install, token) fails
+# loudly and returns; Ray runs under a supervisor:
+#   systemd (m9-ray.service, Restart=always) where systemd runs, else a
+#   supervising loop (setsid, restarts Ray after it exits). Either one runs
+#   `bootstrap.sh __ray-node`, which waits, then `ray start --block`:
+#   master: waits until EMR reports this node provisioned, then the head (no CPUs
+#           for actors: the master keeps the Spark driver, YARN RM, NameNode)
+#   others: wait until the head's port answers, then join it
+# A second supervised loop (m9-ray-logs.service) copies the bootstrap log and
+# Ray's logs to --log-uri every M9_LOG_SHIP_INTERVAL_S.
 #
 # Usage (arguments override the environment, which overrides the defaults):
 #   bootstrap.sh --artifacts s3://BUCKET/bootstrap/ [--venv DIR] [--cache-dir DIR]
-#                [--ray-port N] [--ray-cpu-fraction F]
+#                [--ray-port N] [--ray-cpu-fraction F] [--ray-head-cpus N] [--ray-temp-dir DIR]
+#                [--ray-token-parameter NAME] [--ray-token-file FILE] [--log-uri s3://BUCKET/logs/m9/]
+#                [--jupyter]
 #
 # Environment (everything needed to simulate an EMR node in a test):
-#   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz and constraints.txt
-#   M9_VENV                venv to create                        (/opt/m9/venv)
+#   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz, constraints.txt, m9_preflight.py,
+#                          and wheelhouse/ (bootstrap/build_wheelhouse.sh): when it is there, pip installs
+#                          only from it (--no-index --require-hashes) and the weights come from its
+#                          weights/ folder, so the node needs no internet
+#   M9_VENV                venv to create; its parent folder holds m9's state (ray.env,
+#                          the supervised copy of this script)       (/mnt/m9/venv)
 #   M9_CACHE_DIR           weights cache, also exported to the Ray nodes (m9's default: ~/.cache/m9)
 #   M9_PYTHON              interpreter for the venv              (python3.11)
 #   M9_SKIP_INSTALL=1      no venv/pip; use `ray` from PATH (and skip weights)
@@ -25,26 +38,45 @@
 #   M9_BOOTSTRAP_LOG       log file                              (/var/log/m9/bootstrap.log)
 #   M9_EMR_INFO_DIR        folder with instance.json, extraInstanceData.json and
 #                          job-flow-state.txt                    (/emr/instance-controller/lib/info)
+#   M9_NODE_ID             this node's Ray node name            (the EC2 instance id)
 #   M9_RAY_HEAD_ADDRESS    head host for non-master nodes (default: masterHost in extraInstanceData.json)
 #   M9_RAY_PORT            head (GCS) port                       (6379)
 #   M9_RAY_NODE_IP         --node-ip-address of this node        (Ray's choice)
-#   M9_RAY_TEMP_DIR        --temp-dir                            (Ray's default, /tmp/ray)
-#   M9_RAY_NUM_CPUS        CPUs offered to Ray; default floor(nproc * M9_RAY_CPU_FRACTION), at least 1
-#   M9_RAY_CPU_FRACTION    share of the cores for Ray; the rest stays with YARN/Spark (0.5)
+#   M9_RAY_TEMP_DIR        --temp-dir, also where objects spill  (/mnt/m9/ray)
+#   M9_RAY_NUM_CPUS        CPUs a worker offers Ray; default floor(nproc * M9_RAY_CPU_FRACTION), at least 1
+#   M9_RAY_CPU_FRACTION    share of a worker's cores for Ray; YARN is configured for the rest (0.5)
+#   M9_RAY_HEAD_CPUS       CPUs the head offers Ray                (0)
 #   M9_RAY_OBJECT_STORE_BYTES  object store size; default M9_RAY_OBJECT_STORE_FRACTION (0.15) of RAM,
 #                          well below Ray's 30% default because YARN containers share the memory
+#   M9_RAY_DASHBOARD       1: the head runs Ray's dashboard on 127.0.0.1:8265 (Session Manager
+#                          port forwarding reaches it; nothing else can) (1)
 #   M9_RAY_EXTRA_ARGS      extra `ray start` arguments (split on spaces)
-#   RAY_AUTH_MODE          Ray's own setting; disabled unless set (see start_ray_node)
-#   M9_WAIT_TIMEOUT_S      how long the background part waits     (3600)
+#   M9_RAY_TOKEN_PARAMETER SSM SecureString holding Ray's token (fetched with --with-decryption)
+#   M9_RAY_TOKEN_FILE      where the token is kept, mode 0600 (<state>/ray-auth-token); without a
+#                          parameter it must already hold the token. Ray runs with RAY_AUTH_MODE=token.
+#   M9_LOG_URI             s3:// URI or local folder the logs are copied to (none: not shipped)
+#   M9_LOG_SHIP_INTERVAL_S how often they are copied              (60)
+#   M9_JUPYTER=1           master: install JupyterLab into the venv and run it under systemd on
+#                          127.0.0.1:8888 (m9-jupyter.service; token: Ray's), with the notebooks
+#                          from the artifacts (*.ipynb) in <state>/notebooks (--jupyter)
+#   M9_NO_SYSTEMD=1        use the supervising loop even where systemd runs
+#   M9_RAY_RESTART_DELAY_S pause before the supervisor restarts Ray (10)
+#   M9_WAIT_TIMEOUT_S      how long a Ray start waits for its node/head (3600)
 #   M9_POLL_INTERVAL_S     how often it looks                    (5)
 set -euo pipefail
 
 # --- settings ---------------------------------------------------------------
 
 ARTIFACTS_URI=${M9_ARTIFACTS_URI:-}
-VENV=${M9_VENV:-/opt/m9/venv}
+VENV=${M9_VENV:-/mnt/m9/venv}
 RAY_PORT=${M9_RAY_PORT:-6379}
 RAY_CPU_FRACTION=${M9_RAY_CPU_FRACTION:-0.5}
+RAY_HEAD_CPUS=${M9_RAY_HEAD_CPUS:-0}
+RAY_TEMP_DIR=${M9_RAY_TEMP_DIR:-/mnt/m9/ray}
+TOKEN_PARAMETER=${M9_RAY_TOKEN_PARAMETER:-}
+TOKEN_FILE=${M9_RAY_TOKEN_FILE:-}
+LOG_URI=${M9_LOG_URI:-}
+JUPYTER=${M9_JUPYTER:-0}
 
 MODE="install"
 while (($# > 0)); do
@@ -54,7 +86,16 @@ while (($# > 0)); do
     --cache-dir) export M9_CACHE_DIR=$2; shift 2 ;;
     --ray-port) RAY_PORT=$2; shift 2 ;;
     --ray-cpu-fraction) RAY_CPU_FRACTION=$2; shift 2 ;;
-    __ray-node) MODE="ray-node"; shift ;; # internal: the backgrounded second half
+    --ray-head-cpus) RAY_HEAD_CPUS=$2; shift 2 ;;
+    --ray-temp-dir) RAY_TEMP_DIR=$2; shift 2 ;;
+    --ray-token-parameter) TOKEN_PARAMETER=$2; shift 2 ;;
+    --ray-token-file) TOKEN_FILE=$2; shift 2 ;;
+    --log-uri) LOG_URI=$2; shift 2 ;;
+    --jupyter) JUPYTER=1; shift ;;
+    # internal: what the supervisor runs (systemd unit or loop)
+    __ray-node) MODE="ray-node"; shift ;;
+    __supervise) MODE="supervise"; shift ;;
+    __ship-logs) MODE="ship-logs"; shift ;;
     *) echo "bootstrap.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -67,10 +108,17 @@ LOG=${M9_BOOTSTRAP_LOG:-/var/log/m9/bootstrap.log}
 INFO_DIR=${M9_EMR_INFO_DIR:-/emr/instance-controller/lib/info}
 WAIT_TIMEOUT_S=${M9_WAIT_TIMEOUT_S:-3600}
 POLL_INTERVAL_S=${M9_POLL_INTERVAL_S:-5}
+STATE_DIR=$(dirname "$VENV")
+TOKEN_FILE=${TOKEN_FILE:-$STATE_DIR/ray-auth-token}
 
-# The background half re-reads everything from the environment.
+# The supervised half re-reads everything from the environment (or, under
+# systemd, from $STATE_DIR/ray.env, written from these).
 export M9_ARTIFACTS_URI=$ARTIFACTS_URI M9_VENV=$VENV M9_RAY_PORT=$RAY_PORT \
-  M9_RAY_CPU_FRACTION=$RAY_CPU_FRACTION M9_BOOTSTRAP_LOG=$LOG M9_EMR_INFO_DIR=$INFO_DIR
+  M9_RAY_CPU_FRACTION=$RAY_CPU_FRACTION M9_BOOTSTRAP_LOG=$LOG M9_EMR_INFO_DIR=$INFO_DIR \
+  M9_RAY_HEAD_CPUS=$RAY_HEAD_CPUS M9_RAY_TEMP_DIR=$RAY_TEMP_DIR M9_RAY_TOKEN_FILE=$TOKEN_FILE \
+  M9_LOG_URI=$LOG_URI
+# Ray's token authentication, for every Ray process this script starts.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
 
 # --- helpers ----------------------------------------------------------------
 
@@ -139,6 +187,34 @@ wait_for() {
 
 provisioned() { [[ $(node_provision_status) == SUCCESSFUL ]]; }
 
+# This node's name in Ray: the EC2 instance id, which the step's preflight
+# compares with EMR's list of running instances.
+node_id() {
+  if [[ -n ${M9_NODE_ID:-} ]]; then
+    echo "$M9_NODE_ID"
+    return
+  fi
+  local id="" token
+  if token=$(curl -sf -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
+    http://169.254.169.254/latest/api/token 2>/dev/null); then
+    id=$(curl -sf -m 2 -H "X-aws-ec2-metadata-token: $token" \
+      http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null || true)
+  fi
+  if [[ -z $id && -r $INFO_DIR/job-flow-state.txt ]]; then
+    id=$(awk '/^[[:space:]]*localInstance[[:space:]]*\{/ { l = 1 } l && /instanceId:/ { gsub(/"/, "", $2); print $2; exit }' \
+      "$INFO_DIR/job-flow-state.txt")
+  fi
+  echo "${id:-$(hostname)}"
+}
+
+cluster_id() {
+  local f=$INFO_DIR/extraInstanceData.json id=""
+  if [[ -r $f ]]; then
+    id=$(grep -Eo '"jobFlowId"[[:space:]]*:[[:space:]]*"[^"]+"' "$f" | sed -E 's/.*"([^"]+)"$/\1/' | head -n1)
+  fi
+  echo "${id:-unknown-cluster}"
+}
+
 ray_num_cpus() {
   if [[ -n ${M9_RAY_NUM_CPUS:-} ]]; then
     echo "$M9_RAY_NUM_CPUS"
@@ -171,14 +247,16 @@ ray_bin() {
 fetch_artifacts() {
   local dest=$1
   [[ -n $ARTIFACTS_URI ]] || die "no artifacts location: pass --artifacts s3://BUCKET/bootstrap/ or set M9_ARTIFACTS_URI"
-  log "fetching m9 distribution and constraints.txt from $ARTIFACTS_URI"
+  log "fetching m9 distribution, constraints.txt and m9_preflight.py from $ARTIFACTS_URI"
   if [[ $ARTIFACTS_URI == s3://* ]]; then
     aws s3 cp --recursive --only-show-errors "${ARTIFACTS_URI%/}/" "$dest" \
-      --exclude '*' --include 'constraints.txt' --include 'm9-*.whl' --include 'm9-*.tar.gz'
+      --exclude '*' --include 'constraints.txt' --include 'm9-*.whl' --include 'm9-*.tar.gz' \
+      --include 'm9_preflight.py' --include '*.ipynb' --include 'wheelhouse/*'
   else
     [[ -d $ARTIFACTS_URI ]] || die "artifacts folder $ARTIFACTS_URI does not exist"
-    find "$ARTIFACTS_URI" -maxdepth 1 -type f \
-      \( -name constraints.txt -o -name 'm9-*.whl' -o -name 'm9-*.tar.gz' \) -exec cp {} "$dest"/ \;
+    find "$ARTIFACTS_URI" -maxdepth 1 -type f \( -name constraints.txt -o -name 'm9-*.whl' \
+      -o -name 'm9-*.tar.gz' -o -name m9_preflight.py -o -name '*.ipynb' \) -exec cp {} "$dest"/ \;
+    if [[ -d $ARTIFACTS_URI/wheelhouse ]]; then cp -r "$ARTIFACTS_URI/wheelhouse" "$dest/"; fi
   fi
 }
 
@@ -196,22 +274,54 @@ install_m9() {
   fi
   command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set M9_PYTHON)"
 
-  ensure_dir "$(dirname "$VENV")"
+  ensure_dir "$STATE_DIR"
+  if [[ $STATE_DIR == /mnt/* ]] && ! mountpoint -q /mnt 2>/dev/null; then
+    log "warning: /mnt is not a mounted volume; the venv lands on the root volume"
+  fi
+  # pip unpacks wheels under TMPDIR; /tmp may be a small tmpfs.
+  ensure_dir "$STATE_DIR/tmp"
+  export TMPDIR=$STATE_DIR/tmp
   log "creating venv $VENV with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv "$VENV"
 
   local pip_args=()
   read -r -a pip_args <<<"${M9_PIP_ARGS:-}"
-  # Plain m9, not m9[local]: EMR's own Spark provides pyspark and the JVM. The
-  # constraints file is the single list of tested versions.
-  log "installing ${dists[0]##*/} with -c constraints.txt"
-  "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-    "${pip_args[@]}" -c "$work/constraints.txt" "${dists[0]}"
+  if [[ -s $work/wheelhouse/requirements.txt ]]; then
+    # Everything from the wheelhouse built with the stack, each file checked against its hash:
+    # no index, no internet, and nothing but what was built.
+    log "installing from the hashed wheelhouse ($(wc -l <"$work/wheelhouse/requirements.txt") wheels)"
+    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+      --no-index --find-links "$work/wheelhouse" --require-hashes -r "$work/wheelhouse/requirements.txt"
+    WHEELHOUSE_WEIGHTS=$work/wheelhouse/weights
+  else
+    # Plain m9, not m9[local]: EMR's own Spark provides pyspark and the JVM. The
+    # constraints file is the single list of tested versions.
+    log "no wheelhouse: installing ${dists[0]##*/} from the index with -c constraints.txt"
+    "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+      "${pip_args[@]}" -c "$work/constraints.txt" "${dists[0]}"
+  fi
 
   if "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("pyspark") is None)'; then
     die "pyspark got installed into $VENV; on EMR only the cluster's own Spark may be used"
   fi
   "$VENV/bin/ray" --version >/dev/null || die "ray is not runnable from $VENV"
+  if [[ -s $work/m9_preflight.py ]]; then
+    # The step's preflight, run by the venv's interpreter.
+    { echo "#!$VENV/bin/python"; cat "$work/m9_preflight.py"; } >"$VENV/bin/m9-preflight"
+    chmod 755 "$VENV/bin/m9-preflight"
+  else
+    die "m9_preflight.py missing in $ARTIFACTS_URI"
+  fi
+
+  if [[ $JUPYTER == 1 ]] && is_master; then
+    if [[ ! -x $VENV/bin/jupyter ]]; then
+      log "installing JupyterLab into $VENV (master only)"
+      "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
+        "${pip_args[@]}" -c "$work/constraints.txt" jupyterlab
+    fi
+    ensure_dir "$STATE_DIR/notebooks"
+    find "$work" -maxdepth 1 -name '*.ipynb' -exec cp {} "$STATE_DIR/notebooks/" \;
+  fi
 
   # Make EMR's pyspark importable from the venv (for `m9 run` as an EMR step).
   # A .pth line starting with "import" runs at interpreter start, so the glob
@@ -220,6 +330,12 @@ install_m9() {
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   printf 'import sys, glob; sys.path.extend(sorted(glob.glob("%s/python/lib/py4j-*-src.zip")) + ["%s/python"])\n' \
     "$SPARK_HOME_EMR" "$SPARK_HOME_EMR" >"$site/m9-emr-spark.pth"
+  if [[ -n ${WHEELHOUSE_WEIGHTS:-} && -d $WHEELHOUSE_WEIGHTS ]]; then
+    local cache=${M9_CACHE_DIR:-$HOME/.cache/m9}
+    ensure_dir "$cache"
+    cp "$WHEELHOUSE_WEIGHTS"/* "$cache/"
+    log "weights copied from the wheelhouse into $cache"
+  fi
   rm -rf "$work"
   log "m9 installed: $("$VENV/bin/python" -m pip show m9 2>/dev/null | awk '/^Version:/ { print $2 }')"
 }
@@ -231,58 +347,203 @@ fetch_weights() {
     log "copying weights from $M9_WEIGHTS_URI to $cache"
     aws s3 cp --recursive --only-show-errors "$M9_WEIGHTS_URI" "$cache"
   else
+    # With the wheelhouse's copy already in the cache, m9 finds it there and downloads nothing.
     log "fetching MobileNetV2 weights into $cache with m9 weights fetch"
     PATH="$VENV/bin:$PATH" "$VENV/bin/m9" weights fetch
   fi
 }
 
-# --- Ray (background) ---------------------------------------------------------
+# --- Ray's token (synchronous: no token, no cluster) ---------------------------
 
-start_ray_node() {
+fetch_ray_token() {
+  ensure_dir "$(dirname "$TOKEN_FILE")"
+  if [[ -n $TOKEN_PARAMETER ]]; then
+    log "fetching Ray's token from SSM parameter $TOKEN_PARAMETER into $TOKEN_FILE"
+    local token
+    token=$(aws ssm get-parameter --name "$TOKEN_PARAMETER" --with-decryption \
+      --query Parameter.Value --output text) || die "cannot read SSM parameter $TOKEN_PARAMETER"
+    (umask 077 && printf '%s' "$token" >"$TOKEN_FILE")
+  fi
+  [[ -s $TOKEN_FILE ]] || die "no Ray token: pass --ray-token-parameter NAME, or put it in $TOKEN_FILE"
+  chmod 600 "$TOKEN_FILE"
+}
+
+# --- Ray (supervised) ------------------------------------------------------------
+
+# Runs in the foreground until Ray dies (`ray start --block` exits when any of
+# the node's Ray processes does); the supervisor then starts it again.
+run_ray_node() {
   local ray args=() extra=() head
-  # Recent Ray turns token auth on for `ray start --head`, with a token only the
-  # head's ~/.ray has, so the other nodes (and m9's drivers) could not join. The
-  # GCS is reachable only inside the cluster's EMR-managed security groups; to
-  # use tokens anyway, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on every node.
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
   ray=$(ray_bin)
-  args=(--num-cpus "$(ray_num_cpus)" --object-store-memory "$(ray_object_store_bytes)" --disable-usage-stats)
+  ensure_dir "$RAY_TEMP_DIR"
+  args=(--object-store-memory "$(ray_object_store_bytes)" --disable-usage-stats
+    --temp-dir "$RAY_TEMP_DIR" --node-name "$(node_id)" --block)
   [[ -n ${M9_RAY_NODE_IP:-} ]] && args+=(--node-ip-address "$M9_RAY_NODE_IP")
-  [[ -n ${M9_RAY_TEMP_DIR:-} ]] && args+=(--temp-dir "$M9_RAY_TEMP_DIR")
   read -r -a extra <<<"${M9_RAY_EXTRA_ARGS:-}"
   args+=("${extra[@]}")
 
   if is_master; then
     # EMR is still installing Hadoop/Spark; start the head once it is done.
     wait_for "EMR to finish provisioning this node" provisioned
-    log "starting Ray head on port $RAY_PORT: ${args[*]}"
-    "$ray" start --head --port "$RAY_PORT" --include-dashboard=false "${args[@]}"
+    local dashboard=(--include-dashboard=false)
+    if [[ ${M9_RAY_DASHBOARD:-1} == 1 ]]; then
+      # Loopback only: reached through Session Manager port forwarding.
+      dashboard=(--include-dashboard=true --dashboard-host 127.0.0.1)
+    fi
+    log "starting Ray head on port $RAY_PORT (token auth): --num-cpus $RAY_HEAD_CPUS ${args[*]}"
+    exec "$ray" start --head --port "$RAY_PORT" --num-cpus "$RAY_HEAD_CPUS" "${dashboard[@]}" "${args[@]}"
   else
     head=$(head_host)
     wait_for "the Ray head at $head:$RAY_PORT" port_open "$head" "$RAY_PORT"
-    local attempt
-    for attempt in 1 2 3; do
-      log "joining Ray at $head:$RAY_PORT (attempt $attempt): ${args[*]}"
-      "$ray" start --address "$head:$RAY_PORT" "${args[@]}" && break
-      ((attempt < 3)) || die "could not join the Ray head at $head:$RAY_PORT"
-      sleep "$POLL_INTERVAL_S"
-    done
+    log "joining Ray at $head:$RAY_PORT (token auth): --num-cpus $(ray_num_cpus) ${args[*]}"
+    exec "$ray" start --address "$head:$RAY_PORT" --num-cpus "$(ray_num_cpus)" "${args[@]}"
   fi
-  log "Ray node is up"
+}
+
+# The systemd-less supervisor: start the node, and start it again whenever it exits.
+supervise() {
+  local delay=${M9_RAY_RESTART_DELAY_S:-10} rc
+  while :; do
+    rc=0
+    bash "$self" __ray-node || rc=$?
+    log "Ray node exited (status $rc); restarting in ${delay}s"
+    sleep "$delay"
+  done
+}
+
+# Copies the bootstrap log and Ray's logs to LOG_URI/<cluster-id>/<node-id>/ every interval.
+ship_logs() {
+  local dest interval=${M9_LOG_SHIP_INTERVAL_S:-60}
+  dest="${LOG_URI%/}/$(cluster_id)/$(node_id)"
+  while :; do
+    if [[ $LOG_URI == s3://* ]]; then
+      aws s3 cp --only-show-errors "$LOG" "$dest/bootstrap.log" || true
+      if [[ -d $RAY_TEMP_DIR/session_latest/logs ]]; then
+        aws s3 sync --only-show-errors "$RAY_TEMP_DIR/session_latest/logs/" "$dest/ray/" || true
+      fi
+    else
+      mkdir -p "$dest/ray"
+      cp "$LOG" "$dest/bootstrap.log" 2>/dev/null || true
+      if [[ -d $RAY_TEMP_DIR/session_latest/logs ]]; then
+        cp -r "$RAY_TEMP_DIR/session_latest/logs/." "$dest/ray/" 2>/dev/null || true
+      fi
+    fi
+    sleep "$interval"
+  done
+}
+
+# Every setting the supervised half needs, for systemd's EnvironmentFile.
+write_env_file() {
+  local f=$STATE_DIR/ray.env name
+  : >"$f"
+  for name in $(compgen -e | grep -E '^(M9_|RAY_AUTH_|PATH$)'); do
+    printf '%s="%s"\n' "$name" "$(printf '%s' "${!name}" | sed 's/[\\"]/\\&/g')" >>"$f"
+  done
+}
+
+have_systemd() {
+  [[ ${M9_NO_SYSTEMD:-0} != 1 && -d /run/systemd/system ]] && command -v systemctl >/dev/null
+}
+
+start_supervised() {
+  local copy=$STATE_DIR/bootstrap.sh
+  ensure_dir "$STATE_DIR"
+  # EMR deletes its copy of a bootstrap action; the supervisor needs its own.
+  cp "$self" "$copy"
+  chmod 755 "$copy"
+  write_env_file
+  if have_systemd; then
+    local user
+    user=$(id -un)
+    log "starting m9-ray.service and m9-ray-logs.service under systemd (Restart=always)"
+    sudo tee /etc/systemd/system/m9-ray.service >/dev/null <<UNIT
+[Unit]
+Description=m9: Ray node (head on the master, worker elsewhere)
+After=network-online.target
+
+[Service]
+User=$user
+EnvironmentFile=$STATE_DIR/ray.env
+ExecStart=/bin/bash $copy __ray-node
+Restart=always
+RestartSec=${M9_RAY_RESTART_DELAY_S:-10}
+KillMode=control-group
+TimeoutStopSec=30
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    sudo tee /etc/systemd/system/m9-ray-logs.service >/dev/null <<UNIT
+[Unit]
+Description=m9: copy the bootstrap and Ray logs to $LOG_URI
+
+[Service]
+User=$user
+EnvironmentFile=$STATE_DIR/ray.env
+ExecStart=/bin/bash $copy __ship-logs
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    if [[ $JUPYTER == 1 ]] && is_master && [[ -x $VENV/bin/jupyter ]]; then
+      log "starting m9-jupyter.service on 127.0.0.1:8888 (reach it with infra/aws.sh notebook)"
+      sudo tee /etc/systemd/system/m9-jupyter.service >/dev/null <<UNIT
+[Unit]
+Description=m9: JupyterLab on loopback (Session Manager port forwarding only)
+After=m9-ray.service
+
+[Service]
+User=$user
+EnvironmentFile=$STATE_DIR/ray.env
+# As the EMR step runs m9: Spark on YARN, the cluster's Ray with its token.
+Environment=M9_SPARK_MASTER=yarn PYSPARK_PYTHON=$VENV/bin/python
+WorkingDirectory=$STATE_DIR/notebooks
+# Jupyter's token is Ray's: whoever has one can run code as $user anyway. Read from
+# the 0600 file into the environment, not onto the command line, which ps shows
+# (\$\$ is systemd's escape for a literal \$).
+ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks'
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    fi
+    sudo systemctl daemon-reload
+    sudo systemctl enable --now --no-block m9-ray.service
+    if [[ -f /etc/systemd/system/m9-jupyter.service ]]; then
+      sudo systemctl enable --now --no-block m9-jupyter.service
+    fi
+    [[ -z $LOG_URI ]] || sudo systemctl enable --now --no-block m9-ray-logs.service
+  else
+    # Own session, stdio on the log file, so EMR (or a test) does not wait for it.
+    log "no systemd here: Ray runs under a supervising loop (restarts it when it exits)"
+    [[ $JUPYTER != 1 ]] || log "warning: no systemd, so no Jupyter service (run it by hand)"
+    nohup setsid bash "$copy" __supervise >>"$LOG" 2>&1 </dev/null &
+    log "supervisor pid $!"
+    if [[ -n $LOG_URI ]]; then
+      nohup setsid bash "$copy" __ship-logs >>"$LOG" 2>&1 </dev/null &
+      log "log shipper pid $! (to $LOG_URI)"
+    fi
+  fi
 }
 
 # --- main -----------------------------------------------------------------------
 
 ensure_dir "$(dirname "$LOG")"
+self=$(readlink -f "${BASH_SOURCE[0]}")
 
-if [[ $MODE == ray-node ]]; then
-  exec >>"$LOG" 2>&1
-  start_ray_node
-  exit 0
-fi
+case $MODE in
+  ray-node) exec >>"$LOG" 2>&1; run_ray_node ;;
+  supervise) supervise ;;
+  ship-logs) ship_logs ;;
+esac
 
 # Everything goes to the log file and to EMR's own bootstrap stdout/stderr logs.
 exec > >(tee -a "$LOG") 2>&1
+set -o errtrace # the trap below also fires for a failure inside a function
 trap 'log "FAILED at line $LINENO (exit $?); full log: $LOG"' ERR
 
 if is_master; then role=master; else role=worker; fi
@@ -297,9 +558,6 @@ if [[ $SKIP_WEIGHTS == 1 ]]; then
 else
   fetch_weights
 fi
-
-# Detach the Ray half: own session, stdio on the log file, so EMR (or a test)
-# does not wait for it.
-self=$(readlink -f "${BASH_SOURCE[0]}")
-nohup setsid bash "$self" __ray-node >>"$LOG" 2>&1 </dev/null &
-log "Ray start continues in the background (pid $!); bootstrap done"
+fetch_ray_token
+start_supervised
+log "bootstrap done; Ray starts under its supervisor"

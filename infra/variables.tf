@@ -107,10 +107,16 @@ variable "constraints_file" {
   default     = null
 }
 
+variable "wheelhouse_dir" {
+  type        = string
+  description = "Local folder built by bootstrap/build_wheelhouse.sh (hashed wheels, requirements.txt, weights/), uploaded to s3://<bucket>/bootstrap/wheelhouse/; the nodes install only from it. Null means infra/wheelhouse, where infra/aws.sh up builds it."
+  default     = null
+}
+
 variable "m9_venv" {
   type        = string
-  description = "Python 3.11 virtualenv the bootstrap creates on every node. PYSPARK_PYTHON points at its interpreter, so Spark executors and the Ray workers run the same m9."
-  default     = "/opt/m9/venv"
+  description = "Python 3.11 virtualenv the bootstrap creates on every node, on the EBS volume EMR mounts at /mnt (TensorFlow alone is ~1.3 GB; the root volume is kept for the OS). PYSPARK_PYTHON points at its interpreter, so Spark executors and the Ray workers run the same m9."
+  default     = "/mnt/m9/venv"
 
   validation {
     condition     = can(regex("^/[A-Za-z0-9._/-]+$", var.m9_venv))
@@ -120,8 +126,8 @@ variable "m9_venv" {
 
 variable "m9_cache_dir" {
   type        = string
-  description = "Where the bootstrap puts the MobileNetV2 weights (M9_CACHE_DIR). Shared by the hadoop user (steps, Ray) and YARN containers, so not under a home directory."
-  default     = "/opt/m9/cache"
+  description = "Where the bootstrap puts the MobileNetV2 weights (M9_CACHE_DIR), on the EBS volume at /mnt. Shared by the hadoop user (steps, Ray) and YARN containers, so not under a home directory."
+  default     = "/mnt/m9/cache"
 
   validation {
     condition     = can(regex("^/[A-Za-z0-9._/-]+$", var.m9_cache_dir))
@@ -131,12 +137,23 @@ variable "m9_cache_dir" {
 
 variable "ray_cpu_fraction" {
   type        = number
-  description = "Share of each node's vCPUs offered to Ray (rounded down, at least 1). The rest is left to YARN/Spark executors and the node's daemons, so Ray actors and Spark tasks do not oversubscribe the same cores."
+  description = "Share of each core/task node's vCPUs offered to Ray (rounded down, at least 1). YARN is configured (yarn-site, DominantResourceCalculator) to offer only the remaining vCPUs and the same share less of its memory, so Ray actors and Spark executors get disjoint cores. The master offers Ray no CPUs."
   default     = 0.5
 
   validation {
-    condition     = var.ray_cpu_fraction > 0 && var.ray_cpu_fraction <= 1
-    error_message = "ray_cpu_fraction must be in (0, 1]."
+    condition     = var.ray_cpu_fraction > 0 && var.ray_cpu_fraction < 1
+    error_message = "ray_cpu_fraction must be in (0, 1): YARN needs some vCPUs too."
+  }
+}
+
+variable "ray_temp_dir" {
+  type        = string
+  description = "Ray's --temp-dir on every node (sessions, logs, sockets and spilled objects), on the EBS volume at /mnt, not on /tmp (which may be a small tmpfs). The Ray token file is written beside it. Keep it short: Ray's unix socket paths under it must stay below 107 bytes."
+  default     = "/mnt/m9/ray"
+
+  validation {
+    condition     = can(regex("^/[A-Za-z0-9._/-]{1,30}$", var.ray_temp_dir))
+    error_message = "ray_temp_dir must be an absolute path of at most 31 characters without spaces."
   }
 }
 
@@ -214,12 +231,23 @@ variable "task_bid_price" {
 
 variable "ebs_volume_size_gb" {
   type        = number
-  description = "Size of the gp3 EBS volume on every node (Spark shuffle, Ray object spilling, the venv)."
+  description = "Size of the gp3 EBS volume on every node, mounted by EMR at /mnt: HDFS and Spark shuffle, m9's venv and weights (m9_venv, m9_cache_dir), Ray's temp and spill folder (ray_temp_dir)."
   default     = 64
 
   validation {
     condition     = var.ebs_volume_size_gb >= 32
     error_message = "ebs_volume_size_gb must be at least 32."
+  }
+}
+
+variable "root_volume_size_gb" {
+  type        = number
+  description = "Size of every node's root EBS volume (EMR's default is 15 GiB): the OS, EMR's applications and their logs under /var/log. m9 itself lives on the data volume (ebs_volume_size_gb)."
+  default     = 32
+
+  validation {
+    condition     = var.root_volume_size_gb >= 15 && var.root_volume_size_gb <= 100
+    error_message = "root_volume_size_gb must be between 15 and 100 (EMR's limits)."
   }
 }
 
@@ -273,12 +301,19 @@ variable "availability_zone_suffix" {
 
 variable "allowed_ssh_cidrs" {
   type        = list(string)
-  description = "CIDRs allowed to reach the master on port 22. Empty (the default) opens no port at all; use SSM Session Manager instead."
+  description = "Private networks (RFC 1918) allowed to reach the master on port 22, for a VPN, peering or transit gateway you attach to the VPC yourself: the cluster's subnet has no route from the internet, so a public CIDR could never connect. Empty (the default) opens no port at all; use Session Manager (infra/aws.sh shell and port forwarding) instead."
   default     = []
 
   validation {
-    condition     = alltrue([for c in var.allowed_ssh_cidrs : can(cidrnetmask(c)) && c != "0.0.0.0/0"])
-    error_message = "allowed_ssh_cidrs must be IPv4 CIDR blocks and must not include 0.0.0.0/0."
+    # c lies inside net when c's prefix is at least as long and c's address, cut to net's prefix, is net's.
+    condition = alltrue([for c in var.allowed_ssh_cidrs : can(cidrnetmask(c)) && anytrue([
+      for net in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"] :
+      can(cidrnetmask(c)) ? (
+        tonumber(split("/", c)[1]) >= tonumber(split("/", net)[1])
+        && cidrhost("${split("/", c)[0]}/${split("/", net)[1]}", 0) == split("/", net)[0]
+      ) : false
+    ])])
+    error_message = "allowed_ssh_cidrs must be private IPv4 CIDR blocks (inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16): the subnet has no public route, and 0.0.0.0/0 is never allowed."
   }
 }
 

@@ -72,7 +72,20 @@ def test_shellcheck_and_syntax() -> None:
 def test_help_lists_every_command(tmp_path: Path) -> None:
     proc = _run(tmp_path, "--help")
     assert proc.returncode == 0
-    for command in ("up", "upload [DIR]", "upload --fruits360", "run [RUN_ID]", "fetch RUN_ID", "down", "all"):
+    for command in (
+        "up",
+        "upload [DIR]",
+        "upload --fruits360",
+        "run [RUN_ID]",
+        "fetch RUN_ID",
+        "down",
+        "all",
+        "shell",
+        "notebook",
+        "dashboard",
+        "spark-history",
+        "yarn",
+    ):
         assert f"\n  {command}" in proc.stdout, command
 
 
@@ -89,6 +102,7 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
         (("upload", "--force"), "unknown option: --force"),
         (("upload", "a", "b"), "upload takes at most one DIR"),
         (("upload", "--fruits360", "a.zip", "b"), "at most one ARCHIVE"),
+        (("notebook", "extra"), "notebook takes no arguments"),
     ],
 )
 def test_bad_arguments_exit_2_and_say_why(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -107,8 +121,11 @@ def test_dry_run_up_builds_the_wheel_then_applies(tmp_path: Path) -> None:
         if line.startswith("__version__")
     )
     wheel = f"{REPO}/dist/m9-{version}-py3-none-any.whl"
-    build, init, apply = _commands(proc)
+    build, weights, wheelhouse, init, apply = _commands(proc)
     assert "-m pip wheel --no-deps" in build and f"-w {REPO}/dist {REPO}" in build
+    # The nodes install only from the hashed wheelhouse, with the verified weights in it.
+    assert weights.endswith("m9 weights fetch")
+    assert wheelhouse.endswith(f"bash {REPO}/bootstrap/build_wheelhouse.sh {wheel} {REPO}/infra/wheelhouse")
     assert init == f"terraform -chdir={REPO}/infra init -input=false"
     assert apply == f"terraform -chdir={REPO}/infra apply -input=false -auto-approve -var m9_dist={wheel}"
 
@@ -164,10 +181,17 @@ def test_dry_run_all_runs_every_step_in_order(tmp_path: Path) -> None:
     proc = _run(tmp_path, "all", RUN_ID="exp-2")
     assert proc.returncode == 0, proc.stderr
     kinds = [
-        " ".join(c.split()[1:3]) if c.startswith(("aws", "terraform")) else c.split()[1:4] for c in _commands(proc)
+        " ".join(c.split()[1:3])
+        if c.startswith(("aws", "terraform"))
+        else c.split()[2:4]
+        if c.startswith("env ")
+        else c.split()[1:4]
+        for c in _commands(proc)
     ]
     assert kinds == [
         ["-m", "pip", "wheel"],
+        ["weights", "fetch"],
+        ["bash", f"{REPO}/bootstrap/build_wheelhouse.sh"],
         f"-chdir={REPO}/infra init",
         f"-chdir={REPO}/infra apply",
         "s3 sync",
@@ -180,7 +204,7 @@ def test_dry_run_all_runs_every_step_in_order(tmp_path: Path) -> None:
         f"-chdir={REPO}/infra destroy",
     ]
     # Without AUTO_APPROVE, terraform asks; -input=false would make it fail instead.
-    assert "-input=false" not in _commands(proc)[2] and "-auto-approve" not in _commands(proc)[-1]
+    assert "-input=false" not in _commands(proc)[4] and "-auto-approve" not in _commands(proc)[-1]
     # After a successful fetch the bucket goes too, via force_destroy set on it first.
     force_apply, destroy = _commands(proc)[-2:]
     assert "-target=aws_s3_bucket.data" in force_apply and "force_destroy_bucket=true" in force_apply
@@ -276,4 +300,29 @@ esac
         f"-chdir={REPO}/infra output -raw bucket_name",
         f"-chdir={REPO}/infra output -raw region",
         f"aws s3 sync {SAMPLE} s3://real-bucket/inputs/ --region eu-north-1 --only-show-errors",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "port"), [("notebook", 8888), ("dashboard", 8265), ("spark-history", 18080), ("yarn", 8088)]
+)
+def test_dry_run_port_forwarding_opens_no_port(tmp_path: Path, command: str, port: int) -> None:
+    """Session Manager port forwarding to the master's loopback: the only way in, one command each."""
+    proc = _run(tmp_path, command)
+    assert proc.returncode == 0, proc.stderr
+    assert _commands(proc) == [
+        "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' "
+        "--document-name AWS-StartPortForwardingSession "
+        f'--parameters \'{{"portNumber":["{port}"],"localPortNumber":["{port}"]}}\''
+    ]
+    assert f"http://127.0.0.1:{port}" in proc.stderr
+    other = _run(tmp_path, command, LOCAL_PORT="9999")
+    assert '"localPortNumber":["9999"]' in _commands(other)[0]
+
+
+def test_dry_run_shell_uses_the_logged_session_document(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "shell", M9_TF_OUTPUT_session_document="m9-shell")
+    assert proc.returncode == 0, proc.stderr
+    assert _commands(proc) == [
+        "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' --document-name m9-shell"
     ]

@@ -6,7 +6,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +25,12 @@ PLAN_BUCKET = "m9-plan-test"
 PLAN_BUCKET_ARN = f"arn:aws:s3:::{PLAN_BUCKET}"
 
 TERRAFORM = shutil.which("terraform")
+_no_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")
 
 
 def needs_terraform(test):
-    """Skipped without terraform; in the slow tier (terraform init/plan take seconds to minutes)."""
-    return pytest.mark.slow(pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")(test))
+    """Runs terraform: skipped without it, and in the slow tier."""
+    return pytest.mark.slow(_no_terraform(test))
 
 
 # Dummy credentials and no account lookups: the plan runs offline and only in
@@ -69,11 +75,23 @@ def _tf(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def _fake_wheelhouse(folder: Path) -> None:
+    """What bootstrap/build_wheelhouse.sh leaves (its own test builds a real one): the plan only uploads it."""
+    (folder / "weights").mkdir(parents=True)
+    (folder / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
+    (folder / "requirements.txt").write_text("m9==0.0.0 --hash=sha256:" + "0" * 64 + "\n")
+    (folder / "weights" / "mobilenet_v2_imagenet_no_top.weights.h5").write_bytes(b"not real weights")
+
+
 @pytest.fixture(scope="module")
 def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of infra/ (+ the files it uploads) with the provider override, initialised offline."""
     root = tmp_path_factory.mktemp("tf")
-    shutil.copytree(INFRA, root / "infra", ignore=shutil.ignore_patterns(".terraform*", "*.tfplan"))
+    shutil.copytree(
+        INFRA,
+        root / "infra",
+        ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*", "wheelhouse"),
+    )
     shutil.copytree(BOOTSTRAP, root / "bootstrap")
     constraints = REPO / "constraints.txt"
     if constraints.exists():
@@ -83,6 +101,7 @@ def tf_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dist").mkdir()
     (root / "dist" / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
     workdir = root / "infra"
+    _fake_wheelhouse(workdir / "wheelhouse")
     (workdir / "test_provider_override.tf").write_text(PROVIDER_OVERRIDE)
     _tf(workdir, "init", "-input=false", "-backend=false")
     return workdir
@@ -145,6 +164,15 @@ def test_offline_mirror_pins_provider() -> None:
         )
 
 
+def test_provider_lock_file_is_committed() -> None:
+    """infra/.terraform.lock.hcl pins the provider build (made offline: terraform providers lock -fs-mirror)."""
+    lock = (INFRA / ".terraform.lock.hcl").read_text()
+    pinned = re.search(r'version\s*=\s*"~>\s*([0-9.]+)"', (INFRA / "versions.tf").read_text()).group(1)
+    locked = re.search(r'provider "registry.terraform.io/hashicorp/aws" \{\n\s+version\s+=\s+"([0-9.]+)"', lock)
+    assert locked and locked.group(1).startswith(pinned)
+    assert re.search(r'"h1:[A-Za-z0-9+/=]+"', lock)
+
+
 @needs_terraform
 def test_terraform_validate(tf_workdir: Path) -> None:
     _tf(tf_workdir, "validate")
@@ -180,7 +208,7 @@ def test_non_eu_region_is_rejected(tf_workdir: Path, region: str) -> None:
 def test_ssh_from_everywhere_is_rejected(tf_workdir: Path) -> None:
     proc = _tf(tf_workdir, *_plan_args('-var=allowed_ssh_cidrs=["0.0.0.0/0"]'), check=False)
     assert proc.returncode != 0
-    assert "must not include 0.0.0.0/0" in proc.stderr
+    assert "0.0.0.0/0 is never allowed" in " ".join(proc.stderr.split())
 
 
 @needs_terraform
@@ -253,12 +281,21 @@ def test_no_ingress_from_the_internet(plan: dict) -> None:
 def test_ssh_only_from_allowed_cidrs(tf_workdir: Path) -> None:
     _tf(
         tf_workdir,
-        *_plan_args('-var=allowed_ssh_cidrs=["203.0.113.0/24"]', "-out=ssh.tfplan"),
+        *_plan_args('-var=allowed_ssh_cidrs=["10.20.0.0/16"]', "-out=ssh.tfplan"),
     )
     ssh_plan = json.loads(_tf(tf_workdir, "show", "-json", "ssh.tfplan").stdout)
     ssh = [r for r in _changes(ssh_plan, "aws_vpc_security_group_ingress_rule") if r["from_port"] == 22]
-    assert [r["cidr_ipv4"] for r in ssh] == ["203.0.113.0/24"]
+    assert [r["cidr_ipv4"] for r in ssh] == ["10.20.0.0/16"]
     assert "0.0.0.0/0" not in _ingress_cidrs(ssh_plan)
+
+
+@needs_terraform
+@pytest.mark.parametrize("cidr", ["203.0.113.0/24", "8.0.0.0/8", "172.32.0.0/16"])
+def test_ssh_from_a_public_network_is_rejected(tf_workdir: Path, cidr: str) -> None:
+    """The subnet has no route from the internet: a public CIDR could never connect, so it is refused."""
+    proc = _tf(tf_workdir, *_plan_args(f'-var=allowed_ssh_cidrs=["{cidr}"]'), check=False)
+    assert proc.returncode != 0
+    assert "must be private IPv4 CIDR blocks" in " ".join(proc.stderr.split())
 
 
 @needs_terraform
@@ -290,11 +327,20 @@ def test_emr_cluster(plan: dict) -> None:
 @needs_terraform
 def test_run_step_uses_yarn_ray_and_the_bucket(plan: dict) -> None:
     args = plan["planned_values"]["outputs"]["run_step_args"]["value"]
-    m9 = args.index("/opt/m9/venv/bin/m9")
+    m9 = args.index("/mnt/m9/venv/bin/m9")
     assert args[:m9] == [
         "/usr/bin/env",
         "M9_SPARK_MASTER=yarn",
-        "M9_CACHE_DIR=/opt/m9/cache",
+        "M9_CACHE_DIR=/mnt/m9/cache",
+        "AWS_REGION=eu-west-1",
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN_PATH=/mnt/m9/ray-auth-token",
+        # Every running EMR instance must have joined Ray before m9 starts.
+        "/mnt/m9/venv/bin/m9-preflight",
+        "--emr",
+        "--timeout",
+        "600",
+        "--",
     ]
     opts = dict(zip(args[m9 + 2 :: 2], args[m9 + 3 :: 2], strict=True))
     assert args[m9 + 1] == "run"
@@ -309,7 +355,12 @@ def test_bootstrap_files_are_uploaded_next_to_each_other(plan: dict) -> None:
     assert keys == {
         "bootstrap/bootstrap.sh",
         "bootstrap/constraints.txt",
+        "bootstrap/m9_preflight.py",
         "bootstrap/m9-0.0.0-py3-none-any.whl",
+        # The nodes install only from here (no route to PyPI).
+        "bootstrap/wheelhouse/m9-0.0.0-py3-none-any.whl",
+        "bootstrap/wheelhouse/requirements.txt",
+        "bootstrap/wheelhouse/weights/mobilenet_v2_imagenet_no_top.weights.h5",
     }
 
 
@@ -351,12 +402,17 @@ def test_instance_profile_is_scoped_to_the_bucket(plan: dict) -> None:
                 resource,
             )
         assert not any(a in ("s3:*", "*") for a in s["actions"]), s["sid"]
-    writes = next(s for s in statements if "s3:PutObject" in s["actions"])
-    assert {r.removeprefix(PLAN_BUCKET_ARN) for r in writes["resources"]} == {
+    writes = [s for s in statements if "s3:PutObject" in s["actions"]]
+    deletes = [s for s in statements if "s3:DeleteObject" in s["actions"]]
+    assert {r.removeprefix(PLAN_BUCKET_ARN) for s in writes for r in s["resources"]} == {
         "/runs/*",
         "/tmp/*",
         "/logs/emr/*",
+        "/logs/m9/*",
+        "/logs/ssm/*",
     }
+    # Logs are append-only for the nodes.
+    assert {r.removeprefix(PLAN_BUCKET_ARN) for s in deletes for r in s["resources"]} == {"/runs/*", "/tmp/*"}
     # "*" only for SSM channel actions, which have no resource type in IAM.
     for s in policy["statement"]:
         if "*" in (s.get("resources") or []):
@@ -367,6 +423,188 @@ def test_instance_profile_is_scoped_to_the_bucket(plan: dict) -> None:
 def test_no_broad_managed_policies(plan: dict) -> None:
     attached = [a["policy_arn"] for a in _changes(plan, "aws_iam_role_policy_attachment")]
     assert attached == ["arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"]
+
+
+def _config(plan: dict, address: str) -> dict:
+    """The configuration expressions of one resource (which other resources its arguments reference)."""
+    (resource,) = [r for r in plan["configuration"]["root_module"]["resources"] if r["address"] == address]
+    return resource["expressions"]
+
+
+def _ref(expressions: dict, key: str) -> str:
+    """The resource an argument points at, e.g. 'aws_security_group.emr_core'."""
+    return next(r for r in expressions[key]["references"] if r.count(".") == 1)
+
+
+def _sg_rules(plan: dict, kind: str) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """(group, peer group) -> (protocol, port) for every group-to-group rule of one kind (ingress/egress)."""
+    rules = {}
+    for rc in plan["resource_changes"]:
+        after = rc["change"]["after"]
+        if rc["type"] != f"aws_vpc_security_group_{kind}_rule" or after.get("cidr_ipv4") or "index" in rc:
+            continue
+        expressions = _config(plan, rc["address"])
+        if "referenced_security_group_id" not in expressions:
+            continue
+        key = (
+            _ref(expressions, "security_group_id").split(".")[1],
+            _ref(expressions, "referenced_security_group_id").split(".")[1],
+        )
+        after = rc["change"]["after"]
+        assert key not in rules, f"two {kind} rules for {key}"
+        rules[key] = (after["ip_protocol"], after.get("from_port"))
+    return rules
+
+
+@needs_terraform
+def test_security_groups_follow_emrs_rules_for_private_subnets(plan: dict) -> None:
+    """AWS's minimum for EMR-managed groups in a private subnet (finding 1 of issue 12)."""
+    everything = ("-1", None)
+    assert _sg_rules(plan, "egress") == {
+        ("emr_master", "emr_master"): everything,
+        ("emr_master", "emr_core"): everything,
+        ("emr_core", "emr_core"): everything,
+        ("emr_core", "emr_master"): everything,  # HDFS, YARN and Ray's GCS (6379) on the master
+        ("emr_master", "emr_service_access"): ("tcp", 9443),
+        ("emr_core", "emr_service_access"): ("tcp", 9443),
+        ("emr_service_access", "emr_master"): ("tcp", 8443),
+        ("emr_service_access", "emr_core"): ("tcp", 8443),
+    }
+    assert _sg_rules(plan, "ingress") == {
+        ("emr_master", "emr_master"): everything,
+        ("emr_master", "emr_core"): everything,
+        ("emr_core", "emr_core"): everything,
+        ("emr_core", "emr_master"): everything,
+        ("emr_master", "emr_service_access"): ("tcp", 8443),
+        ("emr_core", "emr_service_access"): ("tcp", 8443),
+        # Without it, cluster creation fails with a VALIDATION_ERROR.
+        ("emr_service_access", "emr_master"): ("tcp", 9443),
+    }
+    # The cluster is created only after the rules EMR validates exist.
+    depends = set(_config_resource(plan, "aws_emr_cluster.main").get("depends_on", []))
+    assert "aws_vpc_security_group_ingress_rule.service_access_from_master" in depends
+
+
+def _config_resource(plan: dict, address: str) -> dict:
+    (resource,) = [r for r in plan["configuration"]["root_module"]["resources"] if r["address"] == address]
+    return resource
+
+
+@needs_terraform
+def test_nothing_reaches_the_internet(plan: dict) -> None:
+    """No NAT gateway, no internet gateway, no default route, no 0.0.0.0/0 in any rule (finding 6)."""
+    types = {rc["type"] for rc in plan["resource_changes"]}
+    assert not types & {"aws_nat_gateway", "aws_internet_gateway", "aws_eip", "aws_egress_only_internet_gateway"}
+    for table in _changes(plan, "aws_route_table"):
+        assert not table.get("route"), table
+    egress = _changes(plan, "aws_vpc_security_group_egress_rule")
+    assert not [r for r in egress if r.get("cidr_ipv4") in ("0.0.0.0/0",) or r.get("cidr_ipv6") == "::/0"]
+    assert "0.0.0.0/0" not in _ingress_cidrs(plan)
+    # HTTPS to the interface endpoints inside the VPC and to S3's gateway endpoint, from both node groups.
+    https = [r for r in egress if (r["ip_protocol"], r["from_port"]) == ("tcp", 443)]
+    assert sorted(r.get("cidr_ipv4") or "prefix-list" for r in https) == ["10.42.0.0/16"] * 2 + ["prefix-list"] * 2
+    services = {e["service_name"].rsplit(".", 1)[1] for e in _changes(plan, "aws_vpc_endpoint")}
+    assert services == {"s3", "ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"}
+
+
+@needs_terraform
+def test_disk_root_volume_and_everything_of_m9_on_the_ebs_volume(plan: dict) -> None:
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    assert cluster["ebs_root_volume_size"] >= 30  # EMR's default 15 GiB is too small
+    args = cluster["bootstrap_action"][0]["args"]
+    opt = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    # EMR mounts the first EBS volume at /mnt; /tmp may be a small tmpfs.
+    for key in ("--venv", "--cache-dir", "--ray-temp-dir", "--ray-token-file"):
+        assert opt[key].startswith("/mnt/"), (key, opt[key])
+    ebs = cluster["core_instance_group"][0]["ebs_config"][0]
+    assert ebs["size"] >= 32 and ebs["type"] == "gp3"
+    descriptions = {k: v["description"] for k, v in plan["configuration"]["root_module"]["variables"].items()}
+    assert "/mnt" in descriptions["ebs_volume_size_gb"] and "venv" in descriptions["ebs_volume_size_gb"]
+
+
+@needs_terraform
+def test_yarn_offers_only_what_ray_leaves(plan: dict) -> None:
+    """m5.2xlarge core nodes: 8 vCPUs, 32 GiB; Ray gets floor(8 * 0.5) = 4 CPUs, YARN the other 4."""
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    configurations = {c["Classification"]: c["Properties"] for c in json.loads(cluster["configurations_json"])}
+    yarn = configurations["yarn-site"]
+    vcores, memory = int(yarn["yarn.nodemanager.resource.cpu-vcores"]), int(yarn["yarn.nodemanager.resource.memory-mb"])
+    ray_cpus = 8 // 2
+    assert vcores + ray_cpus == 8
+    assert memory == 32768 * 3 // 4 // 2  # half of EMR's usual 75% share
+    assert int(yarn["yarn.scheduler.maximum-allocation-vcores"]) == vcores
+    # Without the dominant-resource calculator YARN schedules by memory alone and ignores the vcores.
+    calculator = configurations["capacity-scheduler"]["yarn.scheduler.capacity.resource-calculator"]
+    assert calculator.endswith("DominantResourceCalculator")
+    # Spark's executors fit YARN's share, overhead (max(384 MiB, 10%)) included.
+    spark = configurations["spark-defaults"]
+    cores, executor_mib = int(spark["spark.executor.cores"]), int(spark["spark.executor.memory"].removesuffix("m"))
+    per_node = vcores // cores
+    assert per_node >= 1 and per_node * (executor_mib + max(384, executor_mib // 10)) <= memory
+    # The head offers no actor CPUs; the workers' share is the same fraction the YARN split used.
+    args = cluster["bootstrap_action"][0]["args"]
+    assert args[args.index("--ray-head-cpus") + 1] == "0"
+    assert float(args[args.index("--ray-cpu-fraction") + 1]) == 0.5
+
+
+@needs_terraform
+def test_task_nodes_get_their_own_yarn_share(tf_workdir: Path) -> None:
+    _tf(
+        tf_workdir,
+        *_plan_args("-var=task_instance_count=2", "-var=task_instance_type=m5.4xlarge", "-out=task.tfplan"),
+    )
+    task_plan = json.loads(_tf(tf_workdir, "show", "-json", "task.tfplan").stdout)
+    (task,) = _changes(task_plan, "aws_emr_instance_group")
+    (yarn,) = json.loads(task["configurations_json"])
+    assert yarn["Properties"]["yarn.nodemanager.resource.cpu-vcores"] == "8"  # 16 vCPUs, 8 for Ray
+
+
+@needs_terraform
+def test_unknown_instance_type_is_refused_at_plan(tf_workdir: Path) -> None:
+    proc = _tf(tf_workdir, *_plan_args("-var=core_instance_type=x9.huge"), check=False)
+    assert proc.returncode != 0
+    assert "must be listed in local.instance_shapes" in " ".join(proc.stderr.split())
+
+
+@needs_terraform
+def test_ray_token_is_generated_encrypted_and_wired(plan: dict) -> None:
+    token = _one(plan, "aws_ssm_parameter", "ray_token")
+    assert token["type"] == "SecureString"
+    assert "aws_kms_key.data.arn" in _config(plan, "aws_ssm_parameter.ray_token")["key_id"]["references"]
+    cluster = _one(plan, "aws_emr_cluster", "main")
+    args = cluster["bootstrap_action"][0]["args"]
+    assert args[args.index("--ray-token-parameter") + 1] == token["name"]
+    token_file = args[args.index("--ray-token-file") + 1]
+    step = plan["planned_values"]["outputs"]["run_step_args"]["value"]
+    assert "RAY_AUTH_MODE=token" in step and f"RAY_AUTH_TOKEN_PATH={token_file}" in step
+    # The nodes may read this one parameter, nothing else in SSM's parameter store.
+    node_policy = _config(plan, "data.aws_iam_policy_document.emr_ec2")["statement"]
+    reads = [s for s in node_policy if "ssm:GetParameter" in s["actions"]["constant_value"]]
+    assert len(reads) == 1 and reads[0]["resources"]["references"][0] == "aws_ssm_parameter.ray_token.arn"
+    # The bootstrap turns token auth on for every Ray process it starts.
+    assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE" in (BOOTSTRAP / "bootstrap.sh").read_text()
+
+
+@needs_terraform
+def test_small_iam_things(plan: dict) -> None:
+    """Finding 7 of issue 12."""
+    kms = _one(plan, "aws_iam_policy_document", "kms")["statement"]
+    (grants,) = [s for s in kms if "kms:CreateGrant" in s["actions"]]
+    grant_refs = _config(plan, "data.aws_iam_policy_document.kms")["statement"]
+    (grant_cfg,) = [s for s in grant_refs if "kms:CreateGrant" in s["actions"]["constant_value"]]
+    assert grant_cfg["principals"][0]["identifiers"]["references"] == [
+        "aws_iam_role.emr_service.arn",
+        "aws_iam_role.emr_service",
+    ], "only the service role may create grants"
+    assert grants["condition"][0]["variable"] == "kms:GrantIsForAWSResource"
+    (trust,) = _one(plan, "aws_iam_policy_document", "emr_assume")["statement"]
+    assert {c["variable"] for c in trust["condition"]} == {"aws:SourceAccount", "aws:SourceArn"}
+    session = _one(plan, "aws_ssm_document", "session")
+    assert session["document_type"] == "Session"
+    # destroy validates m9_dist like apply, so the printed command must pass it.
+    teardown = plan["configuration"]["root_module"]["outputs"]["teardown_commands"]["expression"]
+    assert "var.m9_dist" in teardown["references"]
+    assert "destroy -var m9_dist=${var.m9_dist}" in (INFRA / "outputs.tf").read_text()
 
 
 # --- linters ----------------------------------------------------------------------
@@ -434,6 +672,11 @@ def test_docker_compose_deploy_profile() -> None:
     assert {"terraform", "aws-cli"} <= set(services)
     for name in ("terraform", "aws-cli"):
         assert services[name]["profiles"] == ["deploy"]
+    # `aws ssm start-session` needs the Session Manager plugin, which the stock aws-cli image lacks.
+    aws_cli = services["aws-cli"]
+    dockerfile = (REPO / aws_cli["build"]["context"] / aws_cli["build"]["dockerfile"]).read_text()
+    assert "FROM amazon/aws-cli:" in dockerfile and "session-manager-plugin" in dockerfile
+    assert all(p.startswith("127.0.0.1:") for p in aws_cli["ports"])
     terraform = services["terraform"]
     assert terraform["image"] == f"hashicorp/terraform:{TERRAFORM_VERSION}"
     assert any(v.startswith("./infra:") for v in terraform["volumes"])
@@ -446,3 +689,216 @@ def test_docker_compose_deploy_profile() -> None:
             env=_terraform_env(),
         ).stdout
         assert f"v{TERRAFORM_VERSION}" in out, "docker-compose.yml and the installed terraform differ"
+
+
+# --- terraform apply and destroy against moto's server on loopback ------------------
+
+MOTO_BUCKET = "m9-moto-test"
+MOTO_SERVICES = ("ec2", "emr", "iam", "kms", "s3", "ssm", "sts")
+
+# Where moto 5.2.5 behaves unlike AWS although it has the call, a test-only override stands in, so the
+# apply gets past it to the rest of the stack (each is named in the report and in infra/README.md):
+#  - IAM AttachRolePolicy: AmazonEMRServicePolicy_v2 is not among moto's AWS managed policies;
+#  - S3 PutObject: moto applies the bucket policy's Deny without its aws:SecureTransport condition,
+#    so the TLS-only bucket refuses every upload, even over TLS;
+#  - EC2 CreateFlowLogs: moto reads an S3 destination with a key prefix (bucket/logs/vpc-flow/) as a
+#    bucket name that does not exist.
+MOTO_STAND_INS = """\
+resource "aws_iam_role_policy_attachment" "emr_service" {
+  policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonElasticMapReduceRole"
+}
+
+resource "aws_s3_bucket_policy" "data" {
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "MotoStandIn"
+      Effect    = "Allow"
+      Principal = { AWS = "arn:aws:iam::123456789012:root" }
+      Action    = "s3:GetObject"
+      Resource  = "${local.bucket_arn}/*"
+    }]
+  })
+}
+
+resource "aws_flow_log" "main" {
+  log_destination = local.bucket_arn
+}
+"""
+# The one call moto lacks: after RunJobFlow the provider reads the cluster's instance fleets, and
+# moto 5.2.5 answers ListInstanceFleets with a 500 (NotImplementedError), which the provider retries
+# for as long as its create timeout. The test stops there.
+MOTO_MISSING_CALL = "EMR ListInstanceFleets"
+CLUSTER_APPLY_TIMEOUT_S = 90
+
+
+def _moto_provider(endpoint: str) -> str:
+    endpoints = "\n".join(f'    {s} = "{endpoint}"' for s in MOTO_SERVICES)
+    return f"""\
+provider "aws" {{
+  access_key                  = "test"
+  secret_key                  = "test"
+  skip_credentials_validation = true
+  skip_requesting_account_id  = true
+  skip_metadata_api_check     = true
+  skip_region_validation      = true
+  s3_use_path_style           = true
+  # moto's self-signed certificate (TLS, because the bucket policy refuses plain HTTP).
+  insecure = true
+
+  endpoints {{
+{endpoints}
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def moto_server(tmp_path: Path) -> Iterator[str]:
+    """moto's server on 127.0.0.1 with TLS and AWS's managed IAM policies loaded; yields its endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), "-s"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
+    )
+    endpoint = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                assert proc.poll() is None, (tmp_path / "moto.log").read_text()
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _tf_timed(workdir: Path, timeout: float, *args: str) -> subprocess.CompletedProcess[str] | None:
+    """terraform in its own process group, killed with its provider after timeout (None then)."""
+    proc = subprocess.Popen(
+        [TERRAFORM, *args, "-no-color"],
+        cwd=workdir,
+        env=_terraform_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@needs_terraform
+def test_apply_and_destroy_against_moto(moto_server: str, tmp_path: Path) -> None:
+    """terraform apply, then destroy, of the whole stack against a local AWS API (issue 12).
+
+    Everything but the EMR cluster is applied and then checked in moto; the cluster's apply reaches
+    RunJobFlow and stops at the call moto lacks (xfail naming it), after destroy has removed the rest.
+    """
+    boto3 = pytest.importorskip("boto3")
+    root = tmp_path / "stack"
+    shutil.copytree(
+        INFRA,
+        root / "infra",
+        ignore=shutil.ignore_patterns(".terraform", "*.tfplan", "terraform.tfstate*", "wheelhouse"),
+    )
+    shutil.copytree(BOOTSTRAP, root / "bootstrap")
+    shutil.copy(REPO / "constraints.txt", root / "constraints.txt")
+    (root / "dist").mkdir()
+    (root / "dist" / "m9-0.0.0-py3-none-any.whl").write_bytes(b"not a real wheel")
+    workdir = root / "infra"
+    _fake_wheelhouse(workdir / "wheelhouse")
+    (workdir / "moto_provider_override.tf").write_text(_moto_provider(moto_server))
+    (workdir / "moto_stand_ins_override.tf").write_text(MOTO_STAND_INS)
+    _tf(workdir, "init", "-input=false", "-backend=false")
+    variables = [
+        "-var=m9_dist=../dist/m9-0.0.0-py3-none-any.whl",
+        f"-var=bucket_name={MOTO_BUCKET}",
+        "-var=force_destroy_bucket=true",
+    ]
+    _tf(workdir, "plan", "-input=false", *variables, "-out=moto.tfplan")
+    planned = json.loads(_tf(workdir, "show", "-json", "moto.tfplan").stdout)
+    addresses = [rc["address"] for rc in planned["resource_changes"] if rc["mode"] == "managed"]
+    cluster = "aws_emr_cluster.main"
+    rest = [a for a in addresses if a != cluster]
+
+    # 1. Everything except the cluster.
+    _tf(workdir, "apply", "-input=false", "-auto-approve", *variables, *(f"-target={a}" for a in rest))
+    applied = [a for a in _tf(workdir, "state", "list").stdout.split() if not a.startswith("data.")]
+    assert sorted(applied) == sorted(rest)
+    print(f"applied against moto ({len(applied)}): {' '.join(applied)}")
+
+    # What moto now holds is what the plan promised.
+    aws = {
+        "endpoint_url": moto_server,
+        "region_name": "eu-west-1",
+        "verify": False,
+        "aws_access_key_id": "test",
+        "aws_secret_access_key": "test",
+    }
+    s3 = boto3.client("s3", **aws)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=MOTO_BUCKET)["Contents"]}
+    assert {"bootstrap/bootstrap.sh", "bootstrap/m9_preflight.py", "bootstrap/constraints.txt"} <= keys
+    head = s3.head_object(Bucket=MOTO_BUCKET, Key="bootstrap/bootstrap.sh")
+    assert head["ServerSideEncryption"] == "aws:kms"
+    token = boto3.client("ssm", **aws).get_parameter(Name="/m9/ray-auth-token", WithDecryption=True)["Parameter"]
+    assert token["Type"] == "SecureString" and re.fullmatch(r"[0-9a-f]{64}", token["Value"])
+    ec2 = boto3.client("ec2", **aws)
+    groups = {g["GroupName"]: g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
+    rules = ec2.describe_security_group_rules()["SecurityGroupRules"]
+    service_ingress = [r for r in rules if r["GroupId"] == groups["m9-emr-service-access"] and not r["IsEgress"]]
+    assert [(r["FromPort"], r["ReferencedGroupInfo"]["GroupId"]) for r in service_ingress] == [
+        (9443, groups["m9-emr-master"])
+    ]
+
+    # 2. The cluster: RunJobFlow, then the provider reads it back. No refresh: moto describes an
+    # all-protocol security group rule with ports, which the provider would then try to "fix" with
+    # ModifySecurityGroupRules, which moto refuses.
+    cluster_apply = _tf_timed(
+        workdir,
+        CLUSTER_APPLY_TIMEOUT_S,
+        "apply",
+        "-input=false",
+        "-auto-approve",
+        "-refresh=false",
+        *variables,
+        f"-target={cluster}",
+    )
+    moto_log = (tmp_path / "moto.log").read_text()
+    cluster_created = cluster_apply is not None and cluster_apply.returncode == 0
+    # RunJobFlow itself went through: moto holds the cluster, with the bootstrap action and the step's pieces.
+    emr = boto3.client("emr", **aws)
+    (summary,) = [c for c in emr.list_clusters()["Clusters"] if c["Name"] == "m9"]
+    actions = emr.list_bootstrap_actions(ClusterId=summary["Id"])["BootstrapActions"]
+    assert actions[0]["ScriptPath"] == f"s3://{MOTO_BUCKET}/bootstrap/bootstrap.sh"
+    assert "--ray-token-parameter" in actions[0]["Args"]
+
+    # 3. destroy removes everything terraform created, the bucket with its objects included.
+    _tf(workdir, "destroy", "-input=false", "-auto-approve", "-lock=false", *variables)
+    assert [a for a in _tf(workdir, "state", "list").stdout.split() if not a.startswith("data.")] == []
+    assert MOTO_BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert not [g for g in groups if g.startswith("m9-") and g in {
+        g2["GroupName"] for g2 in ec2.describe_security_groups()["SecurityGroups"]
+    }]  # fmt: skip
+
+    if not cluster_created:
+        assert "The list_instance_fleets action has not been implemented" in moto_log, (
+            cluster_apply.stderr if cluster_apply else "cluster apply timed out for another reason"
+        )
+        pytest.xfail(f"moto lacks {MOTO_MISSING_CALL}: the EMR cluster's apply stops after RunJobFlow")
