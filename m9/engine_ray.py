@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 
+from m9 import quiet as m9quiet
 from m9.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
     if ray.is_initialized():
         yield
         return
+    m9quiet.configure()
     quiet = {
         "include_dashboard": False,
         "log_to_driver": False,
         "configure_logging": True,
-        "logging_level": logging.WARNING,
+        "logging_level": m9quiet.ray_logging_level(),
     }
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(
-                num_cpus=num_cpus or os.cpu_count(),
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                **quiet,
-            )
+        with m9quiet.native_stderr_without(m9quiet.RAY_LEVEL_NOTICE):
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count(),
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    **quiet,
+                )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise EngineError(
             f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}"

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from m9 import storage
+from m9 import quiet, storage
 from m9.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     if active is not None:
         yield active
         return
+    quiet.configure()
     if not _on_emr():  # EMR sets JAVA_HOME for its own Spark
         os.environ["JAVA_HOME"] = find_java_home()
     # Executors' Python workers must run this interpreter (the venv's), not whatever `python3` is on PATH.
@@ -216,7 +217,10 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
         .config("spark.ui.showConsoleProgress", "false")
     )
     if not _on_emr():  # on EMR, memory, UI and Java options (GC, logging) stay as the cluster set them
-        log4j = f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+        log4j = (
+            f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+            f" -Dm9.spark.console.level={quiet.spark_log_level().lower()}"
+        )
         builder = (
             builder.config("spark.driver.memory", DEFAULT_DRIVER_MEMORY)
             .config("spark.ui.enabled", "false")
@@ -235,7 +239,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
         spark = builder.getOrCreate()
     except Exception as exc:  # py4j raises plain Exceptions when the JVM cannot start
         raise EngineError(f"Spark could not start: {str(exc).splitlines()[0]}") from exc
-    spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setLogLevel(quiet.spark_log_level())
     try:
         yield spark
     finally:

@@ -1,0 +1,90 @@
+"""Keep Spark's, Ray's and TensorFlow's own console lines out of a run unless asked for (`m9 -v`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+#: Set to "1" by `m9 -v`; read here and by the engines' helpers (and inherited by the processes they start).
+VERBOSE_ENV = "M9_VERBOSE"
+
+#: Environment the engines' native code reads at start-up. Ray's workers, raylet and GCS inherit the
+#: driver's environment when m9 starts a local Ray, so setting it once in the driver quiets them all.
+QUIET_ENV = {
+    # TensorFlow's C++ INFO and WARNING lines (oneDNN notes, CPU instruction sets).
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Ray's C++ core logs at ERROR, on the driver's stderr, that Ray Data's own actor pool "has constructor
+    # arguments in the object store and max_restarts > 0" (core_worker.cc): nothing a user can act on.
+    "RAY_BACKEND_LOG_LEVEL": "fatal",
+    # Ray Data's INFO/WARNING console lines: execution plans, "Progress bars disabled", finish times.
+    "RAY_DATA_LOG_LEVEL": "ERROR",
+}
+
+#: Python loggers of the engines, kept to errors unless verbose (m9's own progress and warnings replace them).
+NOISY_LOGGERS = ("py4j", "ray", "ray.data", "tensorflow", "absl")
+
+
+def verbose() -> bool:
+    """True when the user asked for the engines' own log lines (`m9 -v`)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def configure(verbose_: bool | None = None) -> None:
+    """Quiet the engines (or, verbose, leave them be); call before Spark, Ray or TensorFlow start.
+
+    Variables the user set themselves are left as they are.
+    """
+    if verbose_ is not None:
+        os.environ[VERBOSE_ENV] = "1" if verbose_ else "0"
+    if verbose():
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def ray_logging_level() -> int:
+    """The level ray.init gives its "ray" logger: WARNING when verbose, else ERROR (its token-auth notice
+    and similar start-up warnings are Ray's, not the user's, concern on a local cluster)."""
+    return logging.WARNING if verbose() else logging.ERROR
+
+
+def spark_log_level() -> str:
+    """The level for SparkContext.setLogLevel."""
+    return "WARN" if verbose() else "ERROR"
+
+
+#: The one line Ray's C++ logging prints (at INFO, on the driver's stderr) whenever RAY_BACKEND_LOG_LEVEL is
+#: set, before the level applies; ray.init runs inside native_stderr_without() it.
+RAY_LEVEL_NOTICE = re.compile(r"logging\.cc:\d+: Set ray log level from environment variable")
+
+
+@contextlib.contextmanager
+def native_stderr_without(pattern: re.Pattern) -> Iterator[None]:
+    """Run the block with file descriptor 2 (where native code writes) going to a temporary file, then
+    write back every line of it except those matching pattern. Only for short blocks (ray.init): lines
+    the block writes appear when it ends. Does nothing when verbose."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(True) if not pattern.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
