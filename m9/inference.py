@@ -16,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import contract, engine_ray, lease, storage
+from m9 import contract, engine_ray, lease, quiet, storage
 from m9 import weights as m9weights
 from m9.config import DEFAULT_DECODE_MEMORY, DEFAULT_RUNTIME, FEATURE_DIM, PREPROCESS_VERSION, RUNTIMES, EmbedConfig
 from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.errors import InputError, TooManyRejectedError
+from m9.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ def embed_batches(
             weights_path=None, model=ray.put(model_bytes), model_sha256=m9weights.onnx_sha256(weights_path)
         )
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # m9 shows its own progress (m9.progress); Ray Data's bars only with `m9 -v`, on a terminal.
+    ctx.enable_progress_bars = quiet.verbose() and sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
     items = plan_slices(shards, SLICE_BATCHES * batch_size)
     ds = (
@@ -429,10 +431,13 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
             batches = embed_batches(
                 pending, cfg.actors, cfg.batch_size, weights_path, cfg.runtime, cfg.decode_memory_mb
             )
-            for batch in batches:
-                batch_shards = batch.pop("shard")
-                for shard in np.unique(batch_shards):
-                    writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
+            what = f"embedding with {cfg.actors} actors ({cfg.runtime})"
+            with StageProgress("embed", what, sum(expected.values()), counters={"shards": len(pending)}) as shown:
+                for batch in batches:
+                    batch_shards = batch.pop("shard")
+                    for shard in np.unique(batch_shards):
+                        writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
+                    shown.update(len(batch_shards), shards=len(writer.committed))
             loads = ray.get(counter.get.remote())
             if writer.duplicates:
                 log.info("embed: %d re-delivered rows (from retried tasks) dropped", writer.duplicates)

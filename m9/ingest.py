@@ -17,6 +17,7 @@ from m9 import spark as m9spark
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
 from m9.contract import INGEST, Manifest
 from m9.errors import InputError
+from m9.progress import spark_tasks
 
 log = logging.getLogger(__name__)
 
@@ -252,17 +253,18 @@ def _write(
                 f"was the folder changed during the run? Re-run the same command."
             )
         files = max(math.ceil(found / cfg.images_per_file), math.ceil(total_bytes / cfg.bytes_per_file), 1)
-        (
-            frame.repartition(files, "image_id")
-            .sortWithinPartitions("image_id")
-            .write.mode("append")
-            .option("maxRecordsPerFile", cfg.images_per_file)
-            .option("compression", "snappy")
-            .option("parquet.block.size", ROW_GROUP_BYTES)
-            .option("parquet.block.size.row.check.min", ROW_GROUP_CHECK_ROWS)
-            .option("parquet.page.size.row.check.min", ROW_GROUP_CHECK_ROWS)
-            .parquet(m9spark.spark_uri(out))
-        )
+        with spark_tasks(spark, "ingest", f"writing {found} images"):
+            (
+                frame.repartition(files, "image_id")
+                .sortWithinPartitions("image_id")
+                .write.mode("append")
+                .option("maxRecordsPerFile", cfg.images_per_file)
+                .option("compression", "snappy")
+                .option("parquet.block.size", ROW_GROUP_BYTES)
+                .option("parquet.block.size.row.check.min", ROW_GROUP_CHECK_ROWS)
+                .option("parquet.page.size.row.check.min", ROW_GROUP_CHECK_ROWS)
+                .parquet(m9spark.spark_uri(out))
+            )
         written = spark.read.parquet(m9spark.read_uri(out)).count()
         frame.unpersist()
     if written != found:

@@ -1,0 +1,104 @@
+"""What a user sees: `m9 run` prints only m9's own lines; progress off a terminal is a periodic log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from m9.progress import StageProgress
+
+#: m9's log lines (cli.py's format: time, an m9 logger, the message) ...
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d m9(\.\w+)*: \S")
+#: ... and the summary `m9 run` ends with: its title, then indented lines.
+SUMMARY_TITLE, SUMMARY_LINE = "m9 run finished", re.compile(r"^  \S")
+
+
+def own_lines_only(output: str) -> list[str]:
+    """The lines of output that are not m9's own."""
+    foreign, in_summary = [], False
+    for line in output.splitlines():
+        in_summary = in_summary or line == SUMMARY_TITLE
+        if line == SUMMARY_TITLE or LOG_LINE.match(line) or (in_summary and SUMMARY_LINE.match(line)):
+            continue
+        foreign.append(line)
+    return foreign
+
+
+def test_the_line_check_catches_engine_chatter():
+    chatter = [
+        'Setting default log level to "WARN".',
+        "2026-11-29 10:01:57,196\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled",
+        "[2026-11-29 10:02:04,305 E 5242 5242] core_worker.cc:2465: Actor with class name: 'MapWorker'",
+        "2026-11-29 10:02:04,310\tWARNING __init__.py:28 -- Progress bars disabled.",
+    ]
+    own = ["10:01:56 m9.ingest: ingest: 240 images", SUMMARY_TITLE, "  embedded          240"]
+    assert own_lines_only("\n".join(own + chatter)) == chatter
+
+
+@pytest.mark.slow
+def test_m9_run_prints_only_its_own_lines(tmp_path):
+    """The whole pipeline on the sample in a fresh process, as a user starts it (no terminal)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("M9_VERBOSE", "RAY_BACKEND_LOG_LEVEL")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "m9.cli", "run", "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert SUMMARY_TITLE in done.stdout
+    assert own_lines_only(output) == [], output
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_off_a_terminal_logs_one_line_per_interval(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="m9.progress")
+    with StageProgress("embed", "embedding", 240, counters={"shards": 3}, live=False, interval=10, clock=clock) as p:
+        for step in range(24):  # 10 images a second for 24 s
+            clock.now += 1
+            p.update(10, shards=step // 8)
+    lines = [r.getMessage() for r in caplog.records if r.name == "m9.progress"]
+    assert lines == [
+        "embed: embedding 100/240 images (42 %), 10.0 images/s, ETA 0:14, 1/3 shards",
+        "embed: embedding 200/240 images (83 %), 10.0 images/s, ETA 0:04, 2/3 shards",
+    ]
+
+
+def test_progress_with_an_unknown_total_says_so(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="m9.progress")
+    p = StageProgress("reduce", "PCA", None, unit="Spark tasks", live=False, interval=5, clock=clock)
+    clock.now = 6
+    p.update(done=3)
+    clock.now = 12
+    p.update(done=7, total=9)
+    assert [r.getMessage() for r in caplog.records] == [
+        "reduce: PCA 3/? Spark tasks, 0.5 Spark tasks/s",
+        "reduce: PCA 7/9 Spark tasks (78 %), 0.6 Spark tasks/s, ETA 0:03",
+    ]
+
+
+def test_progress_on_a_terminal_draws_instead_of_logging(caplog):
+    caplog.set_level(logging.INFO, logger="m9.progress")
+    clock = FakeClock()
+    with StageProgress("embed", "embedding", 10, live=True, interval=0, clock=clock) as p:
+        clock.now = 1
+        p.update(5)
+    assert caplog.records == []
