@@ -34,9 +34,9 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
     logging.getLogger("m9").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("py4j", "ray", "ray.data", "tensorflow", "absl"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from m9 import quiet
+
+    quiet.configure(verbose)
 
 
 def user_errors(fn):
@@ -213,7 +213,38 @@ bytes_per_file_opt = click.option(
     help="At most about this many bytes of images per Parquet file (beside --images-per-file; whichever "
     "gives more files).",
 )
-k_opt = click.option("--k", type=int, default=DEFAULT_K, show_default=True, help="Principal components to keep.")
+
+
+class Components(click.ParamType):
+    """`--k`: a number of components (`50`) or `auto:0.95` (as many as reach that share of the variance)."""
+
+    name = "N|auto:SHARE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from m9.config import parse_k
+
+        try:
+            return parse_k(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+k_opt = click.option(
+    "--k",
+    type=Components(),
+    default=str(DEFAULT_K),
+    show_default=True,
+    help="Principal components to keep, or auto:0.95 for the smallest number that explains 95 % of the "
+    "variance (chosen from one PCA fit with every component; the choice and why are in variance.json).",
+)
+
+
+def _k_summary(red: dict) -> str:
+    """`k=50`, or with --k auto `k=37 (auto:0.95: the smallest k whose …)`."""
+    choice = red.get("k_choice")
+    return f"k={red['k']}" + (f" ({choice['rule']}: {choice['why']})" if choice else "")
 
 
 @main.command()
@@ -312,9 +343,10 @@ def reduce(input_, output, k, overwrite):
     from m9.config import ReduceConfig
     from m9.reduce import reduce as run_reduce
 
-    result = run_reduce(ReduceConfig(input=input_, output=output, k=k, overwrite=overwrite))
+    k, target = k
+    result = run_reduce(ReduceConfig(input=input_, output=output, k=k, overwrite=overwrite, variance_target=target))
     click.echo(
-        f"reduce: {result.counts['rows']} rows → {k} components explaining "
+        f"reduce: {result.counts['rows']} rows → {_k_summary(result.details)}, explaining "
         f"{100 * result.details['total_explained']:.1f} % of the variance, output at {output}"
         f"{' — already done' if result.skipped else ''}"
     )
@@ -379,7 +411,7 @@ def run(
             runtime=runtime,
             decode_memory_mb=decode_memory_mb,
         ),
-        reduce=ReduceConfig(input="", output="", k=k),
+        reduce=ReduceConfig(input="", output="", k=k[0], variance_target=k[1]),
     )
     result, too_many = _tolerating_rejections(run_pipeline, cfg)
     st = result.stages
@@ -393,7 +425,8 @@ def run(
                 f"  embedded          {emb['embedded']}",
                 f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/errors)",
                 f"  model loads       {emb['model_loads']}",
-                f"  variance by k={k:<4} {100 * red['total_explained']:.1f} %  (thresholds reached: {reached})",
+                f"  variance          {100 * red['total_explained']:.1f} % by {_k_summary(red)}  "
+                f"(thresholds reached: {reached})",
                 f"  outputs           {cfg.stage_dir('ingest')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
                 "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result.wall_s.items()),
             ]

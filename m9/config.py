@@ -67,6 +67,33 @@ PREPROCESS_VERSION = 2
 #: (3.6 GB) or a 60,000² JPEG header (14.4 GB) at once; 2 actors × 2 GiB stay far below a 16 GB EMR node.
 DEFAULT_DECODE_MEMORY = 2048  # MB
 
+#: The share of the variance `--k auto` aims for when no share is given: the middle of the thresholds above,
+#: the usual choice for a PCA meant to keep the data's structure while dropping most dimensions.
+DEFAULT_VARIANCE_TARGET = 0.95
+
+
+def parse_k(text: str) -> tuple[int | None, float | None]:
+    """`--k` as a number of components (`50` → (50, None)) or a share of the variance to reach
+    (`auto:0.95` → (None, 0.95); `auto` alone means DEFAULT_VARIANCE_TARGET)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None, DEFAULT_VARIANCE_TARGET
+    if text.startswith("auto:"):
+        try:
+            target = float(text[5:])
+        except ValueError:
+            target = -1.0
+        if not 0 < target <= 1:
+            raise ValueError(f"--k {text}: the share after auto: must be above 0 and at most 1, e.g. auto:0.95")
+        return None, target
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"--k {text}: expected a number of components like 50, or auto:0.95")
+    return k, None
+
 
 def parse_max_errors(text: str) -> int | float:
     """`--max-errors` as a count of images (`10`) or a fraction of the images (`0.05`, at most 1)."""
@@ -128,5 +155,9 @@ class ReduceConfig:
 
     input: str
     output: str
-    k: int = DEFAULT_K
+    #: Components to keep; None with variance_target set: as many as reach that share of the variance.
+    k: int | None = DEFAULT_K
     overwrite: bool = False
+    #: `--k auto:T`: keep the smallest k whose components explain at least T of the variance, chosen
+    #: from one PCA fit with as many components as the data allows. Only used when k is None.
+    variance_target: float | None = None

@@ -143,7 +143,7 @@ REDUCE = Contract(
     needs=("image_id", "path", "label", "split", "features"),
     writes={PCA_DIR: pa.schema([*_META, ("pca", pa.list_(pa.float32()))])},
     files=(CSV_NAME, VARIANCE_NAME),
-    changes_output=("k",),
+    changes_output=("k", "variance_target"),
     does_not_change_output=("overwrite",),
 )
 

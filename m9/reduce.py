@@ -15,6 +15,7 @@ from m9 import spark as m9spark
 from m9.config import FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
 from m9.contract import CSV_NAME, EMBEDDINGS, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
 from m9.errors import InputError
+from m9.progress import spark_tasks
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,40 @@ def variance_report(ratios: list[float], k: int, rows: int) -> dict:
     }
 
 
+def choose_k(ratios: list[float], target: float) -> int:
+    """The smallest k whose first k explained-variance ratios sum to at least target (all of them if
+    none do: the fit's ratios are all there is)."""
+    cumulative = np.cumsum(ratios)
+    hit = np.flatnonzero(cumulative >= target - 1e-12)
+    return int(hit[0]) + 1 if hit.size else len(ratios)
+
+
+def k_choice(ratios: list[float], target: float, k: int) -> dict:
+    """Why `--k auto:target` kept k components: the rule, the fit it was read from, the variance k and
+    k - 1 components explain."""
+    cumulative = np.cumsum(ratios)
+    reached = float(cumulative[k - 1])
+    below = float(cumulative[k - 2]) if k > 1 else 0.0
+    return {
+        "rule": f"auto:{target:g}",
+        "variance_target": target,
+        "fitted_components": len(ratios),
+        "k": k,
+        "explained": reached,
+        "explained_by_k_minus_1": below,
+        "why": (
+            f"the smallest k whose components explain at least {100 * target:g} % of the variance: "
+            f"{k} explain {100 * reached:.1f} %, {k - 1} explain {100 * below:.1f} %"
+            if reached >= target - 1e-12
+            else f"all {len(ratios)} components the data allows explain {100 * reached:.1f} %, "
+            f"short of {100 * target:g} %"
+        ),
+    }
+
+
 def reduce(cfg: ReduceConfig) -> Manifest:
-    """Fit PCA with k components on the embeddings under cfg.input; write pca/, pca.csv, variance.json."""
+    """Fit PCA on the embeddings under cfg.input (k components, or with cfg.variance_target as many as
+    reach that share of the variance, from one fit); write pca/, pca.csv, variance.json."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     emb, files = _embeddings(src)
@@ -53,21 +86,24 @@ def reduce(cfg: ReduceConfig) -> Manifest:
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
     contract.check_columns(REDUCE, src, files[0])
     contract.check_not_a_file(out)
+    if cfg.k is None and not (cfg.variance_target and 0 < cfg.variance_target <= 1):
+        raise InputError("reduce needs --k N or --k auto:T with a share T above 0 and at most 1")
     print_ = contract.fingerprint(REDUCE, cfg, contract.input_identity(src))
     with lease.hold(out, REDUCE.name):
         done = contract.prepare(REDUCE, out, print_, cfg.overwrite)
         if done is not None:
-            log.info("reduce: %s already holds this input's output with k=%d; skipping", out, cfg.k)
+            log.info("reduce: %s already holds this input's output with k=%s; skipping", out, done.details.get("k"))
             return done
         return _fit(cfg, src, out, emb, print_)
 
 
 def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manifest:
     """Fit, project and write; returns the manifest."""
-    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.feature import PCA, StandardScaler, VectorSlicer
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
 
+    auto = cfg.k is None
     started = time.perf_counter()
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
@@ -80,7 +116,7 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manif
                 f"no embedded images in {src} to reduce: embed rejected every image (the reasons are in its errors/)"
             )
         limit = min(FEATURE_DIM, rows)
-        if not 1 <= cfg.k <= limit:
+        if not auto and not 1 <= cfg.k <= limit:
             raise InputError(
                 f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
                 f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)"
@@ -88,29 +124,40 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manif
         # Spark's PCAModel.transform does not center; m9's components are those of the centered data.
         scaler = StandardScaler(inputCol="features", outputCol="centered", withMean=True, withStd=False).fit(frame)
         centered = scaler.transform(frame)
-        model = PCA(k=cfg.k, inputCol="centered", outputCol="pca_vec").fit(centered)
-        result = (
-            model.transform(centered)
-            .select("image_id", "path", "label", "split", vector_to_array("pca_vec", "float32").alias("pca"))
-            .orderBy("image_id")
-        )
-        result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
-        ratios = model.explainedVariance.toArray().tolist()
-        table = pa.Table.from_pandas(
-            spark.read.parquet(m9spark.read_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
-            preserve_index=False,
-        )
-    _write_csv(storage.join(out, CSV_NAME), table, cfg.k)
-    report = variance_report(ratios, cfg.k, rows)
+        with spark_tasks(spark, "reduce", f"PCA of {rows} embeddings"):
+            # --k auto: one fit with every component the data allows; the first k of them are the
+            # components a fit with k would give (PCA's components are nested), so slice, don't refit.
+            model = PCA(k=limit if auto else cfg.k, inputCol="centered", outputCol="pca_all").fit(centered)
+            fitted = model.explainedVariance.toArray().tolist()
+            k = choose_k(fitted, cfg.variance_target) if auto else cfg.k
+            sliced = VectorSlicer(inputCol="pca_all", outputCol="pca_vec", indices=list(range(k)))
+            result = (
+                sliced.transform(model.transform(centered))
+                .select("image_id", "path", "label", "split", vector_to_array("pca_vec", "float32").alias("pca"))
+                .orderBy("image_id")
+            )
+            result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
+            table = pa.Table.from_pandas(
+                spark.read.parquet(m9spark.read_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
+                preserve_index=False,
+            )
+    _write_csv(storage.join(out, CSV_NAME), table, k)
+    report = variance_report(fitted[:k], k, rows)
+    choice = k_choice(fitted, cfg.variance_target, k) if auto else None
+    if choice:
+        report["k_choice"] = choice
     storage.write_json(storage.join(out, VARIANCE_NAME), report)
     log.info(
-        "reduce: %d rows → %d components explaining %.1f %% of the variance",
+        "reduce: %d rows → %d components explaining %.1f %% of the variance%s",
         rows,
-        cfg.k,
+        k,
         100 * report["total_explained"],
+        f" ({choice['why']})" if choice else "",
     )
     details = {
-        "k": cfg.k,
+        "k": k,
+        "variance_target": cfg.variance_target if auto else None,
+        "k_choice": choice,
         "total_explained": report["total_explained"],
         "smallest_k_reaching": report["smallest_k_reaching"],
         "wall_s": round(time.perf_counter() - started, 2),
