@@ -46,6 +46,7 @@ class StageProgress:
         live: bool | None = None,
         interval: float = LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat: bool = True,
     ):
         self.stage, self.what, self.total, self.unit = stage, what, total, unit
         self.totals = dict(counters or {})
@@ -53,7 +54,11 @@ class StageProgress:
         self.done = 0
         self.interval, self.clock = interval, clock
         self.started = self.last_line = clock()
+        #: (time, done) of the first update that did something: the rate is measured from there, so the
+        #: seconds before the first result (a JVM or a model loading) do not make the ETA hours long.
+        self._first: tuple[float, int] | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._rich = self._task = None
         if live is None:
             from rich.console import Console
@@ -61,6 +66,12 @@ class StageProgress:
             live = Console(stderr=True).is_terminal
         if live:
             self._start_rich()
+        elif heartbeat:  # a line every interval even while nothing finishes (models loading, a long task)
+            threading.Thread(target=self._beat, name=f"m9-progress-{stage}", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval / 2):
+            self.update(0)
 
     def _start_rich(self) -> None:
         from rich.console import Console
@@ -87,9 +98,11 @@ class StageProgress:
         return ", ".join(f"{self.counts[k]}/{self.totals[k]} {k}" for k in self.totals)
 
     def rate(self) -> float | None:
-        """Units per second since the start, or None before anything is done."""
-        elapsed = self.clock() - self.started
-        return self.done / elapsed if self.done and elapsed > 0 else None
+        """Units per second since the first update that did something, or None before there is a rate."""
+        if self._first is None:
+            return None
+        elapsed = self.clock() - self._first[0]
+        return (self.done - self._first[1]) / elapsed if self.done > self._first[1] and elapsed > 0 else None
 
     def line(self) -> str:
         """The facts in one line, e.g. `embed: embedding 120/240 images (50 %), 8.0 images/s, ETA 0:15,
@@ -110,6 +123,8 @@ class StageProgress:
         """Add `advance` (or set `done`), change the total, set named counters; show or log as due."""
         with self._lock:
             self.done = done if done is not None else self.done + advance
+            if self._first is None and self.done:
+                self._first = (self.clock(), self.done)
             if total is not None:
                 self.total = total
             self.counts.update(counters)
@@ -127,6 +142,7 @@ class StageProgress:
                 log.info("%s", self.line())
 
     def close(self) -> None:
+        self._stop.set()
         if self._rich is not None:
             self._rich.stop()
             self._rich = None

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,9 @@ class FakeClock:
 def test_progress_off_a_terminal_logs_one_line_per_interval(caplog):
     clock = FakeClock()
     caplog.set_level(logging.INFO, logger="m9.progress")
-    with StageProgress("embed", "embedding", 240, counters={"shards": 3}, live=False, interval=10, clock=clock) as p:
+    with StageProgress(
+        "embed", "embedding", 240, counters={"shards": 3}, live=False, interval=10, clock=clock, heartbeat=False
+    ) as p:
         for step in range(24):  # 10 images a second for 24 s
             clock.now += 1
             p.update(10, shards=step // 8)
@@ -84,14 +87,14 @@ def test_progress_off_a_terminal_logs_one_line_per_interval(caplog):
 def test_progress_with_an_unknown_total_says_so(caplog):
     clock = FakeClock()
     caplog.set_level(logging.INFO, logger="m9.progress")
-    p = StageProgress("reduce", "PCA", None, unit="Spark tasks", live=False, interval=5, clock=clock)
+    p = StageProgress("reduce", "PCA", None, unit="Spark tasks", live=False, interval=5, clock=clock, heartbeat=False)
     clock.now = 6
     p.update(done=3)
     clock.now = 12
     p.update(done=7, total=9)
     assert [r.getMessage() for r in caplog.records] == [
-        "reduce: PCA 3/? Spark tasks, 0.5 Spark tasks/s",
-        "reduce: PCA 7/9 Spark tasks (78 %), 0.6 Spark tasks/s, ETA 0:03",
+        "reduce: PCA 3/? Spark tasks",  # no rate yet: it is measured from the first result on
+        "reduce: PCA 7/9 Spark tasks (78 %), 0.7 Spark tasks/s, ETA 0:03",
     ]
 
 
@@ -102,3 +105,13 @@ def test_progress_on_a_terminal_draws_instead_of_logging(caplog):
         clock.now = 1
         p.update(5)
     assert caplog.records == []
+
+
+def test_progress_off_a_terminal_beats_while_nothing_finishes(caplog):
+    """A stage waiting for its first result (models loading) still says so every interval."""
+    caplog.set_level(logging.INFO, logger="m9.progress")
+    with StageProgress("embed", "embedding", 10, live=False, interval=0.05):
+        deadline = time.monotonic() + 30
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert caplog.records[0].getMessage() == "embed: embedding 0/10 images (0 %)"
