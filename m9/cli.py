@@ -352,6 +352,42 @@ def reduce(input_, output, k, overwrite):
     )
 
 
+def _evaluate_summary(result: dict) -> str:
+    names = {"pca": f"PCA-{result['dims'].get('pca')}", "full": f"full {result['dims']['full']}-d", "raw": "raw pixels"}
+    return ", ".join(f"{names[n]} {100 * a:.1f} %" for n, a in result["accuracy"].items())
+
+
+@main.command()
+@input_opt(
+    default=_default("reduce"),
+    show_default=True,
+    help="Output of `m9 reduce` (or of `m9 embed`: then without the PCA space).",
+)
+@click.option("--output", default=_default("evaluate"), show_default=True, help="Folder for evaluate.json.")
+@click.option(
+    "--neighbors",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Neighbours that vote in the k-nearest-neighbour classifier.",
+)
+@user_errors
+def evaluate(input_, output, neighbors):
+    """Are the features any good? kNN classification of the label in the PCA space, the full feature space
+    and raw 28x28 grey pixels of the same images (Training → Test, or stratified folds without a split).
+
+    Example: m9 evaluate --input m9-out/reduce --neighbors 5
+    """
+    from m9.evaluate import EvaluateConfig
+    from m9.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(EvaluateConfig(input=input_, output=output, neighbors=neighbors))
+    click.echo(
+        f"evaluate: {neighbors}-NN accuracy of the label on {result['counts']['scored']} images "
+        f"({result['protocol']}): {_evaluate_summary(result)}; details in {output}/evaluate.json"
+    )
+
+
 @main.command()
 @input_opt(default=None, help="Image folder or s3:// prefix (default: the bundled sample).")
 @click.option(
@@ -430,10 +466,35 @@ def run(
                 f"  outputs           {cfg.stage_dir('ingest')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
                 "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result.wall_s.items()),
             ]
+            + (
+                [f"  kNN accuracy      {_evaluate_summary(result.evaluation)}  ({result.evaluation['protocol']})"]
+                if result.evaluation
+                else []
+            )
+            + [f"  report            {result.report}"]
         )
     )
     if too_many:
         raise click.ClickException(str(too_many))
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="The folder `m9 run` worked in (its images/, embed/, reduce/ and evaluate/).",
+)
+@user_errors
+def report(workdir):
+    """Write WORKDIR/report/report.html: run summary, variance, PC1 x PC2, nearest neighbours, evaluate
+    figures, all inlined (it opens anywhere, offline); the figures also as PNGs beside it.
+
+    Example: m9 report --workdir m9-out
+    """
+    from m9.report import report as write_report
+
+    click.echo(f"report: {write_report(workdir)}")
 
 
 @main.group()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from m9 import stage, storage
+from m9 import contract, storage
 from m9.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ def _read(folder: str, columns: list[str]):
 def locate(src: str) -> dict[str, str | None]:
     """The reduce, embed and ingest folders behind src (a reduce or an embed output), following each
     manifest's `input`; reduce is None for an embed output."""
-    manifest = stage.read_manifest(src)
-    kind = manifest.get("stage") if manifest else None
+    manifest = contract.read_manifest(src)
+    kind = manifest.stage if manifest else None
     if kind not in ("reduce", "embed"):
         raise InputError(f"{src} is not the finished output of `m9 reduce` or `m9 embed`; pass one of those folders")
     folders: dict[str, str | None] = {"reduce": src if kind == "reduce" else None}
-    folders["embed"] = manifest["input"] if kind == "reduce" else src
-    embed_manifest = stage.read_manifest(folders["embed"])
-    folders["images"] = embed_manifest["input"] if embed_manifest else None
+    folders["embed"] = manifest.input if kind == "reduce" else src
+    embed_manifest = contract.read_manifest(folders["embed"])
+    folders["images"] = embed_manifest.input if embed_manifest else None
     return folders
 
 
@@ -140,7 +140,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.neighbors < 1:
         raise InputError("--neighbors must be at least 1")
     storage.check_access(read=src, write=out)
-    stage.check_not_a_file(out)
+    contract.check_not_a_file(out)
     folders = locate(src)
     frame = _read(storage.join(folders["embed"], "embeddings"), ["image_id", "label", "split", "features"])
     frame = frame[frame["label"].notna()].sort_values("image_id").reset_index(drop=True)

@@ -11,9 +11,12 @@ from importlib import resources
 from m9 import storage
 from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
 from m9.contract import EMBED, INGEST, REDUCE, Manifest
-from m9.errors import TooManyRejectedError
+from m9.errors import InputError, TooManyRejectedError
 
 log = logging.getLogger(__name__)
+
+#: The folder `m9 run` gives `m9 evaluate` under the workdir.
+EVALUATE_DIR = "evaluate"
 
 
 def sample_dir() -> str:
@@ -57,6 +60,10 @@ class RunResult:
     workdir: str
     stages: dict[str, Manifest]
     wall_s: dict[str, float]
+    #: evaluate.json's content, when the images had labels to score.
+    evaluation: dict | None = None
+    #: The report.html written at the end.
+    report: str | None = None
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -88,7 +95,27 @@ def run(cfg: RunConfig) -> RunResult:
                 results[name], too_many = exc.result, exc
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
-    result = RunResult(workdir=storage.normalize(cfg.workdir), stages=results, wall_s=timings)
+    # Evaluate when the folders give labels to score (it says why not otherwise); no Spark needed.
+    from m9 import report
+    from m9.evaluate import EvaluateConfig, evaluate
+
+    workdir = storage.normalize(cfg.workdir)
+    evaluation = None
+    started = time.perf_counter()
+    try:
+        evaluation = evaluate(EvaluateConfig(input=cfg.stage_dir("reduce"), output=storage.join(workdir, EVALUATE_DIR)))
+        timings["evaluate"] = round(time.perf_counter() - started, 2)
+    except InputError as exc:
+        log.info("evaluate skipped: %s", exc)
+    # The run's own record (timings, machine) for the report; the stages' manifests hold the rest.
+    storage.write_json(
+        storage.join(workdir, report.RUN_RECORD),
+        {"input": storage.normalize(cfg.input), "wall_s": timings, "machine": report.machine()},
+    )
+    started = time.perf_counter()
+    page = report.report(workdir)
+    log.info("report written in %.1f s", time.perf_counter() - started)
+    result = RunResult(workdir=workdir, stages=results, wall_s=timings, evaluation=evaluation, report=page)
     if too_many is not None:
         raise TooManyRejectedError(str(too_many), result)
     return result

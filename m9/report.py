@@ -1,0 +1,363 @@
+"""Report: one self-contained report.html (figures and data inlined, no network) of a run's workdir, and the
+same figures as PNGs beside it."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import logging
+import os
+import platform
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from m9 import __version__, contract, storage
+from m9.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Points drawn in the PC1 x PC2 scatter at most: a few thousand show every label's cloud; 90,000 would
+#: only paint over each other and make the PNG (and the page) heavy.
+SCATTER_MAX_POINTS = 3000
+
+#: Query images shown beside their nearest neighbours, and how many neighbours each.
+QUERIES, QUERY_NEIGHBORS = 6, 5
+
+#: Side in pixels of each thumbnail in the neighbours figure.
+THUMB_PX = 96
+
+#: The run record m9 run writes into its workdir (timings, machine), read by the report.
+RUN_RECORD = "run.json"
+
+#: Folder of the report under the workdir, and its page.
+REPORT_DIR, REPORT_NAME = "report", "report.html"
+
+#: Labels given their own legend entry in the scatter; past this a legend hides the points.
+LEGEND_MAX_LABELS = 20
+
+
+def machine() -> dict:
+    """What the run ran on, for the report."""
+    import psutil
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "m9_version": __version__,
+    }
+
+
+def _read(folder: str, columns: list[str], filters=None):
+    fs, path = storage.filesystem(folder)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters).to_pandas()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the figures only become PNGs
+    import matplotlib.pyplot as plt
+
+    return plt.figure(*args, **kwargs)
+
+
+def scree_figure(variance: dict) -> bytes:
+    """Explained variance per component (bars) and its running sum (line) with the 90/95/99 % marks."""
+    ratios = np.asarray(variance["explained_variance_ratio"])
+    cumulative = np.asarray(variance["cumulative"])
+    ks = np.arange(1, len(ratios) + 1)
+    fig = _figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    ax.bar(ks, ratios, color="#4c72b0", label="explained by each component")
+    ax.set_xlabel("component")
+    ax.set_ylabel("share of the variance")
+    ax2 = ax.twinx()
+    ax2.plot(ks, cumulative, color="#dd8452", marker=".", label="cumulative")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_ylabel("cumulative share")
+    for label, k in variance.get("smallest_k_reaching", {}).items():
+        share = float(label.rstrip("%")) / 100
+        ax2.axhline(share, color="grey", linestyle=":", linewidth=1)
+        text = f"{label} at k={k}" if k else f"{label} not reached by k={len(ratios)}"
+        ax2.annotate(text, (1, share), xytext=(2, 2), textcoords="offset points", fontsize=8, color="dimgrey")
+        if k:
+            ax2.axvline(k, color="grey", linestyle=":", linewidth=1)
+    ax.set_title(f"PCA: {len(ratios)} components explain {100 * cumulative[-1]:.1f} % of the variance")
+    return _png(fig)
+
+
+def scatter_figure(pca, sampled: bool) -> bytes:
+    """PC1 x PC2 of (a sample of) the images, one colour per label."""
+    import matplotlib
+
+    labels = sorted(pca["label"].fillna("(none)").unique())
+    colours = matplotlib.colormaps["tab20"]
+    xy = np.stack(pca["pca"].to_numpy())[:, :2]
+    fig = _figure(figsize=(8, 6))
+    ax = fig.add_subplot()
+    for i, label in enumerate(labels):
+        mask = (pca["label"].fillna("(none)") == label).to_numpy()
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours(i % 20), label=label, alpha=0.8)
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    title = f"PC1 x PC2, coloured by label ({len(pca)} images"
+    ax.set_title(title + (", a random sample)" if sampled else ")"))
+    if len(labels) <= LEGEND_MAX_LABELS:
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    return _png(fig)
+
+
+def _thumb(content: bytes):
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(content)) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        return np.asarray(im)
+
+
+def neighbours_figure(rows: list[dict]) -> bytes:
+    """Each query image (left) beside its nearest neighbours in the PCA space; green: same label."""
+    fig = _figure(figsize=(1.6 * (QUERY_NEIGHBORS + 1), 1.8 * len(rows)))
+    for r, row in enumerate(rows):
+        for c, (image, label, distance) in enumerate(row["images"]):
+            ax = fig.add_subplot(len(rows), QUERY_NEIGHBORS + 1, r * (QUERY_NEIGHBORS + 1) + c + 1)
+            if image is not None:
+                ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            same = label == row["images"][0][1]
+            colour = "black" if c == 0 else ("green" if same else "red")
+            name = str(label) if len(str(label)) <= 16 else str(label)[:15] + "…"
+            ax.set_title(("query: " if c == 0 else f"{distance:.1f}: ") + name, fontsize=7, color=colour)
+            for spine in ax.spines.values():
+                spine.set_color(colour)
+                spine.set_linewidth(2 if c else 1)
+    fig.suptitle("Nearest neighbours in the PCA space (distance: label; green = same label as the query)")
+    return _png(fig)
+
+
+def evaluate_figure(result: dict) -> bytes:
+    """kNN accuracy per space, and recall per label in the PCA (else full) space."""
+    names = {"pca": f"PCA-{result['dims'].get('pca')}", "full": f"full {result['dims']['full']}-d", "raw": "raw 28x28"}
+    space = "pca" if "pca" in result["spaces"] else "full"
+    recall = result["spaces"][space]["recall"]
+    fig = _figure(figsize=(10, min(12, max(3.5, 0.13 * len(recall)))))
+    ax = fig.add_subplot(1, 3, 1)
+    spaces = [s for s in ("pca", "full", "raw") if s in result["accuracy"]]
+    bars = ax.bar([names[s] for s in spaces], [result["accuracy"][s] for s in spaces], color="#55a868")
+    ax.bar_label(bars, labels=[f"{100 * result['accuracy'][s]:.1f} %" for s in spaces], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{result['neighbors']}-NN accuracy", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8, rotation=20)
+    ax = fig.add_subplot(1, 3, (2, 3))
+    order = sorted(recall, key=lambda label: recall[label])
+    ax.barh(order, [recall[label] for label in order], color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_title(f"recall per label ({names[space]})", fontsize=9)
+    return _png(fig)
+
+
+def _rejections(embed_dir: str) -> dict[str, int]:
+    """Rejected images per reason (the reason's words before the first ':')."""
+    files = storage.list_files(storage.join(embed_dir, "errors"), ".parquet")
+    if not files:
+        return {}
+    errors = _read(storage.join(embed_dir, "errors"), ["error"])
+    return dict(Counter(e.split(":", 1)[0] for e in errors["error"]).most_common())
+
+
+def _neighbour_rows(pca, images_dir: str | None) -> list[dict]:
+    """A few query images (Test ones first, spread over labels) with their nearest neighbours."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.stack(pca["pca"].to_numpy()).astype(np.float32)
+    rng = np.random.default_rng(0)
+    pool = np.flatnonzero((pca["split"] == "Test").to_numpy()) if (pca["split"] == "Test").any() else np.arange(len(x))
+    labels = pca["label"].to_numpy(object)
+    queries, seen = [], set()
+    for i in rng.permutation(pool):
+        if labels[i] not in seen or len(seen) >= len(set(labels)):
+            queries.append(int(i))
+            seen.add(labels[i])
+        if len(queries) == min(QUERIES, len(x)):
+            break
+    n = min(QUERY_NEIGHBORS + 1, len(x))
+    distances, indices = NearestNeighbors(n_neighbors=n).fit(x).kneighbors(x[queries])
+    wanted = {pca["image_id"].iloc[j] for row in indices for j in row}
+    thumbs = {}
+    if images_dir and storage.exists(images_dir):
+        found = _read(images_dir, ["image_id", "content"], filters=[("image_id", "in", sorted(wanted))])
+        for image_id, content in zip(found["image_id"], found["content"]):
+            try:
+                thumbs[image_id] = _thumb(content)
+            except Exception:  # noqa: BLE001 - a thumbnail that will not decode is drawn as a blank
+                thumbs[image_id] = None
+    rows = []
+    for q, (dist, idx) in zip(queries, zip(distances, indices)):
+        others = [(j, d) for j, d in zip(idx, dist) if j != q][:QUERY_NEIGHBORS]
+        images = [(thumbs.get(pca["image_id"].iloc[q]), labels[q], 0.0)]
+        images += [(thumbs.get(pca["image_id"].iloc[j]), labels[j], float(d)) for j, d in others]
+        rows.append({"query": pca["image_id"].iloc[q], "images": images})
+    return rows
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1000px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:.2em .8em;border-bottom:1px solid #eee;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;height:auto}
+.note{color:#666;font-size:.9em}
+"""
+
+
+def _table(rows: list[tuple], header: tuple | None = None) -> str:
+    def cell(v, tag="td"):
+        numeric = isinstance(v, int | float) and not isinstance(v, bool)
+        return f"<{tag}{' class=n' if numeric else ''}>{html.escape(str(v))}</{tag}>"
+
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if header else ""
+    return "<table>" + head + "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows) + "</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def report(workdir: str) -> str:
+    """Write workdir/report/report.html and its figures as PNGs; return the page's path."""
+    work = storage.normalize(workdir)
+    dirs = {name: storage.join(work, name) for name in ("images", "embed", "reduce", "evaluate")}
+    manifests = {name: contract.read_manifest(folder) for name, folder in dirs.items() if name != "evaluate"}
+    if not manifests["reduce"]:
+        raise InputError(f"{work} holds no finished `m9 reduce` output (reduce/); run `m9 run` first")
+    run = storage.read_json(storage.join(work, RUN_RECORD)) or {}
+    variance = storage.read_json(storage.join(dirs["reduce"], "variance.json"))
+    evaluation = storage.read_json(storage.join(dirs["evaluate"], "evaluate.json"))
+    pca = _read(storage.join(dirs["reduce"], "pca"), ["image_id", "label", "split", "pca"])
+    out = storage.join(work, REPORT_DIR)
+    storage.makedirs(out)
+
+    figures: dict[str, tuple[bytes, str]] = {}
+    figures["scree"] = (scree_figure(variance), "explained variance per component and cumulative")
+    sampled = len(pca) > SCATTER_MAX_POINTS
+    shown = pca.sample(SCATTER_MAX_POINTS, random_state=0) if sampled else pca
+    if variance["k"] >= 2:
+        figures["scatter"] = (scatter_figure(shown, sampled), "PC1 x PC2 coloured by label")
+    figures["neighbours"] = (neighbours_figure(_neighbour_rows(pca, dirs["images"])), "nearest neighbours")
+    if evaluation:
+        figures["evaluate"] = (evaluate_figure(evaluation), "kNN accuracy and recall per label")
+    for name, (png, _) in figures.items():
+        storage.write_bytes_atomic(storage.join(out, f"{name}.png"), png)
+
+    ingest_c = manifests["images"].counts if manifests["images"] else {}
+    embed_c = manifests["embed"].counts if manifests["embed"] else {}
+    wall = dict(run.get("wall_s", {}))
+    for name in ("ingest", "embed", "reduce"):  # stages run one by one: their manifests' own wall times
+        m = manifests["images" if name == "ingest" else name]
+        if name not in wall and m and m.details.get("wall_s"):
+            wall[name] = m.details["wall_s"]
+    images_in = {"ingest": ingest_c.get("files_found"), "embed": embed_c.get("rows_in"), "reduce": len(pca)}
+    timing_rows = [
+        (name, seconds, f"{images_in[name] / seconds:.1f}" if images_in.get(name) and seconds else "")
+        for name, seconds in wall.items()
+    ]
+    rejections = _rejections(dirs["embed"]) if manifests["embed"] else {}
+    k_choice = variance.get("k_choice")
+    reached = ", ".join(f"{t} at k={k}" for t, k in variance["smallest_k_reaching"].items() if k) or "none within k"
+    host = run.get("machine") or {**machine(), "note": "of the machine writing this report (no run.json)"}
+
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>m9 report: {html.escape(work)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>m9 report</h1><p class=note>{html.escape(work)}, written "
+        f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} by m9 {__version__}</p>",
+        "<h2>Run summary</h2>",
+        _table(
+            [
+                ("images found", ingest_c.get("files_found", "")),
+                ("other files ignored", ingest_c.get("ignored_files", "")),
+                ("hidden files ignored", ingest_c.get("hidden_files", "")),
+                ("embedded", embed_c.get("embedded", "")),
+                ("rejected", embed_c.get("rejected", "")),
+                ("model loads", embed_c.get("model_loads", "")),
+                ("principal components kept", variance["k"]),
+                ("variance explained", f"{100 * variance['total_explained']:.1f} %"),
+            ]
+        ),
+    ]
+    if k_choice:
+        parts.append(
+            f"<p>k chosen by <code>--k {html.escape(k_choice['rule'])}</code>: {html.escape(k_choice['why'])}.</p>"
+        )
+    parts.append("<h3>Rejected images by reason</h3>")
+    parts.append(_table(list(rejections.items()), ("reason", "images")) if rejections else "<p>None.</p>")
+    parts.append("<h3>Timings</h3>")
+    parts.append(
+        _table(timing_rows, ("stage", "wall time (s)", "images/s"))
+        if timing_rows
+        else "<p class=note>No run.json: the stages were run one by one.</p>"
+    )
+    parts.append("<h3>Machine</h3>")
+    parts.append(_table([(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in host.items()]))
+    parts.append("<h2>Variance</h2>")
+    parts.append(_img(figures["scree"][0], figures["scree"][1]))
+    parts.append(f"<p class=note>Thresholds reached: {html.escape(reached)}.</p>")
+    if "scatter" in figures:
+        parts.append("<h2>PC1 x PC2</h2>")
+        parts.append(_img(*figures["scatter"]))
+        note = (
+            f"A random sample of {SCATTER_MAX_POINTS:,} of the {len(pca):,} images is drawn."
+            if sampled
+            else f"All {len(pca):,} images are drawn."
+        )
+        labels = pca["label"].nunique()
+        if labels > LEGEND_MAX_LABELS:
+            note += f" {labels} labels: colours repeat and the legend is left out."
+        parts.append(f"<p class=note>{note}</p>")
+    parts.append("<h2>Nearest neighbours</h2>")
+    parts.append(_img(*figures["neighbours"]))
+    if evaluation:
+        parts.append("<h2>Are the features any good? (m9 evaluate)</h2>")
+        parts.append(
+            f"<p>{evaluation['neighbors']}-nearest-neighbour classification of the label, "
+            f"{html.escape(evaluation['protocol'])}, {evaluation['counts']['scored']} images scored.</p>"
+        )
+        parts.append(
+            _table(
+                [
+                    (s, evaluation["dims"][s], f"{100 * evaluation['accuracy'][s]:.1f} %")
+                    for s in ("pca", "full", "raw")
+                    if s in evaluation["accuracy"]
+                ],
+                ("space", "dimensions", "accuracy"),
+            )
+        )
+        parts.append(_img(*figures["evaluate"]))
+        space = "pca" if "pca" in evaluation["spaces"] else "full"
+        pairs = evaluation["spaces"][space]["most_confused"]
+        if pairs:
+            parts.append(f"<h3>Most confused labels ({space})</h3>")
+            parts.append(
+                _table([(p["true"], p["predicted"], p["count"]) for p in pairs], ("true", "predicted", "images"))
+            )
+    parts.append("</body></html>")
+    page = storage.join(out, REPORT_NAME)
+    storage.write_bytes_atomic(page, "\n".join(parts).encode())
+    log.info("report: %s", page)
+    return page
