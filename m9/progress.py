@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,10 @@ LOG_INTERVAL_S = 10.0
 
 #: Seconds between polls of Spark's status tracker: cheap calls, and often enough for a live display.
 SPARK_POLL_S = 0.5
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.2f}"
 
 
 def _duration(seconds: float) -> str:
@@ -112,7 +117,7 @@ class StageProgress:
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f} %)"
         if rate:
-            parts.append(f"{rate:.1f} {self.unit}/s")
+            parts.append(f"{_rate(rate)} {self.unit}/s")
             if self.total:
                 parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
         if self.totals:
@@ -134,7 +139,7 @@ class StageProgress:
                     self._task,
                     completed=self.done,
                     total=self.total,
-                    rate=f"{rate:.1f}/s" if rate else "",
+                    rate=f"{_rate(rate)}/s" if rate else "",
                     counters=self._counters(),
                 )
             elif self.clock() - self.last_line >= self.interval:
@@ -156,26 +161,33 @@ class StageProgress:
 
 @contextlib.contextmanager
 def spark_tasks(spark, stage: str, what: str, interval: float = SPARK_POLL_S) -> Iterator[StageProgress]:
-    """A StageProgress of the Spark tasks the block runs (done/total of every Spark stage seen so far),
-    polled from Spark's status tracker on a background thread. Spark reveals a job's stages as it
-    plans them, so the total grows while the block runs."""
-    tracker = spark.sparkContext.statusTracker()
-    seen: dict[int, tuple[int, int]] = {}
-    before = set(tracker.getActiveStageIds())  # another thread's stages, not ours
+    """A StageProgress of the Spark tasks the block runs: done/total over the stages of every job the
+    block started, polled from Spark's status tracker on a background thread. The block's jobs are
+    found by a job group set for it; Spark plans a job's stages when the job starts, so the total grows
+    while the block runs (reduce is a row of small jobs)."""
+    sc = spark.sparkContext
+    tracker = sc.statusTracker()
+    group = f"m9-{stage}-{uuid.uuid4().hex[:8]}"
+    previous = sc.getLocalProperty("spark.jobGroup.id")
+    sc.setLocalProperty("spark.jobGroup.id", group)  # this thread's jobs only
     stop = threading.Event()
 
-    def poll(ids) -> None:
-        for sid in ids:
-            info = tracker.getStageInfo(sid)
-            if info is not None and sid not in before:
-                seen[sid] = (info.numTasks, info.numCompletedTasks)
-        if seen:
-            progress.update(done=sum(c for _, c in seen.values()), total=sum(n for n, _ in seen.values()))
+    def poll() -> None:
+        total = done = 0
+        for job in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job)
+            for sid in info.stageIds if info else ():
+                stage_info = tracker.getStageInfo(sid)
+                if stage_info is not None:  # None: skipped (its output was already computed)
+                    total += stage_info.numTasks
+                    done += stage_info.numCompletedTasks
+        if total:
+            progress.update(done=done, total=total)
 
     def loop() -> None:
         while not stop.wait(interval):
             with contextlib.suppress(Exception):  # a poll racing the session's end is no error
-                poll(tracker.getActiveStageIds())
+                poll()
 
     with StageProgress(stage, what, None, unit="Spark tasks") as progress:
         thread = threading.Thread(target=loop, name=f"m9-progress-{stage}", daemon=True)
@@ -185,5 +197,4 @@ def spark_tasks(spark, stage: str, what: str, interval: float = SPARK_POLL_S) ->
         finally:
             stop.set()
             thread.join()
-            with contextlib.suppress(Exception):
-                poll(list(seen))  # the stages' final counts
+            sc.setLocalProperty("spark.jobGroup.id", previous)

@@ -94,7 +94,7 @@ def test_progress_with_an_unknown_total_says_so(caplog):
     p.update(done=7, total=9)
     assert [r.getMessage() for r in caplog.records] == [
         "reduce: PCA 3/? Spark tasks",  # no rate yet: it is measured from the first result on
-        "reduce: PCA 7/9 Spark tasks (78 %), 0.7 Spark tasks/s, ETA 0:03",
+        "reduce: PCA 7/9 Spark tasks (78 %), 0.67 Spark tasks/s, ETA 0:03",
     ]
 
 
