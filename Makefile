@@ -28,12 +28,14 @@ assets: install ## Obtain, verify and cache the MobileNetV2 weights and the s3a 
 	$(VENV)/bin/m9 weights fetch
 	$(VENV)/bin/m9 jars fetch
 
-run: assets ## Run the whole pipeline on the bundled sample; outputs in ./m9-out/.
+run: assets ## Run the whole pipeline on the bundled sample; outputs and report.html in ./m9-out/.
 	$(VENV)/bin/m9 run
 
-tools: ## Install what the infra tests need: shellcheck (Debian) and checkov (own venv).
+tools: ## Install what the tests need: shellcheck, chromium (Debian) and checkov (own venv).
 	@command -v shellcheck >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } \
 		|| echo "warning: could not install shellcheck (not root?); its test will be skipped"
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: could not install chromium (not root?); the report's browser test will be skipped"
 	@test -x $(TOOLS)/bin/checkov || { $(PYTHON) -m venv $(TOOLS) && \
 		$(TOOLS)/bin/pip install --disable-pip-version-check -q "checkov==$(CHECKOV_VERSION)"; }
 

@@ -13,6 +13,7 @@ import platform
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m9 import __version__, contract, storage
@@ -54,9 +55,18 @@ def machine() -> dict:
     }
 
 
-def _read(folder: str, columns: list[str], filters=None):
+def read_pca(reduce_dir: str):
+    """reduce's pca/ as (a frame of image_id, label, split; the components as an (n, k) float32 matrix)."""
+    fs, path = storage.filesystem(storage.join(reduce_dir, "pca"))
+    table = pq.read_table(path, filesystem=fs, columns=["image_id", "label", "split", "pca"])
+    values = table.column("pca").combine_chunks().flatten().to_numpy().astype(np.float32)
+    x = values.reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
+    return table.drop_columns(["pca"]).to_pandas(), x
+
+
+def _read(folder: str, columns: list[str]):
     fs, path = storage.filesystem(folder)
-    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters).to_pandas()
+    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
 
 
 def _png(fig) -> bytes:
@@ -99,21 +109,21 @@ def scree_figure(variance: dict) -> bytes:
     return _png(fig)
 
 
-def scatter_figure(pca, sampled: bool) -> bytes:
+def scatter_figure(xy: np.ndarray, point_labels: np.ndarray, sampled: bool) -> bytes:
     """PC1 x PC2 of (a sample of) the images, one colour per label."""
     import matplotlib
 
-    labels = sorted(pca["label"].fillna("(none)").unique())
+    point_labels = np.array(["(none)" if v is None else str(v) for v in point_labels], dtype=object)
+    labels = sorted(set(point_labels))
     colours = matplotlib.colormaps["tab20"]
-    xy = np.stack(pca["pca"].to_numpy())[:, :2]
     fig = _figure(figsize=(8, 6))
     ax = fig.add_subplot()
     for i, label in enumerate(labels):
-        mask = (pca["label"].fillna("(none)") == label).to_numpy()
+        mask = point_labels == label
         ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours(i % 20), label=label, alpha=0.8)
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
-    title = f"PC1 x PC2, coloured by label ({len(pca)} images"
+    title = f"PC1 x PC2, coloured by label ({len(xy)} images"
     ax.set_title(title + (", a random sample)" if sampled else ")"))
     if len(labels) <= LEGEND_MAX_LABELS:
         ax.legend(fontsize=7, markerscale=2, loc="best")
@@ -131,22 +141,29 @@ def _thumb(content: bytes):
 
 def neighbours_figure(rows: list[dict]) -> bytes:
     """Each query image (left) beside its nearest neighbours in the PCA space; green: same label."""
-    fig = _figure(figsize=(1.6 * (QUERY_NEIGHBORS + 1), 1.8 * len(rows)))
+    # One mosaic drawn once: 36 separate axes would cost seconds of matplotlib layout.
+    cell, pad, top = THUMB_PX + 8, 4, 18
+    cols = QUERY_NEIGHBORS + 1
+    mosaic = np.full((len(rows) * (cell + top), cols * cell, 3), 255, np.uint8)
+    captions = []
     for r, row in enumerate(rows):
         for c, (image, label, distance) in enumerate(row["images"]):
-            ax = fig.add_subplot(len(rows), QUERY_NEIGHBORS + 1, r * (QUERY_NEIGHBORS + 1) + c + 1)
+            y, x = r * (cell + top) + top, c * cell
+            colour = (0, 0, 0) if c == 0 else ((0, 150, 0) if label == row["images"][0][1] else (210, 0, 0))
+            mosaic[y : y + cell - pad, x : x + cell - pad] = colour  # the frame
             if image is not None:
-                ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            same = label == row["images"][0][1]
-            colour = "black" if c == 0 else ("green" if same else "red")
+                h, w = image.shape[:2]
+                oy, ox = y + (cell - pad - h) // 2, x + (cell - pad - w) // 2
+                mosaic[oy : oy + h, ox : ox + w] = image[..., :3]
             name = str(label) if len(str(label)) <= 16 else str(label)[:15] + "…"
-            ax.set_title(("query: " if c == 0 else f"{distance:.1f}: ") + name, fontsize=7, color=colour)
-            for spine in ax.spines.values():
-                spine.set_color(colour)
-                spine.set_linewidth(2 if c else 1)
-    fig.suptitle("Nearest neighbours in the PCA space (distance: label; green = same label as the query)")
+            text = ("query: " if c == 0 else f"{distance:.1f}: ") + name
+            captions.append((x + (cell - pad) / 2, y - 3, text, np.array(colour) / 255))
+    fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest")
+    for x, y, text, colour in captions:
+        ax.text(x, y, text, ha="center", va="bottom", fontsize=6, color=colour)
+    ax.set_axis_off()
     return _png(fig)
 
 
@@ -169,6 +186,7 @@ def evaluate_figure(result: dict) -> bytes:
     ax.set_xlim(0, 1)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_title(f"recall per label ({names[space]})", fontsize=9)
+    fig.subplots_adjust(wspace=0.9)  # room for the label names between the two charts
     return _png(fig)
 
 
@@ -181,11 +199,33 @@ def _rejections(embed_dir: str) -> dict[str, int]:
     return dict(Counter(e.split(":", 1)[0] for e in errors["error"]).most_common())
 
 
-def _neighbour_rows(pca, images_dir: str | None) -> list[dict]:
-    """A few query images (Test ones first, spread over labels) with their nearest neighbours."""
-    from sklearn.neighbors import NearestNeighbors
+def _contents(images_dir: str, wanted: set[str]) -> list[tuple[str, bytes]]:
+    """(image_id, bytes) of the wanted images: every file's ids are read, then only the row groups
+    holding a wanted image. Ingest hashes ids over its files, so statistics cannot skip a file, and
+    reading every image's bytes would cost seconds per 10,000 images."""
+    import pyarrow.compute as pc
 
-    x = np.stack(pca["pca"].to_numpy()).astype(np.float32)
+    found = []
+    for uri in storage.list_files(images_dir, ".parquet"):
+        fs, path = storage.filesystem(uri)
+        pf = pq.ParquetFile(path, filesystem=fs)
+        hits = pc.is_in(pf.read(columns=["image_id"]).column("image_id"), value_set=pa.array(sorted(wanted)))
+        rows = np.flatnonzero(hits.to_numpy(zero_copy_only=False))
+        if not rows.size:
+            continue
+        ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+        for group in sorted(set(np.searchsorted(ends, rows, side="right").tolist())):
+            table = pf.read_row_group(group, columns=["image_id", "content"])
+            found += [
+                (i, c) for i, c in zip(table["image_id"].to_pylist(), table["content"].to_pylist()) if i in wanted
+            ]
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _neighbour_rows(pca, x: np.ndarray, images_dir: str | None) -> list[dict]:
+    """A few query images (Test ones first, spread over labels) with their nearest neighbours."""
     rng = np.random.default_rng(0)
     pool = np.flatnonzero((pca["split"] == "Test").to_numpy()) if (pca["split"] == "Test").any() else np.arange(len(x))
     labels = pca["label"].to_numpy(object)
@@ -197,12 +237,16 @@ def _neighbour_rows(pca, images_dir: str | None) -> list[dict]:
         if len(queries) == min(QUERIES, len(x)):
             break
     n = min(QUERY_NEIGHBORS + 1, len(x))
-    distances, indices = NearestNeighbors(n_neighbors=n).fit(x).kneighbors(x[queries])
+    # A few queries against every image: one matrix product, no index worth building.
+    squared = (x**2).sum(1)[None, :] - 2 * x[queries] @ x.T + (x[queries] ** 2).sum(1)[:, None]
+    nearest = np.argpartition(squared, n - 1, axis=1)[:, :n]
+    order = np.take_along_axis(squared, nearest, 1).argsort(1)
+    indices = np.take_along_axis(nearest, order, 1)
+    distances = np.sqrt(np.maximum(np.take_along_axis(squared, indices, 1), 0))
     wanted = {pca["image_id"].iloc[j] for row in indices for j in row}
     thumbs = {}
     if images_dir and storage.exists(images_dir):
-        found = _read(images_dir, ["image_id", "content"], filters=[("image_id", "in", sorted(wanted))])
-        for image_id, content in zip(found["image_id"], found["content"]):
+        for image_id, content in _contents(images_dir, wanted):
             try:
                 thumbs[image_id] = _thumb(content)
             except Exception:  # noqa: BLE001 - a thumbnail that will not decode is drawn as a blank
@@ -249,17 +293,21 @@ def report(workdir: str) -> str:
     run = storage.read_json(storage.join(work, RUN_RECORD)) or {}
     variance = storage.read_json(storage.join(dirs["reduce"], "variance.json"))
     evaluation = storage.read_json(storage.join(dirs["evaluate"], "evaluate.json"))
-    pca = _read(storage.join(dirs["reduce"], "pca"), ["image_id", "label", "split", "pca"])
+    pca, x = read_pca(dirs["reduce"])
     out = storage.join(work, REPORT_DIR)
     storage.makedirs(out)
 
     figures: dict[str, tuple[bytes, str]] = {}
     figures["scree"] = (scree_figure(variance), "explained variance per component and cumulative")
     sampled = len(pca) > SCATTER_MAX_POINTS
-    shown = pca.sample(SCATTER_MAX_POINTS, random_state=0) if sampled else pca
+    shown = np.sort(np.random.default_rng(0).choice(len(pca), SCATTER_MAX_POINTS, replace=False)) if sampled else None
     if variance["k"] >= 2:
-        figures["scatter"] = (scatter_figure(shown, sampled), "PC1 x PC2 coloured by label")
-    figures["neighbours"] = (neighbours_figure(_neighbour_rows(pca, dirs["images"])), "nearest neighbours")
+        labels = pca["label"].to_numpy(object)
+        figures["scatter"] = (
+            scatter_figure(x[shown, :2] if sampled else x[:, :2], labels[shown] if sampled else labels, sampled),
+            "PC1 x PC2 coloured by label",
+        )
+    figures["neighbours"] = (neighbours_figure(_neighbour_rows(pca, x, dirs["images"])), "nearest neighbours")
     if evaluation:
         figures["evaluate"] = (evaluate_figure(evaluation), "kNN accuracy and recall per label")
     for name, (png, _) in figures.items():
@@ -331,6 +379,10 @@ def report(workdir: str) -> str:
             note += f" {labels} labels: colours repeat and the legend is left out."
         parts.append(f"<p class=note>{note}</p>")
     parts.append("<h2>Nearest neighbours</h2>")
+    parts.append(
+        "<p class=note>Each row: a query image, then its 5 nearest neighbours in the PCA space "
+        "(Euclidean distance: label); green frame = same label as the query, red = another.</p>"
+    )
     parts.append(_img(*figures["neighbours"]))
     if evaluation:
         parts.append("<h2>Are the features any good? (m9 evaluate)</h2>")
