@@ -234,7 +234,7 @@ class Components(click.ParamType):
 k_opt = click.option(
     "--k",
     type=Components(),
-    default=str(DEFAULT_K),
+    default=DEFAULT_K,
     show_default=True,
     help="Principal components to keep, or auto:0.95 for the smallest number that explains 95 % of the "
     "variance (chosen from one PCA fit with every component; the choice and why are in variance.json).",

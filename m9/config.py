@@ -69,15 +69,15 @@ DEFAULT_DECODE_MEMORY = 2048  # MB
 
 #: The share of the variance `--k auto` aims for when no share is given: the middle of the thresholds above,
 #: the usual choice for a PCA meant to keep the data's structure while dropping most dimensions.
-DEFAULT_VARIANCE_TARGET = 0.95
+AUTO_VARIANCE_TARGET = 0.95
 
 
 def parse_k(text: str) -> tuple[int | None, float | None]:
     """`--k` as a number of components (`50` → (50, None)) or a share of the variance to reach
-    (`auto:0.95` → (None, 0.95); `auto` alone means DEFAULT_VARIANCE_TARGET)."""
+    (`auto:0.95` → (None, 0.95); `auto` alone means AUTO_VARIANCE_TARGET)."""
     text = text.strip().lower()
     if text == "auto":
-        return None, DEFAULT_VARIANCE_TARGET
+        return None, AUTO_VARIANCE_TARGET
     if text.startswith("auto:"):
         try:
             target = float(text[5:])

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from m9.config import DEFAULT_VARIANCE_TARGET, parse_k
+from m9.config import AUTO_VARIANCE_TARGET, parse_k
 from m9.reduce import choose_k, k_choice
 from tests.conftest import TEST_K
 
@@ -17,7 +17,7 @@ from tests.conftest import TEST_K
 def test_parse_k_reads_a_count_or_a_share():
     assert parse_k("50") == (50, None)
     assert parse_k("auto:0.9") == (None, 0.9)
-    assert parse_k("AUTO") == (None, DEFAULT_VARIANCE_TARGET)
+    assert parse_k("AUTO") == (None, AUTO_VARIANCE_TARGET)
     for bad in ("0", "-3", "many", "auto:", "auto:0", "auto:1.5", "auto:x"):
         with pytest.raises(ValueError, match="--k"):
             parse_k(bad)
@@ -58,7 +58,7 @@ def test_reduce_auto_keeps_the_first_components_of_one_fit(pipeline, spark, tmp_
     out = tmp_path / "auto"
     result = reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=None, variance_target=0.5))
     variance = json.loads((out / "variance.json").read_text())
-    k = result["k"]
+    k = result.details["k"]
     choice = variance["k_choice"]
     assert variance["k"] == k == choice["k"] == len(variance["explained_variance_ratio"])
     assert choice["fitted_components"] == 240  # min(1280 features, 240 embedded images)
@@ -77,6 +77,10 @@ def test_reduce_auto_keeps_the_first_components_of_one_fit(pipeline, spark, tmp_
     header = (out / "pca.csv").read_text().splitlines()[0]
     assert header.endswith(f"pc_{k}")
     # A re-run with the same rule is recognised as done.
-    assert reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=None, variance_target=0.5))[
-        "skipped"
-    ]
+    again = reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=None, variance_target=0.5))
+    assert again.skipped
+    # Another share is another output: refused, naming the change (the contract's fingerprint holds it).
+    from m9.errors import InputError
+
+    with pytest.raises(InputError, match="variance_target"):
+        reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=None, variance_target=0.6))
