@@ -29,9 +29,23 @@ def _default(stage: str) -> str:
     return os.path.join(DEFAULT_WORKDIR, stage)
 
 
+class _CurrentStderr:
+    """sys.stderr as it is when a line is written: while a progress display is live, rich swaps in a proxy
+    that prints log lines above the display instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+        level=logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=_CurrentStderr(),
     )
     logging.getLogger("m9").setLevel(logging.DEBUG if verbose else logging.INFO)
     from m9 import quiet

@@ -84,7 +84,7 @@ class StageProgress:
 
         self._rich = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
             TextColumn("{task.fields[rate]}"),
