@@ -321,9 +321,10 @@ def report(workdir: str) -> str:
         if name not in wall and m and m.details.get("wall_s"):
             wall[name] = m.details["wall_s"]
     images_in = {"ingest": ingest_c.get("files_found"), "embed": embed_c.get("rows_in"), "reduce": len(pca)}
+    order = ["spark_startup", "ingest", "embed", "reduce", "evaluate"]  # run.json's keys come back sorted
     timing_rows = [
-        (name, seconds, f"{images_in[name] / seconds:.1f}" if images_in.get(name) and seconds else "")
-        for name, seconds in wall.items()
+        (name, wall[name], f"{images_in[name] / wall[name]:.1f}" if images_in.get(name) and wall[name] else "")
+        for name in sorted(wall, key=lambda n: order.index(n) if n in order else len(order))
     ]
     rejections = _rejections(dirs["embed"]) if manifests["embed"] else {}
     k_choice = variance.get("k_choice")
