@@ -115,3 +115,35 @@ def test_progress_off_a_terminal_beats_while_nothing_finishes(caplog):
         while not caplog.records and time.monotonic() < deadline:
             time.sleep(0.01)
     assert caplog.records[0].getMessage() == "embed: embedding 0/10 images (0 %)"
+
+
+def test_quiet_sets_the_engines_levels_unless_verbose(monkeypatch):
+    from m9 import quiet
+
+    for key in (*quiet.QUIET_ENV, quiet.VERBOSE_ENV):
+        monkeypatch.setenv(key, "")  # records the key's state, so what configure() sets is undone after
+        monkeypatch.delenv(key)
+    for name in quiet.NOISY_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")  # the user's own choice stays
+    quiet.configure(True)
+    assert quiet.verbose() and "RAY_BACKEND_LOG_LEVEL" not in os.environ
+    assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.WARNING, "WARN")
+    quiet.configure(False)
+    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal" and os.environ["RAY_DATA_LOG_LEVEL"] == "DEBUG"
+    assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.ERROR, "ERROR")
+    assert logging.getLogger("ray.data").level == logging.ERROR
+
+
+def test_native_stderr_without_drops_only_the_matching_lines(monkeypatch, capfd):
+    from m9 import quiet
+
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "0")
+    with quiet.native_stderr_without(quiet.RAY_LEVEL_NOTICE):
+        os.write(
+            2,
+            b"[2026-11-29 10:14:24,151 I 1997 1997] logging.cc:303: Set ray log level from environment "
+            b"variable RAY_BACKEND_LOG_LEVEL to 3\n",
+        )
+        os.write(2, b"a native error that matters\n")
+    assert capfd.readouterr().err == "a native error that matters\n"
