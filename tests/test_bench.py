@@ -106,7 +106,7 @@ def test_embed_stamped_keeps_rows_in_place(weights_path):
     """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
     import numpy as np
 
-    from m9.bench import _embed_stamped
+    from m9.bench.spark_engines import _embed_stamped
     from m9.model import Embedder
 
     good = sorted(SAMPLE.rglob("*.jpg"))[:3]
