@@ -18,7 +18,7 @@ def chart(result: dict, path: str) -> None:
     names = [n for n in eng if n != "decode"][::-1]  # barh draws bottom-up: keep the bench's order top-down
     rates = [eng[n]["steady_img_per_s"] for n in names]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
-    bars = ax.barh(names, rates, color=["#999999" if n == "ceiling" else "#3b75af" for n in names])
+    bars = ax.barh(names, rates, color=["#999999" if n.startswith("ceiling") else "#3b75af" for n in names])
     ax.bar_label(bars, fmt="%.1f", padding=3)
     if "ceiling" in eng:
         ax.axvline(eng["ceiling"]["steady_img_per_s"], color="#c44e52", linestyle="--", linewidth=1, label="ceiling")

@@ -7,13 +7,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE
+from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_RUNTIME
 
-#: Every engine, in the order a bench runs them: the two references first, then the distributions.
-ENGINES = ("decode", "ceiling", "ray", "spark-udf", "spark-udf-defaults", "spark-predict")
+#: Every engine, in the order a bench runs them: the references first (decode alone, the bare model on
+#: each runtime, and `ceiling`, the better of the two, which is picked, not run), then the distributions.
+#: `ray` runs on BenchConfig.runtime (`m9 embed`'s default path), every other engine's runtime is fixed by
+#: its name: a `-keras` or `-onnx` suffix, and the seed's UDF (`spark-udf`, `spark-udf-defaults`) on Keras.
+ENGINES = (
+    "decode",
+    "ceiling-keras",
+    "ceiling-onnx",
+    "ceiling",
+    "ray",
+    "ray-keras",
+    "spark-udf",
+    "spark-udf-onnx",
+    "spark-udf-defaults",
+    "spark-predict",
+)
 
-#: Engines two runs must agree on (decode produces no features).
-FEATURE_ENGINES = ("ceiling", "ray", "spark-udf", "spark-udf-defaults", "spark-predict")
+#: Engines whose features must agree (decode produces none).
+FEATURE_ENGINES = tuple(e for e in ENGINES if e != "decode")
+
+#: The bare model on one runtime: the ceiling's search for that runtime. `ceiling` needs both.
+CEILINGS = {"ceiling-keras": "keras", "ceiling-onnx": "onnx"}
+
+#: The engine whose features the others are compared with: the bare Keras model, m9's reference runtime.
+REFERENCE_ENGINE = "ceiling-keras"
 
 #: The issue's bar for "the engines produced the same features": max |Δ| per feature value.
 AGREE_TOLERANCE = 1e-4
@@ -29,6 +49,13 @@ SAMPLE_EVERY_S = 0.25
 #: Batch sizes the ceiling tries: around the default, from where per-call overhead shows to where the
 #: activations of one batch (~2.4 MB per image in MobileNetV2's first blocks) are far beyond any cache.
 CEILING_BATCHES = (8, 16, 32, 64)
+
+#: Rounds of the knobs check: m9's default setting and the best one the ceiling found, timed alternately
+#: this many times each (the median kept), so a change in the machine's load hits both alike.
+KNOBS_ROUNDS = 3
+
+#: The bar for "fixed defaults are right on this machine": the default setting's rate over the best's.
+KNOBS_TOLERANCE = 0.05
 
 #: Images each ceiling configuration is timed over (after warm-up): ~4 s at 75 images/s, enough for a
 #: rate within a few percent, small enough that the whole search stays around a minute.
@@ -65,6 +92,12 @@ class BenchConfig:
     ceiling_images: int = CEILING_IMAGES
     #: (processes, threads) pairs the ceiling tries; None: every way to split the cores (ceiling_configs).
     ceiling_configs: tuple[tuple[int, int], ...] | None = None
+    #: The runtime of `m9 embed`'s default path, which the `ray` engine and the knobs check use.
+    runtime: str = DEFAULT_RUNTIME
+    #: Also time ONNX Runtime's other session options (spinning, graph optimisation) at the best layout.
+    ceiling_sessions: bool = True
+    #: Rounds of the knobs check (0: none, the knobs section then reports the search's own rates).
+    knobs_rounds: int = KNOBS_ROUNDS
 
 
 @dataclass

@@ -29,7 +29,20 @@ def machine_facts() -> dict:
         except OSError:
             continue
     versions = {}
-    for dist in ("tensorflow", "keras", "ray", "pyspark", "pyarrow", "pandas", "numpy", "pillow", "psutil"):
+    for dist in (
+        "tensorflow",
+        "keras",
+        "onnxruntime",
+        "onnx",
+        "tf2onnx",
+        "ray",
+        "pyspark",
+        "pyarrow",
+        "pandas",
+        "numpy",
+        "pillow",
+        "psutil",
+    ):
         for name in (dist, f"{dist}-cpu"):  # TensorFlow may be installed as tensorflow-cpu
             try:
                 versions[dist] = md.version(name)

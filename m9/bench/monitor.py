@@ -42,7 +42,9 @@ class Monitor(threading.Thread):
                 continue
             used = times.user + times.system
             if proc.pid != self._me.pid:  # named at every sample: Spark's launcher execs bash → java in place
-                self._names[proc.pid] = _role(proc)
+                role = _role(proc)
+                if role != "?" or proc.pid not in self._names:  # an exited process keeps its name
+                    self._names[proc.pid] = role
             first = self._cpu.get(proc.pid, (used, used))[0]
             self._cpu[proc.pid] = (first, used)
         self.peak_rss = max(self.peak_rss, rss)

@@ -12,8 +12,12 @@ from m9.bench.config import BenchConfig, Outcome
 from m9.config import FEATURE_DIM
 
 
-def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bool = True) -> Outcome:
-    """`m9 embed`'s own pipeline (inference.embed_batches on a fixed actor pool), batches kept in memory."""
+def run_ray(
+    cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bool = True, runtime: str | None = None
+) -> Outcome:
+    """`m9 embed`'s own pipeline (inference.embed_batches on a fixed actor pool), batches kept in memory;
+    on `runtime` (default: the bench's, i.e. `m9 embed`'s default path)."""
+    runtime = runtime or cfg.runtime
     import ray
 
     from m9 import engine_ray
@@ -22,7 +26,9 @@ def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bo
     ids, done, feats = [], [], []
     with engine_ray.connect(None):
         counter = engine_ray.start_load_counter()
-        for batch in embed_batches(storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, None):
+        for batch in embed_batches(
+            storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, None, runtime=runtime
+        ):
             now = time.time()
             ids.extend(str(i) for i in batch["image_id"])
             done.extend([now] * len(batch["image_id"]))
@@ -37,6 +43,7 @@ def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bo
         np.concatenate(feats) if feats else None,
         loads,
         {
+            "runtime": runtime,
             "actors": cfg.actors,
             "threads_per_actor": threads,
             "actor_cpus": actor_cpus,

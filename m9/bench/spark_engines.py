@@ -42,10 +42,16 @@ def _arrow_batch(spark, records: int) -> Iterator[None]:
         spark.conf.set(key, previous)
 
 
-def _spark_knobs(tasks: int, threads: int | None, batch_size: int, arrow_batch: int) -> dict:
+def _spark_knobs(runtime: str, tasks: int, threads: int | None, batch_size: int, arrow_batch: int) -> dict:
     # threads None: TensorFlow's default pools, as many intra-op and inter-op threads as cores, in every task.
     threads_out = threads if threads else "tf-default"
-    return {"tasks": tasks, "threads_per_task": threads_out, "batch_size": batch_size, "arrow_batch_size": arrow_batch}
+    return {
+        "runtime": runtime,
+        "tasks": tasks,
+        "threads_per_task": threads_out,
+        "batch_size": batch_size,
+        "arrow_batch_size": arrow_batch,
+    }
 
 
 def _spark_frame(spark, input_dir: str, tasks: int):
@@ -82,13 +88,17 @@ def _embed_stamped(embedder, contents: list) -> tuple[np.ndarray, np.ndarray]:
     return place(np.concatenate(slices), errors), place(np.concatenate(stamps), errors, fill=time.time())
 
 
-def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: bool = False) -> Outcome:
+def run_spark_udf(
+    cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: bool = False, runtime: str = "keras"
+) -> Outcome:
     """The seed's method: weights broadcast from the driver; an iterator pandas UDF builds the model once per
     task and embeds each Arrow batch.
 
-    With m9's knobs (one TensorFlow thread per task, m9's batch size, a small Arrow batch) unless `defaults`:
-    then with the knobs a notebook leaves at their defaults (DEFAULT_KNOBS_*). Python workers are new per
-    Spark session, so each engine's thread setting holds unless the caller keeps one session for both.
+    With m9's knobs (the resource plan's threads per task, m9's batch size, a small Arrow batch) unless
+    `defaults`: then with the knobs a notebook leaves at their defaults (DEFAULT_KNOBS_*, Keras only). Python
+    workers are new per Spark session, so each engine's thread setting holds unless the caller keeps one
+    session for both. On Keras the driver builds the model to broadcast its arrays (model.get_weights(), as
+    the seed does); on ONNX it broadcasts the verified model file's bytes and builds nothing.
     """
     import pandas as pd
     from pyspark.sql import functions as F
@@ -96,8 +106,9 @@ def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: b
 
     from m9 import spark as m9spark
     from m9 import weights as m9weights
-    from m9.model import load_model
 
+    if defaults and runtime != "keras":
+        raise ValueError("the seed's default knobs are Keras's; spark-udf-defaults runs on Keras only")
     tasks, threads = _spark_tasks_and_threads(cfg)
     batch_size, arrow_batch = cfg.batch_size, ARROW_BATCH_BATCHES * cfg.batch_size
     if defaults:
@@ -105,13 +116,21 @@ def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: b
     out_type = StructType([StructField("features", ArrayType(FloatType())), StructField("done_at", DoubleType())])
     with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
         sc = spark.sparkContext
-        weights = sc.broadcast(load_model(str(m9weights.fetch())).get_weights())
+        if runtime == "keras":
+            from m9.model import load_model
+
+            weights, builds = sc.broadcast(load_model(str(m9weights.fetch())).get_weights()), 1
+            model = {"arrays": weights}
+        else:
+            weights, builds = sc.broadcast(m9weights.read_onnx(m9weights.fetch_onnx())), 0
+            model = {"model_bytes": weights}
         loads = sc.accumulator(0)
 
         def embed_udf(contents):
             from m9.model import Embedder
 
-            embedder = Embedder(None, threads=threads, batch_size=batch_size, verify=False, arrays=weights.value)
+            given = {k: v.value for k, v in model.items()}
+            embedder = Embedder(None, runtime=runtime, threads=threads, batch_size=batch_size, verify=False, **given)
             loads.add(1)
             for series in contents:
                 features, done_at = _embed_stamped(embedder, list(series))
@@ -123,12 +142,13 @@ def run_spark_udf(cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: b
         df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
         ids, done, feats, n_loads = _collect(df, loads)
         weights.destroy()
-    knobs = _spark_knobs(tasks, threads, batch_size, arrow_batch)
-    return Outcome(ids, done, feats, n_loads, knobs, extra={"driver_model_builds": 1})
+    knobs = _spark_knobs(runtime, tasks, threads, batch_size, arrow_batch)
+    return Outcome(ids, done, feats, n_loads, knobs, extra={"driver_model_builds": builds})
 
 
 def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
-    """Spark's own predict_batch_udf; make_predict_fn builds the model on the executor from the weights file."""
+    """Spark's own predict_batch_udf on the bench's runtime; make_predict_fn builds the model on the
+    executor from the cached model file (the verified .h5, or its checked ONNX conversion)."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
@@ -136,7 +156,7 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
 
     tasks, threads = _spark_tasks_and_threads(cfg)
     arrow_batch = ARROW_BATCH_BATCHES * cfg.batch_size
-    batch_size = cfg.batch_size
+    batch_size, runtime = cfg.batch_size, cfg.runtime
     out_type = StructType([StructField("features", ArrayType(FloatType())), StructField("done_at", DoubleType())])
     with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
         loads = spark.sparkContext.accumulator(0)
@@ -145,7 +165,8 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
             from m9 import weights as m9weights
             from m9.model import Embedder
 
-            embedder = Embedder(str(m9weights.fetch()), threads=threads, batch_size=batch_size)
+            path = m9weights.fetch() if runtime == "keras" else m9weights.fetch_onnx()
+            embedder = Embedder(str(path), runtime=runtime, threads=threads, batch_size=batch_size)
             loads.add(1)
 
             def predict(contents: np.ndarray) -> dict[str, np.ndarray]:
@@ -157,4 +178,4 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
         udf = predict_batch_udf(make_predict_fn, return_type=out_type, batch_size=batch_size)
         df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
         ids, done, feats, n_loads = _collect(df, loads)
-    return Outcome(ids, done, feats, n_loads, _spark_knobs(tasks, threads, batch_size, arrow_batch))
+    return Outcome(ids, done, feats, n_loads, _spark_knobs(runtime, tasks, threads, batch_size, arrow_batch))
