@@ -27,7 +27,8 @@ def check_knobs(
     median of cfg.knobs_rounds alternating runs) and default / best, which should be at least 1 - tolerance."""
     measured = [r for r in search if r["img_per_s"] is not None]
     default = default_setting(cfg, runtime)
-    best = setting_of(max(measured, key=lambda r: r["img_per_s"])) if measured else default
+    # With nothing measured (a search of one setting) its one setting is the best.
+    best = setting_of(max(search, key=lambda r: r["img_per_s"] or 0)) if search else default
     sample = contents[: max(cfg.ceiling_images, max(default.batch_size, best.batch_size) * 2)]
     if best == default:
         method = "the search's best setting is m9's default"
@@ -36,7 +37,8 @@ def check_knobs(
     elif cfg.knobs_rounds < 1:
         method = "the search's own rates (no knobs rounds)"
         found = [r["img_per_s"] for r in measured if setting_of(r) == default]
-        rates = {"default": [max(found)] if found else [None], "best": [max(r["img_per_s"] for r in measured)]}
+        top = max((r["img_per_s"] for r in measured), default=None)
+        rates = {"default": [max(found)] if found else [None], "best": [top]}
     else:
         method = (
             f"default and best timed alternately, {cfg.knobs_rounds} rounds each over {len(sample)} images; medians"
