@@ -106,6 +106,9 @@ def test_knobs_section(result):
     assert knobs["default_img_per_s"] > 0 and knobs["best_img_per_s"] > 0
     assert knobs["ratio"] == pytest.approx(knobs["default_img_per_s"] / knobs["best_img_per_s"], abs=1e-3)
     assert len(knobs["rates"]["default"]) == len(knobs["rates"]["best"]) == 1
+    sessions = knobs["sessions_at_default_threads"]
+    assert sessions["threads"] == knobs["default"]["threads"] and "default" in sessions["images_per_s"]
+    assert 0 < sessions["default_over_best"] <= 1
 
 
 @pytest.mark.slow
@@ -124,7 +127,7 @@ def test_reports_and_progress(result):
     for name in ENGINES:
         assert f"| {name} |" in md
     assert "× ceiling" in md and "× spark-udf-defaults" in md and "Engines agree: **yes**" in md
-    assert "Knobs (onnx): m9's default" in md and "Targets for `ray`" in md
+    assert "Knobs (onnx): m9's default" in md and "Targets for `ray`" in md and "Session options at the" in md
     assert (result["out"] / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A line before and after each engine that runs; one for ceiling, which is picked.
     for name in ENGINES:

@@ -51,6 +51,12 @@ def check_knobs(
     default_rate = statistics.median(rates["default"]) if None not in rates["default"] else None
     best_rate = statistics.median(rates["best"]) if None not in rates["best"] else None
     ratio = round(default_rate / best_rate, 3) if default_rate and best_rate else None
+    sessions = None
+    if runtime == "onnx" and cfg.knobs_rounds >= 1:
+        sessions = session_options_at_default(default, sample, cfg.knobs_rounds)
+        progress(
+            f"  knobs: session options at {default.threads} thread(s): default / best {sessions['default_over_best']}"
+        )
     return {
         "runtime": runtime,
         "default": default.row(),
@@ -62,4 +68,22 @@ def check_knobs(
         "tolerance": KNOBS_TOLERANCE,
         "within_tolerance": None if ratio is None else bool(ratio >= 1 - KNOBS_TOLERANCE),
         "method": method,
+        # ONNX Runtime's session options at the default's own thread count, in this process
+        # (m9.ort.defaults_vs_best), beside the ceiling's search of them at the best layout.
+        "sessions_at_default_threads": sessions,
     }
+
+
+#: Seconds each session setting runs per round in the in-process comparison of session options.
+SESSION_SECONDS = 2.0
+
+
+def session_options_at_default(default: Setting, contents: list, rounds: int) -> dict:
+    """m9's session options against every alternative at the default's threads and batch, in this process."""
+    from m9 import ort
+    from m9 import weights as m9weights
+    from m9.model import decode_many
+
+    inputs, _ = decode_many(contents)
+    model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())
+    return ort.defaults_vs_best(model_bytes, default.threads, inputs, default.batch_size, rounds, SESSION_SECONDS)

@@ -92,6 +92,14 @@ def markdown(result: dict) -> str:
             f"{k['best_img_per_s']}: default / best = **{k['ratio']}** (at least {1 - k['tolerance']:.2f}: "
             f"{'yes' if k['within_tolerance'] else 'NO'}). Method: {k['method']}.",
         ]
+        sess = k.get("sessions_at_default_threads")
+        if sess:
+            rates = ", ".join(f"{name} {rate}" for name, rate in sess["images_per_s"].items())
+            lines += [
+                "",
+                f"Session options at the default's {sess['threads']} thread(s), batch {sess['batch_size']}, in one "
+                f"process: {rates} images/s; default / best ({sess['best']}) = **{sess['default_over_best']}**.",
+            ]
     for name in ("ceiling-onnx", "ceiling-keras"):
         search = [s for s in eng.get(name, {}).get("search", []) if s["img_per_s"] is not None]
         if search:
