@@ -658,10 +658,13 @@ def _int_list(ctx, param, value):
 @input_opt(default=None, help="Output of `m9 ingest` (Parquet folder); default: the bundled sample, ingested.")
 @click.option(
     "--engines",
-    default="ray,spark-udf,spark-udf-defaults,spark-predict,ceiling,decode",
+    default="decode,ceiling,ray,ray-keras,spark-udf,spark-udf-onnx,spark-udf-defaults,spark-predict",
     show_default=True,
-    help="Comma-separated engines to run. spark-udf-defaults is the seed's UDF with Keras', Spark's and "
-    "TensorFlow's defaults (batch 32, Arrow batch 10,000, TensorFlow's thread pools) instead of m9's knobs.",
+    help="Comma-separated engines to run. ray runs on --runtime (m9 embed's default path), ray-keras on Keras; "
+    "spark-udf is the seed's UDF with m9's knobs on Keras, spark-udf-onnx the same on ONNX Runtime, "
+    "spark-udf-defaults the seed's UDF with Keras', Spark's and TensorFlow's defaults (batch 32, Arrow batch "
+    "10,000, TensorFlow's thread pools); ceiling is the faster of ceiling-keras and ceiling-onnx (the bare "
+    "model, searched), which it runs.",
 )
 @actors_opt
 @batch_opt
@@ -701,9 +704,13 @@ def _int_list(ctx, param, value):
     show_default=True,
     help="Images each ceiling configuration is timed over.",
 )
+@runtime_opt
 @user_errors
-def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, ceiling_batches, ceiling_images):
-    """Time the embed engines (Ray, Spark UDF, Spark predict_batch_udf) against the bare model's ceiling.
+def bench(
+    input_, engines, actors, batch_size, limit, repeat, output, scaling, ceiling_batches, ceiling_images, runtime
+):
+    """Time the embed engines (Ray, Spark UDF, Spark predict_batch_udf) on each runtime against the bare
+    model's ceiling, and m9's default knobs against the best setting found on this machine.
 
     Example: m9 bench --input m9-out/images --limit 1000
     """
@@ -721,6 +728,7 @@ def bench(input_, engines, actors, batch_size, limit, repeat, output, scaling, c
         repeat=repeat,
         ceiling_batches=ceiling_batches,
         ceiling_images=ceiling_images,
+        runtime=runtime,
     )
 
     def progress(line: str) -> None:

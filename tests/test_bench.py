@@ -1,35 +1,73 @@
-"""m9 bench on a few images: every engine runs, the JSON has every field, the engines agree."""
+"""m9 bench on a few images: every engine runs on both runtimes, the JSON has every field and the knobs
+check, the engines agree; the pure parts (engine order, steady rate, targets, knobs) on made-up numbers."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, scaling
+from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, scaling, steady_rate
+from m9.bench.knobs import check_knobs, default_setting
+from m9.bench.report import targets
+from m9.bench.run import engine_order
 from m9.cli import main
+from m9.errors import InputError
 from tests.conftest import SAMPLE
 
-#: Few images, one ceiling configuration: the point is that every engine runs and agrees, not its speed.
+#: Few images, one ceiling layout, no session search, one knobs round: the point is that every engine runs
+#: and agrees and every section is written, not its speed.
 IMAGES = 24
 
-ENGINE_FIELDS = {"steady_img_per_s", "wall_s", "first_row_s", "model_loads", "peak_rss_mb", "cpu_util", "knobs"}
+ENGINE_FIELDS = {
+    "steady_img_per_s",
+    "wall_s",
+    "first_row_s",
+    "model_loads",
+    "peak_rss_mb",
+    "cpu_util",
+    "knobs",
+    "cpu_s_by_process",
+    "loadavg_1m_at_start",
+}
+
+#: The runtime each engine must have run on (ray: the bench's default runtime, onnx).
+RUNTIME_OF = {
+    "ceiling-keras": "keras",
+    "ceiling-onnx": "onnx",
+    "ray": "onnx",
+    "ray-keras": "keras",
+    "spark-udf": "keras",
+    "spark-udf-onnx": "onnx",
+    "spark-udf-defaults": "keras",
+    "spark-predict": "onnx",
+}
 
 
 @pytest.fixture(scope="module")
 def result(spark, ray_local, weights_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(output=str(out), limit=IMAGES, ceiling_batches=(8,), ceiling_images=16, ceiling_configs=((1, 1),))
+    cfg = BenchConfig(
+        output=str(out),
+        limit=IMAGES,
+        ceiling_batches=(8,),
+        ceiling_images=16,
+        ceiling_configs=((1, 1),),
+        ceiling_sessions=False,
+        knobs_rounds=1,
+    )
     lines: list[str] = []
     return {"out": out, "result": bench(cfg, progress=lines.append), "lines": lines}
 
 
 @pytest.mark.slow
-def test_json_has_every_field(result):
+def test_json_has_every_engine_and_field(result):
     data = json.loads((result["out"] / "bench.json").read_text())
-    assert {"machine", "images", "engines", "agree", "max_abs_diff"} <= set(data)
+    assert {"machine", "images", "engines", "agree", "max_abs_diff", "knobs", "targets", "reference"} <= set(data)
     assert {"cpu_model", "cores", "memory_gb", "versions", "loadavg_start", "loadavg_end"} <= set(data["machine"])
+    assert data["machine"]["versions"]["onnxruntime"]
     assert data["images"] == IMAGES
     assert set(data["engines"]) == set(ENGINES)
     for name, engine in data["engines"].items():
@@ -37,25 +75,50 @@ def test_json_has_every_field(result):
         assert engine["steady_img_per_s"] > 0, name
         assert engine["wall_s"] >= engine["first_row_s"] >= 0, name
         assert engine["peak_rss_mb"] > 0, name
+    for name, runtime in RUNTIME_OF.items():
+        assert data["engines"][name]["knobs"]["runtime"] == runtime, name
     for name in FEATURE_ENGINES:
         assert data["engines"][name]["model_loads"] >= 1, name
         assert data["engines"][name]["knobs"]["batch_size"] >= 1, name
+    # ceiling is the faster of the two bare models, picked, not run again.
+    ceiling = data["engines"]["ceiling"]
+    assert ceiling["of"] in ("ceiling-keras", "ceiling-onnx")
+    assert ceiling["steady_img_per_s"] == max(data["engines"][e]["steady_img_per_s"] for e in RUNTIME_OF if "ceil" in e)
     assert data["engines"]["spark-udf"]["knobs"]["arrow_batch_size"] > 0
     # The seed's UDF as a notebook leaves it: Keras predict's batch, Spark's Arrow batch, TensorFlow's threads.
     assert data["engines"]["spark-udf-defaults"]["knobs"] == {
+        "runtime": "keras",
         "tasks": data["engines"]["spark-udf"]["knobs"]["tasks"],
         "threads_per_task": "tf-default",
         "batch_size": 32,
         "arrow_batch_size": 10_000,
     }
+    assert [t["over"] for t in data["targets"]] == ["spark-udf-defaults", "ceiling", "spark-udf-onnx"]
+
+
+@pytest.mark.slow
+def test_knobs_section(result):
+    knobs = result["result"]["knobs"]
+    assert knobs["runtime"] == "onnx"
+    # The default is what m9 embed would run here; the search had one layout, (1, 1) at batch 8.
+    assert knobs["default"] == default_setting(BenchConfig(), "onnx").row()
+    assert (knobs["best"]["processes"], knobs["best"]["threads"], knobs["best"]["batch_size"]) == (1, 1, 8)
+    assert knobs["default_img_per_s"] > 0 and knobs["best_img_per_s"] > 0
+    assert knobs["ratio"] == pytest.approx(knobs["default_img_per_s"] / knobs["best_img_per_s"], abs=1e-3)
+    assert len(knobs["rates"]["default"]) == len(knobs["rates"]["best"]) == 1
+    sessions = knobs["sessions_at_default_threads"]
+    assert sessions["threads"] == knobs["default"]["threads"] and "default" in sessions["images_per_s"]
+    assert 0 < sessions["default_over_best"] <= 1
 
 
 @pytest.mark.slow
 def test_engines_agree(result):
     data = result["result"]
     assert data["agree"] is True
+    assert data["reference"] == "ceiling-keras"
     assert data["max_abs_diff"] <= 1e-4
     assert set(data["max_abs_diff_by_engine"]) == set(FEATURE_ENGINES)
+    assert data["max_abs_diff_by_engine"]["ray-keras"] <= 1e-5  # same runtime as the reference
 
 
 @pytest.mark.slow
@@ -63,10 +126,15 @@ def test_reports_and_progress(result):
     md = (result["out"] / "bench.md").read_text()
     for name in ENGINES:
         assert f"| {name} |" in md
-    assert "× ceiling" in md and "× spark-udf" in md and "Engines agree: **yes**" in md
+    assert "× ceiling" in md and "× spark-udf-defaults" in md and "Engines agree: **yes**" in md
+    assert "Knobs (onnx): m9's default" in md and "Targets for `ray`" in md and "Session options at the" in md
     assert (result["out"] / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # One line before and one after each engine.
-    assert sum(line.startswith("[") for line in result["lines"]) == 2 * len(ENGINES)
+    # A line before and after each engine that runs; one for ceiling, which is picked.
+    for name in ENGINES:
+        assert any(line.split("] ", 1)[-1].startswith(f"{name}:") for line in result["lines"]), name
+    assert sum(line.startswith("[") and " … " not in line and line.endswith("…") for line in result["lines"]) == (
+        len(ENGINES) - 1 + 1  # every engine run, and the knobs check
+    )
 
 
 @pytest.mark.slow
@@ -83,17 +151,26 @@ def test_cli_rejects_unknown_engine(tmp_path):
     assert "unknown engine(s) gpu" in res.output
 
 
+def test_cli_rejects_unknown_runtime(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--runtime", "tflite", "--output", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "'tflite' is not one of 'onnx', 'keras'" in res.output
+
+
 def test_cli_rejects_bad_scaling(tmp_path):
     res = CliRunner().invoke(main, ["bench", "--scaling", "1000,x"])
     assert res.exit_code == 2
     assert "comma-separated whole numbers" in res.output
 
 
+def test_engine_order_runs_both_ceilings_for_ceiling():
+    assert engine_order(("ray", "ceiling")) == ["ceiling-keras", "ceiling-onnx", "ceiling", "ray"]
+    assert engine_order(("spark-udf", "ceiling-onnx")) == ["ceiling-onnx", "spark-udf"]
+    with pytest.raises(InputError, match="unknown engine"):
+        engine_order(("ray", "gpu"))
+
+
 def test_steady_rate_counts_bursts_once():
-    import numpy as np
-
-    from m9.bench import steady_rate
-
     assert steady_rate(np.arange(1000) / 70.0) == pytest.approx(70.0)
     # Two workers returning 64-row blocks together every 2 s: 64 rows/s, not the 128 that indexing the
     # sorted rows would claim when the 20 % mark falls inside the first pair of blocks.
@@ -101,17 +178,55 @@ def test_steady_rate_counts_bursts_once():
     assert steady_rate(bursts) == pytest.approx(64.0, rel=0.01)
 
 
-@pytest.mark.slow
-def test_embed_stamped_keeps_rows_in_place(weights_path):
-    """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
-    import numpy as np
+def _row(processes, threads, batch, rate, session_threads=None):
+    t = session_threads or threads
+    return {
+        "runtime": "onnx",
+        "processes": processes,
+        "threads": threads,
+        "batch_size": batch,
+        "session": f"threads={t} spinning=off opt=all",
+        "img_per_s": rate,
+    }
 
-    from m9.bench import _embed_stamped
+
+def test_knobs_from_the_search_without_rounds():
+    """No rounds: the ratio is the default's own search rate over the best's; no processes start."""
+    cfg = BenchConfig(actors=2, batch_size=16, knobs_rounds=0)
+    default = default_setting(cfg, "onnx")
+    search = [
+        _row(1, 2, 16, 100.0),
+        _row(default.processes, default.threads, 16, 96.0),
+        _row(default.processes, default.threads, 32, 80.0),
+    ]
+    knobs = check_knobs(cfg, "onnx", search, [], lambda line: None)
+    assert knobs["default"]["batch_size"] == 16 and knobs["best"]["processes"] == 1
+    assert knobs["ratio"] == pytest.approx(0.96)
+    assert knobs["within_tolerance"] is True
+    search[1]["img_per_s"] = 90.0
+    assert check_knobs(cfg, "onnx", search, [], lambda line: None)["within_tolerance"] is False
+
+
+def test_targets_compare_ray_with_each_bar():
+    eng = {n: {"steady_img_per_s": r} for n, r in [("ray", 90.0), ("ceiling", 100.0), ("spark-udf-defaults", 45.0)]}
+    got = targets({"engines": eng})
+    assert got == [
+        {"over": "spark-udf-defaults", "ratio": 2.0, "at_least": 1.8, "met": True},
+        {"over": "ceiling", "ratio": 0.9, "at_least": 0.95, "met": False},
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["keras", "onnx"])
+def test_embed_stamped_keeps_rows_in_place(weights_path, runtime):
+    """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
+    from m9.bench.spark_engines import _embed_stamped
     from m9.model import Embedder
 
     good = sorted(SAMPLE.rglob("*.jpg"))[:3]
     contents = [good[0].read_bytes(), b"not an image", good[1].read_bytes(), good[2].read_bytes()]
-    embedder = Embedder(str(weights_path), threads=1, batch_size=2)
+    path = str(weights_path) if runtime == "keras" else None
+    embedder = Embedder(path, runtime=runtime, threads=1, batch_size=2)
     features, done_at = _embed_stamped(embedder, contents)
     expected, errors = embedder.embed(contents)
     assert errors[1] is not None and errors[0] is errors[2] is errors[3] is None

@@ -1,0 +1,89 @@
+"""The knobs check: m9's fixed defaults (threads per actor, batch size, session options) against the best
+setting the ceiling search found on this machine, timed alternately so load hits both alike."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+
+from m9.bench.ceiling import Setting, default_session, setting_of, time_setting
+from m9.bench.config import KNOBS_TOLERANCE, BenchConfig
+
+
+def default_setting(cfg: BenchConfig, runtime: str) -> Setting:
+    """What `m9 embed` runs on one local node of this machine: cfg.actors processes, the resource plan's
+    threads each (inference.plan_resources, the one plan), cfg.batch_size, m9's session options."""
+    from m9.inference import plan_resources
+
+    _, threads = plan_resources([float(os.cpu_count() or 1)], cfg.actors)
+    return Setting(runtime, cfg.actors, threads, cfg.batch_size, default_session(runtime, threads))
+
+
+def check_knobs(
+    cfg: BenchConfig, runtime: str, search: list[dict], contents: list, progress: Callable[[str], None]
+) -> dict:
+    """The `knobs` section of bench.json: the default setting, the search's best, each one's images/s (the
+    median of cfg.knobs_rounds alternating runs) and default / best, which should be at least 1 - tolerance."""
+    measured = [r for r in search if r["img_per_s"] is not None]
+    default = default_setting(cfg, runtime)
+    # With nothing measured (a search of one setting) its one setting is the best.
+    best = setting_of(max(search, key=lambda r: r["img_per_s"] or 0)) if search else default
+    sample = contents[: max(cfg.ceiling_images, max(default.batch_size, best.batch_size) * 2)]
+    if best == default:
+        method = "the search's best setting is m9's default"
+        rate = max((r["img_per_s"] for r in measured if setting_of(r) == default), default=None)
+        rates = {"default": [rate], "best": [rate]}
+    elif cfg.knobs_rounds < 1:
+        method = "the search's own rates (no knobs rounds)"
+        found = [r["img_per_s"] for r in measured if setting_of(r) == default]
+        top = max((r["img_per_s"] for r in measured), default=None)
+        rates = {"default": [max(found)] if found else [None], "best": [top]}
+    else:
+        method = (
+            f"default and best timed alternately, {cfg.knobs_rounds} rounds each over {len(sample)} images; medians"
+        )
+        rates = {"default": [], "best": []}
+        for n in range(cfg.knobs_rounds):
+            for name, setting in (("default", default), ("best", best)):
+                rates[name].append(round(time_setting(setting, sample, len(sample)), 2))
+                progress(f"  knobs round {n + 1}/{cfg.knobs_rounds}: {name} {rates[name][-1]:.1f} images/s")
+    default_rate = statistics.median(rates["default"]) if None not in rates["default"] else None
+    best_rate = statistics.median(rates["best"]) if None not in rates["best"] else None
+    ratio = round(default_rate / best_rate, 3) if default_rate and best_rate else None
+    sessions = None
+    if runtime == "onnx" and cfg.knobs_rounds >= 1:
+        sessions = session_options_at_default(default, sample, cfg.knobs_rounds)
+        progress(
+            f"  knobs: session options at {default.threads} thread(s): default / best {sessions['default_over_best']}"
+        )
+    return {
+        "runtime": runtime,
+        "default": default.row(),
+        "best": best.row(),
+        "default_img_per_s": default_rate,
+        "best_img_per_s": best_rate,
+        "rates": rates,
+        "ratio": ratio,
+        "tolerance": KNOBS_TOLERANCE,
+        "within_tolerance": None if ratio is None else bool(ratio >= 1 - KNOBS_TOLERANCE),
+        "method": method,
+        # ONNX Runtime's session options at the default's own thread count, in this process
+        # (m9.ort.defaults_vs_best), beside the ceiling's search of them at the best layout.
+        "sessions_at_default_threads": sessions,
+    }
+
+
+#: Seconds each session setting runs per round in the in-process comparison of session options.
+SESSION_SECONDS = 2.0
+
+
+def session_options_at_default(default: Setting, contents: list, rounds: int) -> dict:
+    """m9's session options against every alternative at the default's threads and batch, in this process."""
+    from m9 import ort
+    from m9 import weights as m9weights
+    from m9.model import decode_many
+
+    inputs, _ = decode_many(contents)
+    model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())
+    return ort.defaults_vs_best(model_bytes, default.threads, inputs, default.batch_size, rounds, SESSION_SECONDS)

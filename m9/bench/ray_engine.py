@@ -1,0 +1,53 @@
+"""Engine `ray`: `m9 embed`'s own pipeline (inference.embed_batches), timed as its batches arrive."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from m9 import storage
+from m9.bench.config import BenchConfig, Outcome
+from m9.config import FEATURE_DIM
+
+
+def run_ray(
+    cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bool = True, runtime: str | None = None
+) -> Outcome:
+    """`m9 embed`'s own pipeline (inference.embed_batches on a fixed actor pool), batches kept in memory;
+    on `runtime` (default: the bench's, i.e. `m9 embed`'s default path)."""
+    runtime = runtime or cfg.runtime
+    import ray
+
+    from m9 import engine_ray
+    from m9.inference import embed_batches, plan_resources
+
+    ids, done, feats = [], [], []
+    with engine_ray.connect(None):
+        counter = engine_ray.start_load_counter()
+        for batch in embed_batches(
+            storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, None, runtime=runtime
+        ):
+            now = time.time()
+            ids.extend(str(i) for i in batch["image_id"])
+            done.extend([now] * len(batch["image_id"]))
+            if keep_features:
+                feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(-1, FEATURE_DIM))
+        loads = len(ray.get(counter.get.remote()))
+        ray.kill(counter)
+        actor_cpus, threads = plan_resources(engine_ray.node_cpus(), cfg.actors)
+    return Outcome(
+        ids,
+        np.array(done),
+        np.concatenate(feats) if feats else None,
+        loads,
+        {
+            "runtime": runtime,
+            "actors": cfg.actors,
+            "threads_per_actor": threads,
+            "actor_cpus": actor_cpus,
+            "batch_size": cfg.batch_size,
+            "arrow_batch_size": None,
+        },
+    )

@@ -1,0 +1,133 @@
+"""bench.md and bench.json: the engine table with ratios, the targets, the knobs check, the ceiling search
+and the machine it ran on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from m9.bench.chart import chart
+
+#: The ratios the runtime issue sets for `ray` (m9 embed's default path): (engine, at least).
+TARGETS = (("spark-udf-defaults", 1.8), ("ceiling", 0.95), ("spark-udf-onnx", 1.0))
+
+
+def _ratio(value: float, ref: dict | None) -> str:
+    if not ref or not ref.get("steady_img_per_s"):
+        return "–"
+    return f"{value / ref['steady_img_per_s']:.2f}"
+
+
+def _knobs(knobs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in knobs.items() if v is not None)
+
+
+def targets(result: dict) -> list[dict]:
+    """`ray`'s steady rate over each target engine's, beside the bar; only for engines that ran."""
+    eng = result["engines"]
+    if "ray" not in eng:
+        return []
+    out = []
+    for other, bar in TARGETS:
+        if other in eng and eng[other]["steady_img_per_s"]:
+            ratio = eng["ray"]["steady_img_per_s"] / eng[other]["steady_img_per_s"]
+            out.append({"over": other, "ratio": round(ratio, 3), "at_least": bar, "met": bool(ratio >= bar)})
+    return out
+
+
+def _session(s: dict) -> str:
+    return f", {s['session']}" if s.get("session") else ""
+
+
+def _setting(s: dict) -> str:
+    return f"{s['processes']} × {s['threads']} thread(s), batch {s['batch_size']}{_session(s)}"
+
+
+def markdown(result: dict) -> str:
+    """bench.md: the engine table with ratios to the ceiling and the seed's UDF, the targets, the knobs
+    check, the ceiling searches and the machine it ran on."""
+    m, eng = result["machine"], result["engines"]
+    ceiling, seed = eng.get("ceiling"), eng.get("spark-udf-defaults")
+    lines = [
+        f"{result['images']} images; {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB; "
+        f"load average {m['loadavg_start'][0]} at start, {m.get('loadavg_end', ['?'])[0]} at end.",
+        "",
+        "| engine | runtime | steady img/s | × ceiling | × spark-udf-defaults | wall s | first row s | model loads "
+        "| peak RSS MB | CPU % | CPU ms/img | load | knobs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, e in eng.items():
+        knobs = {k: v for k, v in e["knobs"].items() if k != "runtime"}
+        lines.append(
+            f"| {name} | {e['knobs'].get('runtime', '–')} | {e['steady_img_per_s']:.1f} | "
+            f"{_ratio(e['steady_img_per_s'], ceiling)} | {_ratio(e['steady_img_per_s'], seed)} | "
+            f"{e['wall_s']:.1f} | {e['first_row_s']:.1f} | {e['model_loads']} | {e['peak_rss_mb']:.0f} | "
+            f"{100 * e['cpu_util']:.0f} | {e.get('cpu_ms_per_image', float('nan')):.1f} | "
+            f"{e.get('loadavg_1m_at_start', '–')} | {_knobs(knobs)} |"
+        )
+    lines += [
+        "",
+        f"Engines agree: **{'yes' if result['agree'] else 'NO'}** — max |Δ| = "
+        f"{result['max_abs_diff']:.2e} per feature against {result.get('reference')} "
+        f"(tolerance {result['tolerance']:g}).",
+    ]
+    if ceiling and "of" in ceiling:
+        lines += ["", f"`ceiling` is `{ceiling['of']}`, the faster bare model."]
+    met = result.get("targets") or []
+    if met:
+        lines += [
+            "",
+            "Targets for `ray`: "
+            + "; ".join(
+                f"{t['ratio']:.2f} × {t['over']} (≥ {t['at_least']:g}: {'met' if t['met'] else 'NOT met'})" for t in met
+            )
+            + ".",
+        ]
+    k = result.get("knobs")
+    if k:
+        lines += [
+            "",
+            f"Knobs ({k['runtime']}): m9's default {_setting(k['default'])} ran at {k['default_img_per_s']} "
+            f"images/s; the best setting the ceiling search found, {_setting(k['best'])}, at "
+            f"{k['best_img_per_s']}: default / best = **{k['ratio']}** (at least {1 - k['tolerance']:.2f}: "
+            f"{'yes' if k['within_tolerance'] else 'NO'}). Method: {k['method']}.",
+        ]
+        sess = k.get("sessions_at_default_threads")
+        if sess:
+            rates = ", ".join(f"{name} {rate}" for name, rate in sess["images_per_s"].items())
+            lines += [
+                "",
+                f"Session options at the default's {sess['threads']} thread(s), batch {sess['batch_size']}, in one "
+                f"process: {rates} images/s; default / best ({sess['best']}) = **{sess['default_over_best']}**.",
+            ]
+    for name in ("ceiling-onnx", "ceiling-keras"):
+        search = [s for s in eng.get(name, {}).get("search", []) if s["img_per_s"] is not None]
+        if search:
+            lines += [
+                "",
+                f"{name} search (forward pass only, inputs decoded up front):",
+                "",
+                "| processes | threads | batch | session | img/s |",
+                "|---:|---:|---:|---|---:|",
+            ]
+            lines += [
+                f"| {s['processes']} | {s['threads']} | {s['batch_size']} | {s.get('session') or '–'} | "
+                f"{s['img_per_s']:.1f} |"
+                for s in search
+            ]
+    by_process = [(n, e["cpu_s_by_process"]) for n, e in eng.items() if e.get("cpu_s_by_process")]
+    if by_process:
+        lines += ["", "CPU seconds by process (the largest):", ""]
+        lines += [f"- {n}: " + ", ".join(f"{p} {s}" for p, s in procs.items()) for n, procs in by_process]
+    v = m["versions"]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, output: str) -> None:
+    """bench.json, bench.md and bench.png in `output`."""
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "bench.md").write_text(markdown(result))
+    chart(result, str(folder / "bench.png"))
