@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,33 @@ def pipeline(spark, ray_local, weights_path, images_tree, tmp_path_factory) -> d
         "embed": embed(EmbedConfig(input=dirs["images"], output=dirs["embed"], actors=2, batch_size=8)),
         "reduce": reduce(ReduceConfig(input=dirs["embed"], output=dirs["reduce"], k=TEST_K)),
     }
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[int]:
+    """moto's S3 API server on a free loopback port (never AWS); yields the port."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+def point_aws_at(mp: pytest.MonkeyPatch, endpoint: str, access_key: str, secret_key: str) -> None:
+    """The AWS environment m9 reads (credentials, region, m9's endpoint variable) pointed at endpoint, and
+    nothing that could send it elsewhere (profiles, other endpoints, the instance metadata service)."""
+    from m9.storage import S3_ENDPOINT_ENV
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_ACCESS_KEY_ID", access_key)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+    mp.setenv("AWS_REGION", "us-east-1")
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254: loopback only
+    mp.setenv(S3_ENDPOINT_ENV, endpoint)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from m9 import contract, lease
 from m9.config import EmbedConfig, IngestConfig, ReduceConfig
 from m9.contract import EMBED, INGEST, REDUCE, Manifest
 from m9.errors import InputError
+from tests.conftest import moto_server, point_aws_at
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,26 +137,13 @@ def test_a_refused_stage_leaves_no_folder_it_created(tmp_path):
 @pytest.fixture(scope="module")
 def moto_s3():
     """moto's S3 server on loopback with one bucket, and the environment m9 reads pointed at it."""
-    from moto.server import ThreadedMotoServer
-
     from m9 import storage
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "k")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "s")
-        mp.setenv("AWS_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv(storage.S3_ENDPOINT_ENV, f"http://{host}:{port}")
+    with moto_server() as port, pytest.MonkeyPatch.context() as mp:
+        point_aws_at(mp, f"http://127.0.0.1:{port}", "k", "s")
         client = storage.s3_client()
         client.create_bucket(Bucket="lease")
         yield client
-    server.stop()
 
 
 def _plant(client, key: str, holder: lease.Holder) -> None:

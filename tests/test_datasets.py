@@ -317,26 +317,13 @@ def test_fruits360_bad_archives(tmp_path: Path, make, message: str) -> None:
 @pytest.mark.slow
 def test_fruits360_to_s3(fruits_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Straight into a bucket, on moto's S3 server on loopback (never AWS)."""
-    import logging
-
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    from m9.storage import S3_ENDPOINT_ENV
+    from tests.conftest import moto_server, point_aws_at
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fruits")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fruits-secret")
-        monkeypatch.setenv("AWS_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        monkeypatch.setenv(S3_ENDPOINT_ENV, endpoint)
+    with moto_server() as port:
+        endpoint = f"http://127.0.0.1:{port}"
+        point_aws_at(monkeypatch, endpoint, "fruits", "fruits-secret")
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="m9-fruits")
 
@@ -354,5 +341,3 @@ def test_fruits360_to_s3(fruits_zip: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert client.get_object(Bucket="m9-fruits", Key=f"inputs/{rel}")["Body"].read() == sample[rel]
         with pytest.raises(M9Error, match="bucket m9-missing does not exist"):
             build_fruits360(str(fruits_zip), "s3://m9-missing/inputs/")
-    finally:
-        server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from click.testing import CliRunner
 
 from m9.cli import main
 from m9.storage import S3_ENDPOINT_ENV
-from tests.conftest import TEST_K
+from tests.conftest import TEST_K, moto_server, point_aws_at
 
 BUCKET = "m9-test"
 ACCESS_KEY, SECRET_KEY = "m9-test-key", "m9-test-secret"
@@ -166,28 +165,15 @@ class FaultyProxy:
 @pytest.fixture(scope="module")
 def moto_port():
     """moto's S3 API server on a free loopback port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield port
-    server.stop()
+    with moto_server() as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def s3_env(moto_port):
     """AWS credentials, region and m9's endpoint variable pointing at moto; everything restored after."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254: loopback only
-        mp.setenv(S3_ENDPOINT_ENV, f"http://127.0.0.1:{moto_port}")
+        point_aws_at(mp, f"http://127.0.0.1:{moto_port}", ACCESS_KEY, SECRET_KEY)
         yield mp
 
 
