@@ -96,36 +96,46 @@ def _ignored(result) -> str:
     return text
 
 
-class Extensions(click.ParamType):
+class _Parsed(click.ParamType):
+    """A click type whose text a library function parses, raising ValueError with the message to show."""
+
+    #: Values that are already parsed (a default, or a value passed in by a caller).
+    parsed: tuple[type, ...] = ()
+
+    def parse(self, text: str):
+        raise NotImplementedError
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.parsed):
+            return value
+        try:
+            return self.parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Extensions(_Parsed):
     """Comma-separated file extensions, e.g. jpg,png,webp."""
 
     name = "EXT,EXT,…"
+    parsed = (tuple,)
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
+    def parse(self, text: str):
         from m9.ingest import parse_extensions
 
-        try:
-            return parse_extensions(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+        return parse_extensions(text)
 
 
-class MaxErrors(click.ParamType):
+class MaxErrors(_Parsed):
     """A count of images (`10`) or a fraction of them (`0.05`)."""
 
     name = "N|FRACTION"
+    parsed = (int, float)
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, int | float):
-            return value
+    def parse(self, text: str):
         from m9.config import parse_max_errors
 
-        try:
-            return parse_max_errors(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+        return parse_max_errors(text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -229,20 +239,16 @@ bytes_per_file_opt = click.option(
 )
 
 
-class Components(click.ParamType):
+class Components(_Parsed):
     """`--k`: a number of components (`50`) or `auto:0.95` (as many as reach that share of the variance)."""
 
     name = "N|auto:SHARE"
+    parsed = (tuple,)
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
+    def parse(self, text: str):
         from m9.config import parse_k
 
-        try:
-            return parse_k(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+        return parse_k(text)
 
 
 k_opt = click.option(
