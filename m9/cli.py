@@ -48,9 +48,6 @@ def _setup_logging(verbose: bool) -> None:
         stream=_CurrentStderr(),
     )
     logging.getLogger("m9").setLevel(logging.DEBUG if verbose else logging.INFO)
-    from m9 import quiet
-
-    quiet.configure(verbose)
 
 
 def user_errors(fn):
@@ -165,6 +162,10 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
     # In force for the command that follows (pyarrow, boto3, s3a, and the settings Ray tasks are handed),
     # and gone when it returns; the process's environment is left as it was.
     ctx.with_resource(storage.using(storage.S3Settings.from_env(endpoint=s3_endpoint)))
+    from m9 import quiet
+
+    # The engines stay quiet for this command unless -v (they are configured when they start).
+    ctx.with_resource(quiet.verbosity(verbose))
 
 
 input_opt = functools.partial(click.option, "--input", "input_", metavar="SRC")

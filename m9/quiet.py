@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -10,8 +11,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-#: Set to "1" by `m9 -v`; read here and by the engines' helpers (and inherited by the processes they start).
-VERBOSE_ENV = "M9_VERBOSE"
+#: Whether the running command asked for the engines' own lines (`m9 -v`); set for one command by verbosity().
+_verbose: contextvars.ContextVar[bool] = contextvars.ContextVar("m9_verbose", default=False)
 
 #: Environment the engines' native code reads at start-up. Ray's workers, raylet and GCS inherit the
 #: driver's environment when m9 starts a local Ray, so setting it once in the driver quiets them all.
@@ -30,17 +31,27 @@ NOISY_LOGGERS = ("py4j", "ray", "ray.data", "tensorflow", "absl")
 
 
 def verbose() -> bool:
-    """True when the user asked for the engines' own log lines (`m9 -v`)."""
-    return os.environ.get(VERBOSE_ENV) == "1"
+    """True when the running command asked for the engines' own log lines (`m9 -v`)."""
+    return _verbose.get()
 
 
-def configure(verbose_: bool | None = None) -> None:
-    """Quiet the engines (or, verbose, leave them be); call before Spark, Ray or TensorFlow start.
+@contextlib.contextmanager
+def verbosity(verbose_: bool) -> Iterator[None]:
+    """Run the block (one command) verbose or quiet, and configure the engines accordingly; restored on exit."""
+    token = _verbose.set(verbose_)
+    try:
+        configure()
+        yield
+    finally:
+        _verbose.reset(token)
 
-    Variables the user set themselves are left as they are.
+
+def configure() -> None:
+    """Quiet the engines unless verbose(); call before Spark, Ray or TensorFlow start.
+
+    The engines' native code reads its levels from the environment (QUIET_ENV); variables the user set
+    themselves are left as they are.
     """
-    if verbose_ is not None:
-        os.environ[VERBOSE_ENV] = "1" if verbose_ else "0"
     if verbose():
         return
     for key, value in QUIET_ENV.items():

@@ -45,7 +45,7 @@ def test_the_line_check_catches_engine_chatter():
 @pytest.mark.slow
 def test_m9_run_prints_only_its_own_lines(tmp_path):
     """The whole pipeline on the sample in a fresh process, as a user starts it (no terminal)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("M9_VERBOSE", "RAY_BACKEND_LOG_LEVEL")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_BACKEND_LOG_LEVEL"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     done = subprocess.run(
         [sys.executable, "-m", "m9.cli", "run", "--workdir", str(tmp_path / "work")],
@@ -120,25 +120,25 @@ def test_progress_off_a_terminal_beats_while_nothing_finishes(caplog):
 def test_quiet_sets_the_engines_levels_unless_verbose(monkeypatch):
     from m9 import quiet
 
-    for key in (*quiet.QUIET_ENV, quiet.VERBOSE_ENV):
+    for key in quiet.QUIET_ENV:
         monkeypatch.setenv(key, "")  # records the key's state, so what configure() sets is undone after
         monkeypatch.delenv(key)
     for name in quiet.NOISY_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")  # the user's own choice stays
-    quiet.configure(True)
-    assert quiet.verbose() and "RAY_BACKEND_LOG_LEVEL" not in os.environ
-    assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.WARNING, "WARN")
-    quiet.configure(False)
-    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal" and os.environ["RAY_DATA_LOG_LEVEL"] == "DEBUG"
-    assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.ERROR, "ERROR")
+    with quiet.verbosity(True):
+        assert quiet.verbose() and "RAY_BACKEND_LOG_LEVEL" not in os.environ
+        assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.WARNING, "WARN")
+    assert not quiet.verbose()  # only for the block
+    with quiet.verbosity(False):
+        assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal" and os.environ["RAY_DATA_LOG_LEVEL"] == "DEBUG"
+        assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.ERROR, "ERROR")
     assert logging.getLogger("ray.data").level == logging.ERROR
 
 
 def test_native_stderr_without_drops_only_the_matching_lines(monkeypatch, capfd):
     from m9 import quiet
 
-    monkeypatch.setenv(quiet.VERBOSE_ENV, "0")
     with quiet.native_stderr_without(quiet.RAY_LEVEL_NOTICE):
         os.write(
             2,
