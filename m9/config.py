@@ -33,10 +33,11 @@ FEATURE_DIM = 1280
 #: Actors in the embed pool: one per core keeps every core busy without oversubscribing them.
 DEFAULT_ACTORS = max(1, os.cpu_count() or 1)
 
-#: Images per forward pass. `m9 bench` on a 2-core EPYC (2 processes × 1 thread, docs/benchmarks.md):
-#: batch 8 → 76.9, 16 → 76.5, 32 → 62.6, 64 → 56.4 images/s; past 16 a batch's activations fall out of
-#: the 32 MB L3. 8 and 16 tie; 16 halves the forward calls and the Ray/Arrow batches per image.
-DEFAULT_BATCH_SIZE = 16
+#: Images per forward pass. `m9 bench`'s ceiling search on a 2-core EPYC, ONNX Runtime, 2 processes ×
+#: 1 thread: batch 8 → 422, 16 → 382, 32 → 335, 64 → 326 images/s (Keras: 8 → 76.9, 16 → 76.5, 32 → 62.6);
+#: past 8 a batch's activations fall out of cache. On a 2-core Xeon (AVX-512, AMX) the best was also
+#: 2 × 1, batch 8. `m9 bench`'s knobs check re-measures it against the best on the machine that runs it.
+DEFAULT_BATCH_SIZE = 8
 
 #: Runtimes that can run the forward pass. "onnx": ONNX Runtime on the ONNX conversion of the verified
 #: weights (checked equal to Keras within 1e-4 when converted); "keras": TensorFlow/Keras, the reference.

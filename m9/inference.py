@@ -6,7 +6,6 @@ import functools
 import io
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,46 +15,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import contract, engine_ray, lease, quiet, storage
+from m9 import contract, engine_ray, lease, storage
 from m9 import weights as m9weights
 from m9.config import DEFAULT_DECODE_MEMORY, DEFAULT_RUNTIME, FEATURE_DIM, PREPROCESS_VERSION, RUNTIMES, EmbedConfig
 from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
-from m9.errors import InputError, TooManyRejectedError
+from m9.errors import EngineError, InputError, TooManyRejectedError
 from m9.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
-#: CPUs each Ray Data read task claims. Small, so that read tasks always find room beside actors that
-#: together claim the rest: a 2-CPU machine whose actors claim whole CPUs starves the reads and hangs.
-READ_TASK_CPUS = 0.25
-
-#: CPUs kept free of actor claims, on the largest node, so two read tasks can always run beside the
-#: actors (a 2-CPU machine whose two actors claim a whole CPU each never starts reading and hangs).
-#: Claims are bookkeeping, not limits: the actors' model threads (ONNX Runtime or TensorFlow) still use
-#: every core.
-READ_RESERVE_CPUS = 2 * READ_TASK_CPUS
+#: Work items in flight per actor: one running and one queued behind it, so an actor starts its next item
+#: the moment it finishes one instead of idling while the driver hears back and sends another.
+IN_FLIGHT_PER_ACTOR = 2
 
 #: Work items hold this many batches' worth of rows: enough to keep an actor's batches full, few enough
 #: that a 2-actor machine has several items per 1,000-image shard to share out.
 SLICE_BATCHES = 4
 
+#: Times Ray restarts an actor whose process died (out of memory, killed, a crash in a native library);
+#: a restarted actor loads the model again and Ray re-runs the item it was on. An image that kills every
+#: actor that touches it stops the run after this many restarts, naming its shard.
+ACTOR_RESTARTS = 3
+
 EMBEDDINGS_SCHEMA = EMBED.writes[EMBEDDINGS]
 ERRORS_SCHEMA = EMBED.writes[ERRORS]
 
-#: Where images are decoded and resized: "actor", inside the actor just before its forward pass; or
-#: "stage", in the Ray Data tasks that read the rows, so that what reaches the actors is 224×224×3 uint8
-#: pixels (150 KB) instead of the file. Measured back to back on 2 cores (README "Big images"): the actor
-#: was faster on both 12-MP photos (26.1 vs 9.9 images/s) and 100×100 images (60.8 vs 25.6): on 2 cores
-#: the read tasks' 0.5 CPU claim leaves two decoders, and 150 KB arrays cost more to move than a 3 KB JPEG.
-DECODE_IN = "actor"
+#: Calls an actor runs at once. 1: an actor reads and decodes an item, then forwards it, in series. 2 would
+#: overlap one item's decode with another's forward pass (a lock keeps forwards in series); measured on 2
+#: cores (README "Big images"), it gained nothing where every core already runs an actor, and a second
+#: decoded item in memory per actor.
+ACTOR_CONCURRENCY = 1
 
 
 class EmbedActor:
-    """Ray Data callable class: one model per actor, built in __init__ on the worker, never pickled.
+    """One model per Ray actor, built in __init__ on its worker, never pickled. An actor reads the rows of the
+    work items it is given straight from storage, decodes them and runs the model: what travels between
+    processes is a work item's name (file, row groups) and the features that come back, not the images.
 
     runtime "onnx": the model's bytes come from the driver (Ray's object store, `model`), which converted
     and checked them; the actor checks their sha256 and needs neither TensorFlow nor a cache of its own.
     runtime "keras": the weights file, or the verified cache fetched on this worker when weights_path is None.
+    s3 carries the driver's S3 settings: a Ray worker's environment is its node's, not the driver's.
     """
 
     def __init__(
@@ -67,7 +67,10 @@ class EmbedActor:
         model=None,
         model_sha256: str | None = None,
         decode_memory_mb: int = DEFAULT_DECODE_MEMORY,
+        s3: storage.S3Settings | None = None,
     ):
+        import threading
+
         from m9.model import Embedder
 
         if runtime == "onnx":
@@ -86,28 +89,45 @@ class EmbedActor:
             self.embedder = Embedder(
                 path, runtime="keras", threads=threads, batch_size=batch_size, verify=weights_path is None
             )
-        self.decode_memory_mb = decode_memory_mb
+        self.decode_memory_mb, self.s3 = decode_memory_mb, s3
+        self._forward_lock = threading.Lock()  # forwards in series even when calls overlap (ACTOR_CONCURRENCY)
+        self._groups: tuple = (None, None)  # the row groups read last: an item's neighbours often share them
         engine_ray.record_model_load()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from m9.decode import decode_many, to_input
+    def ready(self) -> bool:
+        """Returns once __init__ has run: the model is loaded."""
+        return True
+
+    def embed_item(self, item: dict) -> dict[str, np.ndarray]:
+        """Read a work item's rows (plan_slices), decode and embed them: embed_rows's columns."""
+        return self.embed_rows(self._read(item)) | {"shard": np.full(item["stop"] - item["start"], item["shard"])}
+
+    def embed_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows (EMBED.needs columns) → their metadata, features (zeros where the image failed) and error
+        ("" for an embedded image)."""
+        from m9.decode import decode_many
         from m9.model import place
 
-        if "pixels" in batch:  # decoded by the read tasks (DECODE_IN = "stage")
-            errors = [e or None for e in batch["error"]]
-            inputs = to_input(np.asarray(batch["pixels"])[[e is None for e in errors]])
-        else:
-            inputs, errors = decode_many(list(batch["content"]), self.decode_memory_mb)
-        features = place(self.embedder.forward(inputs), errors)
+        inputs, errors = decode_many(list(rows["content"]), self.decode_memory_mb)
+        with self._forward_lock:
+            features = self.embedder.forward(inputs)
         return {
-            "image_id": batch["image_id"],
-            "path": batch["path"],
-            "label": batch["label"],
-            "split": batch["split"],
-            "shard": batch["shard"],
-            "features": features,
+            "image_id": rows["image_id"],
+            "path": rows["path"],
+            "label": rows["label"],
+            "split": rows["split"],
+            "features": place(features, errors),
             "error": np.array([e or "" for e in errors], dtype=object),
         }
+
+    def _read(self, item: dict) -> dict[str, np.ndarray]:
+        key = (item["shard"], tuple(item["row_groups"]))
+        if self._groups[0] != key:
+            fs, path = storage.filesystem(item["shard"], self.s3)
+            table = pq.ParquetFile(path, filesystem=fs).read_row_groups(item["row_groups"], columns=list(EMBED.needs))
+            self._groups = (key, table)
+        table = self._groups[1].slice(item["start"], item["stop"] - item["start"])
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def part_name(shard_uri: str) -> str:
@@ -120,17 +140,17 @@ def plan_resources(node_cpus: list[float], actors: int) -> tuple[float, int]:
     threads are ONNX Runtime's intra-op threads or TensorFlow's, whichever runtime the actors run.
 
     Ray places whole actors on nodes, so the claim must fit the nodes as they are, not the cluster's total:
-    on EMR's 2-CPU master and two 4-CPU core nodes, 4 actors claiming (10 - 1) / 4 = 2.25 CPUs would fit one
-    per node and leave the fourth waiting. The largest claim that fits every actor is taken, after
-    READ_RESERVE_CPUS on the largest node; each actor then runs about as many threads as it claims CPUs.
+    on EMR's two 4-CPU core nodes and a 2-CPU one, 4 actors claiming 10 / 4 = 2.5 CPUs would fit one per
+    node and leave the fourth waiting. The largest claim that fits every actor is taken; each actor then
+    runs about as many threads as it claims CPUs. The actors do all the work (read, decode, forward), so
+    nothing else needs a claim beside them.
     """
     free = sorted((float(n) for n in node_cpus if n > 0), reverse=True) or [1.0]
-    free[0] = max(free[0] - READ_RESERVE_CPUS, 0.0)
 
     def fits(claim: float) -> bool:
         return sum(math.floor(n / claim + 1e-9) for n in free) >= actors
 
-    candidates = [n / k for n in free if n > 0 for k in range(1, actors + 1)]
+    candidates = [n / k for n in free for k in range(1, actors + 1)]
     claim = max((c for c in candidates if fits(c)), default=0.01)
     claim = max(0.01, math.floor(claim * 1000) / 1000)  # round down: a rounded-up claim may no longer fit
     return claim, max(1, round(claim))
@@ -216,46 +236,35 @@ def _count_rows(uris: list[str]) -> dict[str, int]:
 
 
 def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
-    """Work items of at most max_rows rows: one per Parquet row group, cut further when a group is larger.
+    """Work items of at most max_rows rows: consecutive row groups of one file, a group larger than max_rows
+    cut into parts. {"shard", "row_groups", "start", "stop"}: rows start:stop of those groups read together.
 
-    Ray Data would hand a whole small file to one actor; slicing by row group lets every actor work from
-    the first second, and keeps each read small (m9 ingest writes row groups of ROW_GROUP_BYTES).
+    A whole small file to one actor would leave the others idle; items of a few batches let every actor
+    work from the first second, and keep each read small (m9 ingest writes row groups of ROW_GROUP_BYTES:
+    about 100 thumbnails, or 4 phone photos).
     """
     items = []
     for uri in uris:
         fs, path = storage.filesystem(uri)
         meta = pq.ParquetFile(path, filesystem=fs).metadata
+        run: list[int] = []
+        rows_in_run = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
-            for start in range(0, rows, max_rows):
-                items.append({"shard": uri, "row_group": group, "start": start, "stop": min(rows, start + max_rows)})
+            if run and rows_in_run + rows > max_rows:
+                items.append({"shard": uri, "row_groups": run, "start": 0, "stop": rows_in_run})
+                run, rows_in_run = [], 0
+            if rows > max_rows:
+                for start in range(0, rows, max_rows):
+                    items.append(
+                        {"shard": uri, "row_groups": [group], "start": start, "stop": min(rows, start + max_rows)}
+                    )
+                continue
+            run.append(group)
+            rows_in_run += rows
+        if run:
+            items.append({"shard": uri, "row_groups": run, "start": 0, "stop": rows_in_run})
     return items
-
-
-def read_slices(
-    items: dict[str, np.ndarray], s3: storage.S3Settings | None = None, decode_memory_mb: int | None = None
-) -> dict[str, np.ndarray]:
-    """Ray Data task: read the rows a batch of work items names (image bytes and their metadata); with
-    decode_memory_mb, decode them too: `pixels` (n, 224, 224, 3) uint8 and `error` replace `content`.
-
-    s3 carries the driver's S3 settings: a Ray worker's environment is its node's, not the driver's.
-    """
-    tables = []
-    for shard, group, start, stop in zip(items["shard"], items["row_group"], items["start"], items["stop"]):
-        fs, path = storage.filesystem(str(shard), s3)
-        table = pq.ParquetFile(path, filesystem=fs).read_row_group(int(group), columns=list(EMBED.needs))
-        table = table.slice(int(start), int(stop) - int(start))
-        tables.append(table.append_column("shard", pa.array([str(shard)] * table.num_rows, pa.string())))
-    table = pa.concat_tables(tables)
-    if decode_memory_mb is None:
-        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    from m9.decode import decode_many_pixels
-    from m9.model import place
-
-    pixels, errors = decode_many_pixels(table.column("content").to_pylist(), decode_memory_mb)
-    table = table.drop_columns(["content"])
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    return {**columns, "pixels": place(pixels, errors), "error": np.array([e or "" for e in errors], dtype=object)}
 
 
 def _prepare_resume(out: str, src: str, shards: list[str]) -> None:
@@ -310,8 +319,9 @@ def embed_batches(
     runtime: str = DEFAULT_RUNTIME,
     decode_memory_mb: int = DEFAULT_DECODE_MEMORY,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The embed pipeline on the connected Ray: a fixed actor pool over the shards' rows; yields embedded
-    batches (EmbedActor's columns) as they finish. `m9 embed` writes them; `m9 bench` times them.
+    """The embed pipeline on the connected Ray: a fixed pool of `actors` EmbedActors, each loading the model
+    once, given work items (plan_slices) as they finish the previous ones; yields each item's embedded rows
+    (EmbedActor.embed_item's columns) as it finishes. `m9 embed` writes them; `m9 bench` times them.
 
     weights_path: for "keras" a weights file (None: the verified cache, on each worker); for "onnx" an
     .onnx file m9 converted, or a Keras file to convert, or None for the verified conversion."""
@@ -328,39 +338,9 @@ def embed_batches(
         model_kwargs.update(
             weights_path=None, model=ray.put(model_bytes), model_sha256=m9weights.onnx_sha256(weights_path)
         )
-    ctx = ray.data.DataContext.get_current()
-    # m9 shows its own progress (m9.progress); Ray Data's bars only with `m9 -v`, on a terminal.
-    ctx.enable_progress_bars = quiet.verbose() and sys.stderr.isatty()
-    ctx.execution_options.preserve_order = False
     items = plan_slices(shards, SLICE_BATCHES * batch_size)
-    ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(
-            read_slices,
-            fn_kwargs={
-                "s3": storage.current_settings(),
-                "decode_memory_mb": decode_memory_mb if DECODE_IN == "stage" else None,
-            },
-            batch_size=1,
-            num_cpus=READ_TASK_CPUS,
-            batch_format="numpy",
-        )
-        .map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={
-                **model_kwargs,
-                "threads": threads,
-                "batch_size": batch_size,
-                "decode_memory_mb": decode_memory_mb,
-            },
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=actor_cpus,
-            batch_size=batch_size,
-            batch_format="numpy",
-        )
-    )
     log.info(
-        "embed: %d shards (%d slices), %s, %d actors × %d threads (%.3g CPUs each), batch %d",
+        "embed: %d shards (%d work items), %s, %d actors × %d threads (%.3g CPUs each), batch %d",
         len(shards),
         len(items),
         runtime,
@@ -369,7 +349,69 @@ def embed_batches(
         actor_cpus,
         batch_size,
     )
-    yield from ds.iter_batches(batch_format="numpy", batch_size=None)
+    remote = ray.remote(EmbedActor).options(
+        num_cpus=actor_cpus,
+        max_concurrency=ACTOR_CONCURRENCY,
+        # A dead actor's process is started again (the model loaded again) and Ray re-runs the calls it
+        # had: its item and the one queued behind it. Nothing comes back twice.
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
+    )
+    pool = [
+        remote.remote(
+            **model_kwargs,
+            threads=threads,
+            batch_size=batch_size,
+            decode_memory_mb=decode_memory_mb,
+            s3=storage.current_settings(),
+        )
+        for _ in range(actors)
+    ]
+    try:
+        yield from _share_out(pool, items)
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+
+
+def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]:
+    """Give each actor IN_FLIGHT_PER_ACTOR items and another each time one finishes; yield the results.
+    An actor Ray could not restart (ACTOR_RESTARTS spent) leaves the pool, and its items go to the others;
+    with no actor left the run stops with the last actor's error."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    queue = list(reversed(items))  # popped from the end: first items first
+    running: dict = {}  # ObjectRef → (actor, item)
+    alive = list(pool)
+
+    def top_up() -> None:
+        for actor in alive:
+            busy = sum(a is actor for a, _ in running.values())
+            for _ in range(IN_FLIGHT_PER_ACTOR - busy):
+                if queue:
+                    item = queue.pop()
+                    running[actor.embed_item.remote(item)] = (actor, item)
+
+    top_up()
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, item = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError as exc:
+            queue.append(item)
+            if actor in alive:
+                alive.remove(actor)
+                log.warning("embed: an actor died and could not be restarted; %d left", len(alive))
+            if not alive:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise EngineError(
+                    f"every embed actor died (last on a work item of {part_name(item['shard'])}): {first}"
+                ) from None
+        else:
+            yield result
+        top_up()
 
 
 def fingerprint(cfg: EmbedConfig, src: str) -> dict:

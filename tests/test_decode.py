@@ -134,20 +134,31 @@ print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("V
     assert int(result.stdout) < 2048 * 1024  # KiB: within --decode-memory's default
 
 
-def test_read_tasks_can_decode_for_the_actors(tmp_path):
-    """DECODE_IN = "stage": read_slices hands on uint8 pixels and reasons instead of the bytes."""
+def test_work_items_cover_every_row_once_in_runs_of_whole_row_groups(tmp_path):
+    """plan_slices: consecutive row groups up to max_rows per item, a larger group cut; every row once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from m9.inference import read_slices
+    from m9.inference import plan_slices
 
-    good = _encoded(_photo((1200, 900)), "JPEG")
-    rows = {"image_id": ["a", "b"], "path": ["p/a", "p/b"], "label": ["l", "l"], "split": [None, None]}
-    pq.write_table(pa.table({**rows, "content": pa.array([good, b"junk"], pa.binary())}), tmp_path / "part-0.parquet")
-    shard = str(tmp_path / "part-0.parquet")
-    items = {"shard": np.array([shard]), "row_group": np.array([0]), "start": [0], "stop": [2]}
-    out = read_slices(items, decode_memory_mb=64)
-    assert "content" not in out and out["pixels"].dtype == np.uint8 and out["pixels"].shape == (2, 224, 224, 3)
-    assert np.array_equal(out["pixels"][0].astype(np.float32) / 127.5 - 1.0, decode(good))
-    assert out["error"][0] == "" and out["error"][1].startswith("cannot decode: UnidentifiedImageError")
-    assert "content" in read_slices(items)  # without a budget the bytes travel, for the actor to decode
+    shard = tmp_path / "part-0.parquet"
+    with pq.ParquetWriter(shard, pa.schema([("image_id", pa.string())])) as writer:
+        for size in (4, 4, 4, 70, 4, 30, 30):
+            writer.write_table(pa.table({"image_id": [f"{size}-{i}" for i in range(size)]}))
+    items = plan_slices([str(shard)], 32)
+    assert [(it["row_groups"], it["start"], it["stop"]) for it in items] == [
+        ([0, 1, 2], 0, 12),  # three small groups in one item
+        ([3], 0, 32),  # a group larger than an item, cut
+        ([3], 32, 64),
+        ([3], 64, 70),
+        ([4], 0, 4),  # 4 + 30 would pass 32
+        ([5], 0, 30),
+        ([6], 0, 30),
+    ]
+    table = pq.ParquetFile(shard)
+    covered = [
+        i
+        for it in items
+        for i in table.read_row_groups(it["row_groups"]).column("image_id").to_pylist()[it["start"] : it["stop"]]
+    ]
+    assert covered == pq.read_table(shard).column("image_id").to_pylist()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from m9.inference import READ_RESERVE_CPUS, plan_resources
+from m9.inference import plan_resources
 
 
 @pytest.mark.parametrize(
@@ -20,15 +20,14 @@ from m9.inference import READ_RESERVE_CPUS, plan_resources
         ([16, 16], 4, 8),  # two actors per node, each with half a node
     ],
 )
-def test_every_actor_fits_on_the_nodes_with_room_for_reads(nodes, actors, threads):
+def test_every_actor_fits_on_the_nodes(nodes, actors, threads):
     claim, got_threads = plan_resources(nodes, actors)
-    free = sorted(nodes, reverse=True)
-    free[0] -= READ_RESERVE_CPUS
-    assert sum(math.floor(n / claim + 1e-9) for n in free) >= actors
+    assert sum(math.floor(n / claim + 1e-9) for n in nodes) >= actors
     assert got_threads == threads
 
 
 def test_the_claim_is_the_largest_that_fits():
-    # (10 - 1) / 4 = 2.25 would fit only one actor per node; 2.0 fits two on each core node.
+    # 10 / 4 = 2.5 would fit only one actor per node; 2.0 fits two on each core node.
     assert plan_resources([2, 4, 4], 4)[0] == 2.0
-    assert plan_resources([2], 2)[0] == 0.75
+    assert plan_resources([2], 2)[0] == 1.0
+    assert plan_resources([3], 2)[0] == 1.5

@@ -477,7 +477,7 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(
         commit(writer, shard)
         if killed:
             return
-        actors = [p for p in _children(raylet) if _title(p).startswith("ray::MapWorker(MapBatches(EmbedActor")]
+        actors = [p for p in _children(raylet) if _title(p).startswith("ray::EmbedActor")]
         assert actors, "no embed actor under the suite's raylet"
         os.kill(actors[0], signal.SIGKILL)
         killed.append(actors[0])

@@ -156,36 +156,36 @@ def test_a_conversion_that_differs_from_keras_is_not_cached(weights_path, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_path, ray_local):
+def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_path, ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
-    from m9.inference import EmbedActor
-
-    @ray.remote(num_cpus=0.5)
-    class Probe:
-        """Builds m9's embed actor exactly as Ray Data does in `m9 embed`, and runs one batch."""
-
-        def __init__(self, model, sha256):
-            self.actor = EmbedActor(None, 1, 8, runtime="onnx", model=model, model_sha256=sha256)
-
-        def run(self, contents):
-            out = self.actor(
-                {
-                    k: np.array(["x"] * len(contents), dtype=object)
-                    for k in ("image_id", "path", "label", "split", "shard")
-                }
-                | {"content": np.array(contents, dtype=object)}
-            )
-            return out["features"], sorted(m for m in ("tensorflow", "keras", "onnxruntime") if m in sys.modules)
+    from m9.inference import EmbedActor, plan_slices
 
     contents = _images(sorted(SAMPLE.rglob("*.jpg"))[:4])
+    rows = {k: [f"{k}{i}" for i in range(4)] for k in ("image_id", "path", "label", "split")}
+    shard = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({**rows, "content": pa.array(contents, pa.binary())}), shard)
+    [item] = plan_slices([str(shard)], 32)
+
+    @ray.remote(num_cpus=0.5)
+    class Probe(EmbedActor):
+        """m9's embed actor, as `m9 embed` builds it, that also says which modules its process loaded."""
+
+        def modules(self):
+            return sorted(m for m in ("tensorflow", "keras", "onnxruntime") if m in sys.modules)
+
     model = ray.put(m9weights.read_onnx(onnx_path))
-    probe = Probe.remote(model, m9weights.onnx_sha256(onnx_path))
-    features, loaded = ray.get(probe.run.remote(contents))
+    probe = Probe.remote(None, 1, 8, runtime="onnx", model=model, model_sha256=m9weights.onnx_sha256(onnx_path))
+    out = ray.get(probe.embed_item.remote(item))
+    loaded = ray.get(probe.modules.remote())
     ray.kill(probe)
     assert loaded == ["onnxruntime"]
+    assert list(out["image_id"]) == rows["image_id"] and list(out["shard"]) == [str(shard)] * 4
+    assert list(out["error"]) == [""] * 4
     expected = Embedder(str(onnx_path), runtime="onnx", threads=1).embed(contents)[0]
-    assert np.abs(features - expected).max() <= TOLERANCE
+    assert np.abs(out["features"] - expected).max() <= TOLERANCE
 
 
 @pytest.mark.slow
