@@ -19,15 +19,14 @@ _verbose: contextvars.ContextVar[bool] = contextvars.ContextVar("m9_verbose", de
 QUIET_ENV = {
     # TensorFlow's C++ INFO and WARNING lines (oneDNN notes, CPU instruction sets).
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    # Ray's C++ core logs at ERROR, on the driver's stderr, that Ray Data's own actor pool "has constructor
-    # arguments in the object store and max_restarts > 0" (core_worker.cc): nothing a user can act on.
+    # Ray's C++ core logs at ERROR, on the driver's stderr, that the embed actors (restartable, the model's
+    # bytes in the object store) have "constructor arguments in the object store and max_restarts > 0"
+    # (core_worker.cc): Ray keeps those bytes while an actor may restart, which is what m9 wants.
     "RAY_BACKEND_LOG_LEVEL": "fatal",
-    # Ray Data's INFO/WARNING console lines: execution plans, "Progress bars disabled", finish times.
-    "RAY_DATA_LOG_LEVEL": "ERROR",
 }
 
 #: Python loggers of the engines, kept to errors unless verbose (m9's own progress and warnings replace them).
-NOISY_LOGGERS = ("py4j", "ray", "ray.data", "tensorflow", "absl")
+NOISY_LOGGERS = ("py4j", "ray", "tensorflow", "absl")
 
 
 def verbose() -> bool:

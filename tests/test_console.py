@@ -125,15 +125,15 @@ def test_quiet_sets_the_engines_levels_unless_verbose(monkeypatch):
         monkeypatch.delenv(key)
     for name in quiet.NOISY_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
-    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")  # the user's own choice stays
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's own choice stays
     with quiet.verbosity(True):
         assert quiet.verbose() and "RAY_BACKEND_LOG_LEVEL" not in os.environ
         assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.WARNING, "WARN")
     assert not quiet.verbose()  # only for the block
     with quiet.verbosity(False):
-        assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal" and os.environ["RAY_DATA_LOG_LEVEL"] == "DEBUG"
+        assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal" and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
         assert (quiet.ray_logging_level(), quiet.spark_log_level()) == (logging.ERROR, "ERROR")
-    assert logging.getLogger("ray.data").level == logging.ERROR
+    assert logging.getLogger("ray").level == logging.ERROR
 
 
 def test_native_stderr_without_drops_only_the_matching_lines(monkeypatch, capfd):
