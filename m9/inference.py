@@ -91,7 +91,6 @@ class EmbedActor:
             )
         self.decode_memory_mb, self.s3 = decode_memory_mb, s3
         self._forward_lock = threading.Lock()  # forwards in series even when calls overlap (ACTOR_CONCURRENCY)
-        self._groups: tuple = (None, None)  # the row groups read last: an item's neighbours often share them
         engine_ray.record_model_load()
 
     def ready(self) -> bool:
@@ -121,12 +120,9 @@ class EmbedActor:
         }
 
     def _read(self, item: dict) -> dict[str, np.ndarray]:
-        key = (item["shard"], tuple(item["row_groups"]))
-        if self._groups[0] != key:
-            fs, path = storage.filesystem(item["shard"], self.s3)
-            table = pq.ParquetFile(path, filesystem=fs).read_row_groups(item["row_groups"], columns=list(EMBED.needs))
-            self._groups = (key, table)
-        table = self._groups[1].slice(item["start"], item["stop"] - item["start"])
+        fs, path = storage.filesystem(item["shard"], self.s3)
+        table = pq.ParquetFile(path, filesystem=fs).read_row_groups(item["row_groups"], columns=list(EMBED.needs))
+        table = table.slice(item["start"], item["stop"] - item["start"])
         return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
@@ -236,34 +232,26 @@ def _count_rows(uris: list[str]) -> dict[str, int]:
 
 
 def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
-    """Work items of at most max_rows rows: consecutive row groups of one file, a group larger than max_rows
-    cut into parts. {"shard", "row_groups", "start", "stop"}: rows start:stop of those groups read together.
+    """Work items of max_rows consecutive rows of one file (the file's last may be shorter), each naming the
+    row groups it overlaps: {"shard", "row_groups", "start", "stop"}, rows start:stop of those groups read
+    together.
 
-    A whole small file to one actor would leave the others idle; items of a few batches let every actor
-    work from the first second, and keep each read small (m9 ingest writes row groups of ROW_GROUP_BYTES:
-    about 100 thumbnails, or 4 phone photos).
+    A whole small file to one actor would leave the others idle; items of a few batches let every actor work
+    from the first second and keep each read small (m9 ingest writes row groups of ROW_GROUP_BYTES: about 100
+    thumbnails, or 4 phone photos). Items cut across row groups rather than at them, so every batch but a
+    file's last is full: cut at 100-row groups, every fourth item held 4 rows, a quarter-full forward pass.
     """
     items = []
     for uri in uris:
         fs, path = storage.filesystem(uri)
         meta = pq.ParquetFile(path, filesystem=fs).metadata
-        run: list[int] = []
-        rows_in_run = 0
-        for group in range(meta.num_row_groups):
-            rows = meta.row_group(group).num_rows
-            if run and rows_in_run + rows > max_rows:
-                items.append({"shard": uri, "row_groups": run, "start": 0, "stop": rows_in_run})
-                run, rows_in_run = [], 0
-            if rows > max_rows:
-                for start in range(0, rows, max_rows):
-                    items.append(
-                        {"shard": uri, "row_groups": [group], "start": start, "stop": min(rows, start + max_rows)}
-                    )
-                continue
-            run.append(group)
-            rows_in_run += rows
-        if run:
-            items.append({"shard": uri, "row_groups": run, "start": 0, "stop": rows_in_run})
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        firsts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)  # firsts[g]: the file's row where group g starts
+        for start in range(0, int(firsts[-1]), max_rows):
+            stop = min(int(firsts[-1]), start + max_rows)
+            groups = [g for g in range(len(sizes)) if firsts[g] < stop and firsts[g + 1] > start]
+            offset = int(firsts[groups[0]])
+            items.append({"shard": uri, "row_groups": groups, "start": start - offset, "stop": stop - offset})
     return items
 
 

@@ -134,8 +134,9 @@ print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("V
     assert int(result.stdout) < 2048 * 1024  # KiB: within --decode-memory's default
 
 
-def test_work_items_cover_every_row_once_in_runs_of_whole_row_groups(tmp_path):
-    """plan_slices: consecutive row groups up to max_rows per item, a larger group cut; every row once."""
+def test_work_items_cover_every_row_once_in_full_items_across_row_groups(tmp_path):
+    """plan_slices: max_rows consecutive rows per item (the file's last item shorter), naming the row groups
+    they overlap; every row exactly once, in order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -147,13 +148,11 @@ def test_work_items_cover_every_row_once_in_runs_of_whole_row_groups(tmp_path):
             writer.write_table(pa.table({"image_id": [f"{size}-{i}" for i in range(size)]}))
     items = plan_slices([str(shard)], 32)
     assert [(it["row_groups"], it["start"], it["stop"]) for it in items] == [
-        ([0, 1, 2], 0, 12),  # three small groups in one item
-        ([3], 0, 32),  # a group larger than an item, cut
-        ([3], 32, 64),
-        ([3], 64, 70),
-        ([4], 0, 4),  # 4 + 30 would pass 32
-        ([5], 0, 30),
-        ([6], 0, 30),
+        ([0, 1, 2, 3], 0, 32),  # three small groups and the start of a large one
+        ([3], 20, 52),  # inside the large group
+        ([3, 4, 5], 52, 84),  # its end, a small group, the start of the next
+        ([5, 6], 10, 42),
+        ([6], 12, 30),  # the file's last rows
     ]
     table = pq.ParquetFile(shard)
     covered = [
