@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 #: Hex characters of sha256(relative path) kept as image_id: 64 bits, collision-free far past 10^9 images.
 ID_HEX_CHARS = 16
 
-#: Parquet row-group size of the ingest output. Embed hands out work by row group, so small groups
-#: let every actor start at once; 256 KiB is still far above Parquet's per-group cost. (parquet-mr checks
-#: the size every 100 rows, so groups of small JPEGs hold 100 rows; embed slices them further.)
+#: Parquet row-group size of the ingest output. Embed's work items read the row groups they overlap, so
+#: small groups keep each read close to the rows it needs; 256 KiB is still far above Parquet's per-group
+#: cost. (parquet-mr checks the size every ROW_GROUP_CHECK_ROWS rows, so groups hold at least that many.)
 ROW_GROUP_BYTES = 256 * 1024
 
 #: Rows parquet-mr writes between two checks of a row group's size (its default is 100, which let groups
@@ -303,3 +303,10 @@ def _write(
     return contract.write_manifest(
         out, Manifest(stage=INGEST.name, input=src, fingerprint=print_, counts=counts, details=details)
     )
+
+
+def row_group_rows(table) -> int:
+    """Rows per row group that give a pyarrow-written copy of ingested rows (an Arrow table with `content`)
+    ingest's own layout: about ROW_GROUP_BYTES, at least ROW_GROUP_CHECK_ROWS rows."""
+    per_row = table.column("content").nbytes // max(table.num_rows, 1)
+    return max(ROW_GROUP_CHECK_ROWS, ROW_GROUP_BYTES // max(per_row, 1))

@@ -73,9 +73,6 @@ DEFAULT_KNOBS_BATCH_SIZE = 32
 DEFAULT_KNOBS_ARROW_BATCH = 10_000
 DEFAULT_KNOBS_THREADS = None
 
-#: Rows per row group of the bench's input copy: several work items per file for the Ray engine.
-INPUT_ROW_GROUP = 100
-
 
 @dataclass(frozen=True)
 class BenchConfig:
