@@ -234,3 +234,18 @@ def test_embed_stamped_keeps_rows_in_place(weights_path, runtime):
     assert not features[1].any() and all(features[i].any() for i in (0, 2, 3))
     # Two forward batches (rows 0, 2 then row 3), each stamped when it finished; the broken row at the end.
     assert done_at[0] == done_at[2] <= done_at[3] <= done_at[1]
+
+
+@pytest.mark.slow
+def test_the_knobs_timing_with_decode_counts_the_images_it_decoded_and_forwarded():
+    """time_group with_decode (how the knobs check times a setting as an actor runs it): each process decodes
+    its share batch by batch inside the timed loop; a broken image is skipped, not counted."""
+    from m9.bench.ceiling import default_session, time_group
+
+    contents = [p.read_bytes() for p in sorted(SAMPLE.rglob("*.jpg"))[:19]] + [b"not an image"]
+    for with_decode in (True, False):
+        ((rate, msgs),) = time_group(
+            "onnx", 2, 1, [(8, default_session("onnx", 1))], contents, len(contents), with_decode=with_decode
+        )
+        assert rate > 0 and sorted(m.rank for m in msgs) == [0, 1]
+        assert sum(m.images for m in msgs) == 19, with_decode

@@ -88,11 +88,14 @@ def _ceiling_worker(
     contents: list,
     measure: int,
     keep: bool,
+    with_decode: bool,
     barrier,
     queue,
 ) -> None:
     """One ceiling process: build the model, decode its share up front, then time forward passes only, one
-    pass per point (batch size, session options), all processes released together by the barrier."""
+    pass per point (batch size, session options), all processes released together by the barrier. With
+    with_decode, each batch is decoded inside the timed loop, just before its forward pass, as an embed
+    actor does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m9.bench.protocol import Failed
     from m9.model import decode_many
@@ -107,15 +110,16 @@ def _ceiling_worker(
             barrier.wait()
             started, cpu = time.time(), time.process_time()
             done, feats = [], []
-            for i in range(0, len(part), bs):
-                feats.append(np.asarray(forward(part[i : i + bs]), dtype=np.float32))
+            for i in range(0, min(measure, len(contents)) if with_decode else len(part), bs):
+                batch = decode_many(contents[i : i + bs])[0] if with_decode else part[i : i + bs]
+                feats.append(np.asarray(forward(batch), dtype=np.float32))
                 done.extend([time.time()] * len(feats[-1]))
             ended, cpu_s = time.time(), time.process_time() - cpu
             kept = {}
             if keep:
                 features = np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
                 kept = {"features": features, "done_at": np.array(done), "errors": errors}
-            queue.put(Timed(rank, n, started, ended, len(part), cpu_s, **kept))
+            queue.put(Timed(rank, n, started, ended, len(done), cpu_s, **kept))
             barrier.wait()
     except Exception as exc:  # noqa: BLE001 — reported to the parent, which fails the bench with it
         queue.put(Failed(rank, repr(exc)))
@@ -130,17 +134,18 @@ def time_group(
     contents: list,
     measure: int,
     keep: bool = False,
+    with_decode: bool = False,
 ) -> list[tuple[float, list[Timed]]]:
     """Time each point in `processes` processes of `threads` threads sharing `contents`: per point, the
-    images/s over all processes and their reports by rank."""
+    images/s over all processes and their reports by rank. with_decode: decode in the timed loop."""
     shares = [contents[r::processes] for r in range(processes)]
     share = math.ceil(measure / processes)
-    args = [(runtime, threads, points, shares[r], share, keep) for r in range(processes)]
+    args = [(runtime, threads, points, shares[r], share, keep, with_decode) for r in range(processes)]
     return [(span_rate(msgs), msgs) for msgs in run_workers(_ceiling_worker, args, len(points), f"ceiling-{runtime}")]
 
 
-def time_setting(setting: Setting, contents: list, measure: int) -> float:
-    """Images per second of one setting over `measure` of the contents."""
+def time_setting(setting: Setting, contents: list, measure: int, with_decode: bool = False) -> float:
+    """Images per second of one setting over `measure` of the contents (with_decode: decode included)."""
     ((rate, _),) = time_group(
         setting.runtime,
         setting.processes,
@@ -148,6 +153,7 @@ def time_setting(setting: Setting, contents: list, measure: int) -> float:
         [(setting.batch_size, setting.session)],
         contents,
         measure,
+        with_decode=with_decode,
     )
     return rate
 

@@ -24,7 +24,8 @@ def check_knobs(
     cfg: BenchConfig, runtime: str, search: list[dict], contents: list, progress: Callable[[str], None]
 ) -> dict:
     """The `knobs` section of bench.json: the default setting, the search's best, each one's images/s (the
-    median of cfg.knobs_rounds alternating runs) and default / best, which should be at least 1 - tolerance."""
+    median of cfg.knobs_rounds alternating runs, each batch decoded before its forward pass as the actors
+    run) and default / best, which should be at least 1 - tolerance; forward_only_ratio beside it."""
     measured = [r for r in search if r["img_per_s"] is not None]
     default = default_setting(cfg, runtime)
     # With nothing measured (a search of one setting) its one setting is the best.
@@ -41,16 +42,29 @@ def check_knobs(
         rates = {"default": [max(found)] if found else [None], "best": [top]}
     else:
         method = (
-            f"default and best timed alternately, {cfg.knobs_rounds} rounds each over {len(sample)} images; medians"
+            f"default and best timed alternately, {cfg.knobs_rounds} rounds each over {len(sample)} images, each "
+            f"batch decoded just before its forward pass as an embed actor does; medians"
         )
-        rates = {"default": [], "best": []}
+        rates = {"default": [], "best": [], "default_forward_only": [], "best_forward_only": []}
         for n in range(cfg.knobs_rounds):
             for name, setting in (("default", default), ("best", best)):
-                rates[name].append(round(time_setting(setting, sample, len(sample)), 2))
-                progress(f"  knobs round {n + 1}/{cfg.knobs_rounds}: {name} {rates[name][-1]:.1f} images/s")
+                # As the actors run: decode in series with the forward pass. A layout whose forward pass
+                # is faster can lose here (one process × 2 spinning threads decodes on one core while
+                # the other spins), so this is what m9's defaults are judged by.
+                rates[name].append(round(time_setting(setting, sample, len(sample), with_decode=True), 2))
+                rates[f"{name}_forward_only"].append(round(time_setting(setting, sample, len(sample)), 2))
+                progress(
+                    f"  knobs round {n + 1}/{cfg.knobs_rounds}: {name} {rates[name][-1]:.1f} images/s with decode, "
+                    f"{rates[f'{name}_forward_only'][-1]:.1f} forward only"
+                )
     default_rate = statistics.median(rates["default"]) if None not in rates["default"] else None
     best_rate = statistics.median(rates["best"]) if None not in rates["best"] else None
     ratio = round(default_rate / best_rate, 3) if default_rate and best_rate else None
+    forward_ratio = None
+    if rates.get("default_forward_only"):
+        forward_ratio = round(
+            statistics.median(rates["default_forward_only"]) / statistics.median(rates["best_forward_only"]), 3
+        )
     sessions = None
     if runtime == "onnx" and cfg.knobs_rounds >= 1:
         sessions = session_options_at_default(default, sample, cfg.knobs_rounds)
@@ -65,6 +79,8 @@ def check_knobs(
         "best_img_per_s": best_rate,
         "rates": rates,
         "ratio": ratio,
+        # The same two settings on forward passes alone (inputs decoded up front), as the ceiling ranks them.
+        "forward_only_ratio": forward_ratio,
         "tolerance": KNOBS_TOLERANCE,
         "within_tolerance": None if ratio is None else bool(ratio >= 1 - KNOBS_TOLERANCE),
         "method": method,

@@ -90,7 +90,12 @@ def markdown(result: dict) -> str:
             f"Knobs ({k['runtime']}): m9's default {_setting(k['default'])} ran at {k['default_img_per_s']} "
             f"images/s; the best setting the ceiling search found, {_setting(k['best'])}, at "
             f"{k['best_img_per_s']}: default / best = **{k['ratio']}** (at least {1 - k['tolerance']:.2f}: "
-            f"{'yes' if k['within_tolerance'] else 'NO'}). Method: {k['method']}.",
+            f"{'yes' if k['within_tolerance'] else 'NO'}). Method: {k['method']}."
+            + (
+                f" On forward passes alone the same two give {k['forward_only_ratio']}."
+                if k.get("forward_only_ratio") is not None
+                else ""
+            ),
         ]
         sess = k.get("sessions_at_default_threads")
         if sess:
