@@ -322,7 +322,7 @@ def ingest(input_, output, images_per_file, bytes_per_file, extensions, overwrit
 def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max_errors, decode_memory_mb, overwrite):
     """Embed ingested images with MobileNetV2 on a fixed pool of Ray actors.
 
-    Example: m9 embed --actors 2 --batch-size 16
+    Example: m9 embed --actors 2 --batch-size 8
     """
     from m9.config import EmbedConfig
     from m9.inference import embed as run_embed
