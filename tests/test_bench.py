@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, scaling, steady_rate
 from m9.bench.knobs import check_knobs, default_setting
-from m9.bench.report import targets
+from m9.bench.report import decode_bound, targets
 from m9.bench.run import engine_order
 from m9.cli import main
 from m9.errors import InputError
@@ -65,7 +65,7 @@ def result(spark, ray_local, weights_path, tmp_path_factory):
 @pytest.mark.slow
 def test_json_has_every_engine_and_field(result):
     data = json.loads((result["out"] / "bench.json").read_text())
-    assert {"machine", "images", "engines", "agree", "max_abs_diff", "knobs", "targets", "reference"} <= set(data)
+    assert {"machine", "images", "engines", "agree", "max_abs_diff", "knobs", "targets", "decode_bound", "reference"} <= set(data)
     assert {"cpu_model", "cores", "memory_gb", "versions", "loadavg_start", "loadavg_end"} <= set(data["machine"])
     assert data["machine"]["versions"]["onnxruntime"]
     assert data["images"] == IMAGES
@@ -249,3 +249,12 @@ def test_the_knobs_timing_with_decode_counts_the_images_it_decoded_and_forwarded
         )
         assert rate > 0 and sorted(m.rank for m in msgs) == [0, 1]
         assert sum(m.images for m in msgs) == 19, with_decode
+
+
+def test_the_decode_bound_is_ray_over_the_knobs_default_timed_with_decode():
+    knobs = {"runtime": "onnx", "default_img_per_s": 360.0, "forward_only_ratio": 0.99}
+    result = {"engines": {"ray": {"steady_img_per_s": 342.0, "knobs": {"runtime": "onnx"}}}, "knobs": knobs}
+    assert decode_bound(result)["ray_over_bound"] == pytest.approx(0.95)
+    # Knobs from the search alone (no rounds with decode), or on another runtime than ray's: no bound.
+    assert decode_bound({**result, "knobs": {**knobs, "forward_only_ratio": None}}) is None
+    assert decode_bound({**result, "knobs": {**knobs, "runtime": "keras"}}) is None

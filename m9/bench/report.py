@@ -35,6 +35,21 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
+def decode_bound(result: dict) -> dict | None:
+    """`ray` against the most an engine that decodes on the model's cores can do here: m9's default layout
+    timed by the knobs check with each batch decoded before its forward pass (the ceiling's own timing, plus
+    the decode every engine pays and the ceiling does not). None without both numbers."""
+    knobs, ray = result.get("knobs") or {}, result["engines"].get("ray")
+    rate = knobs.get("default_img_per_s") if knobs.get("forward_only_ratio") is not None else None
+    if not (ray and rate) or knobs.get("runtime") != (ray.get("knobs") or {}).get("runtime"):
+        return None
+    return {
+        "img_per_s": rate,
+        "ray_over_bound": round(ray["steady_img_per_s"] / rate, 3),
+        "what": "m9's default layout, bare model, each batch decoded just before its forward pass",
+    }
+
+
 def _session(s: dict) -> str:
     return f", {s['session']}" if s.get("session") else ""
 
@@ -82,6 +97,14 @@ def markdown(result: dict) -> str:
                 f"{t['ratio']:.2f} × {t['over']} (≥ {t['at_least']:g}: {'met' if t['met'] else 'NOT met'})" for t in met
             )
             + ".",
+        ]
+    bound = result.get("decode_bound")
+    if bound:
+        lines += [
+            "",
+            f"Decode bound: the bare model on m9's default layout, decoding each batch before its forward pass "
+            f"(the ceiling decodes up front), ran at {bound['img_per_s']} images/s; `ray` = "
+            f"**{bound['ray_over_bound']:.2f} ×** that.",
         ]
     k = result.get("knobs")
     if k:

@@ -22,7 +22,7 @@ from m9.bench.knobs import check_knobs
 from m9.bench.machine import machine_facts
 from m9.bench.monitor import Monitor, steady_rate
 from m9.bench.ray_engine import run_ray
-from m9.bench.report import targets, write_report
+from m9.bench.report import decode_bound, targets, write_report
 from m9.bench.spark_engines import run_spark_predict, run_spark_udf
 from m9.config import RUNTIMES
 from m9.errors import InputError
@@ -165,9 +165,11 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         "tolerance": AGREE_TOLERANCE,
         "knobs": knobs,
         "targets": None,
+        "decode_bound": None,
         "config": {k: v for k, v in asdict(cfg).items() if k != "output"},
     }
     result["targets"] = targets(result)
+    result["decode_bound"] = decode_bound(result)
     write_report(result, cfg.output)
     progress(
         f"engines {'agree' if result['agree'] else 'DISAGREE'}: max |Δ| = {max_diff:.2e} "
