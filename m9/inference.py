@@ -93,10 +93,6 @@ class EmbedActor:
         self._forward_lock = threading.Lock()  # forwards in series even when calls overlap (ACTOR_CONCURRENCY)
         engine_ray.record_model_load()
 
-    def ready(self) -> bool:
-        """Returns once __init__ has run: the model is loaded."""
-        return True
-
     def embed_item(self, item: dict) -> dict[str, np.ndarray]:
         """Read a work item's rows (plan_slices), decode and embed them: embed_rows's columns."""
         return self.embed_rows(self._read(item)) | {"shard": np.full(item["stop"] - item["start"], item["shard"])}
