@@ -65,7 +65,17 @@ def result(spark, ray_local, weights_path, tmp_path_factory):
 @pytest.mark.slow
 def test_json_has_every_engine_and_field(result):
     data = json.loads((result["out"] / "bench.json").read_text())
-    assert {"machine", "images", "engines", "agree", "max_abs_diff", "knobs", "targets", "decode_bound", "reference"} <= set(data)
+    assert {
+        "machine",
+        "images",
+        "engines",
+        "agree",
+        "max_abs_diff",
+        "knobs",
+        "targets",
+        "decode_bound",
+        "reference",
+    } <= set(data)
     assert {"cpu_model", "cores", "memory_gb", "versions", "loadavg_start", "loadavg_end"} <= set(data["machine"])
     assert data["machine"]["versions"]["onnxruntime"]
     assert data["images"] == IMAGES

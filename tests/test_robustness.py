@@ -493,6 +493,77 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(
     _assert_same_output(out, reference)
 
 
+def _kill_after_first_commit(monkeypatch, raylet: int, how_many: int) -> list[int]:
+    """Right after the first shard is committed (the driver's own loop: all other shards are still to come),
+    SIGKILL `how_many` of this cluster's embed actors. Returns the pids killed, filled in when it happens."""
+    from m9 import inference
+
+    killed: list[int] = []
+    commit = inference._ShardWriter._commit
+
+    def commit_then_kill(writer, shard: str) -> None:
+        commit(writer, shard)
+        if killed:
+            return
+        actors = [p for p in _children(raylet) if _title(p).startswith("ray::EmbedActor")]
+        assert len(actors) >= how_many, "not enough embed actors under the suite's raylet"
+        for pid in actors[:how_many]:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    monkeypatch.setattr(inference._ShardWriter, "_commit", commit_then_kill)
+    return killed
+
+
+@pytest.mark.slow
+def test_an_actor_ray_cannot_restart_leaves_its_work_to_the_others(
+    many, reference, ray_local, weights_path, tmp_path, monkeypatch
+):
+    import ray
+
+    from m9 import inference
+    from m9.config import EmbedConfig
+
+    monkeypatch.setattr(inference, "ACTOR_RESTARTS", 0)  # a killed actor is gone for good
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    killed = _kill_after_first_commit(monkeypatch, raylet, 1)
+    out = tmp_path / "embed"
+    result = inference.embed(
+        EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
+    )
+    assert len(killed) == 1
+    counts = result.counts
+    assert (counts["embedded"], counts["rejected"], counts["rows_in"]) == (240, 3, 243)
+    assert counts["model_loads"] == 2  # no replacement: the other actor did the dead one's items
+    _assert_same_output(out, reference)
+
+
+@pytest.mark.slow
+def test_with_every_actor_gone_embed_stops_with_one_line_and_resumes(
+    many, reference, ray_local, weights_path, tmp_path, monkeypatch
+):
+    import ray
+
+    from m9 import inference
+    from m9.config import EmbedConfig
+    from m9.errors import EngineError
+
+    monkeypatch.setattr(inference, "ACTOR_RESTARTS", 0)
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    killed = _kill_after_first_commit(monkeypatch, raylet, 2)
+    out = tmp_path / "embed"
+    cfg = EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
+    with pytest.raises(EngineError, match=r"^every embed actor died \(last on a work item of part-") as err:
+        inference.embed(cfg)
+    assert len(killed) == 2 and "\n" not in str(err.value)
+    monkeypatch.undo()  # restarts and the real commit again: the same command finishes the output
+    counts = inference.embed(cfg).counts
+    assert (counts["embedded"], counts["rejected"]) == (240, 3)
+    # What was committed before the actors died is kept: the first shard, and any other already complete.
+    assert 1 <= counts["shards_skipped"] < len(many["shards"])
+    _assert_same_output(out, reference)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A workdir holding something else: one clear line, and nothing already written is touched.
 # ----------------------------------------------------------------------------------------------------------
