@@ -441,8 +441,9 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
     import ray
 
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
-    expected = _count_rows(pending)
-    rows_in = sum(_count_rows(shards).values())
+    rows = _count_rows(shards)  # one footer read per shard, on S3 a request each
+    expected = {s: rows[s] for s in pending}
+    rows_in = sum(rows.values())
     # On the driver, before Ray starts: fail fast with one clear line if no weights can be had, and convert
     # (once per cache) what the onnx runtime needs, so the actors never need TensorFlow.
     weights_path = str(m9weights.resolve(cfg.weights, cfg.runtime)) if cfg.weights or cfg.runtime == "onnx" else None
