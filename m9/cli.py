@@ -61,7 +61,7 @@ def user_errors(fn):
         except M9Error as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            from m9.storage import outage
+            from m9.io.storage import outage
 
             error = outage(exc)
             if error is None:
@@ -87,7 +87,7 @@ def _ignored(result) -> str:
     counts = result.counts
     text = f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
     if counts.get("unreadable_files"):
-        from m9.ingest import unreadable_summary
+        from m9.stages.ingest import unreadable_summary
 
         text += f", {counts['unreadable_files']} unreadable: {unreadable_summary(result.details['unreadable_reasons'])}"
     return text
@@ -118,7 +118,7 @@ class Extensions(_Parsed):
     parsed = (tuple,)
 
     def parse(self, text: str):
-        from m9.ingest import parse_extensions
+        from m9.stages.ingest import parse_extensions
 
         return parse_extensions(text)
 
@@ -157,12 +157,12 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
         raise click.BadParameter(
             f"{s3_endpoint!r} is not a URL; give one such as http://127.0.0.1:9000", param_hint="--s3-endpoint"
         )
-    from m9 import storage
+    from m9.io import storage
 
     # In force for the command that follows (pyarrow, boto3, s3a, and the settings Ray tasks are handed),
     # and gone when it returns; the process's environment is left as it was.
     ctx.with_resource(storage.using(storage.S3Settings.from_env(endpoint=s3_endpoint)))
-    from m9 import quiet
+    from m9.ui import quiet
 
     # The engines stay quiet for this command unless -v (they are configured when they start).
     ctx.with_resource(quiet.verbosity(verbose))
@@ -288,8 +288,8 @@ def ingest(input_, output, images_per_file, bytes_per_file, extensions, overwrit
     Example: m9 ingest --input ~/fruits-360 --output m9-out/images
     """
     from m9.config import IngestConfig
-    from m9.ingest import ingest as run_ingest
-    from m9.pipeline import sample_dir
+    from m9.stages.ingest import ingest as run_ingest
+    from m9.stages.pipeline import sample_dir
 
     cfg = IngestConfig(
         input=input_ or sample_dir(),
@@ -325,7 +325,7 @@ def embed(input_, output, actors, batch_size, ray_address, weights, runtime, max
     Example: m9 embed --actors 2 --batch-size 8
     """
     from m9.config import EmbedConfig
-    from m9.inference import embed as run_embed
+    from m9.stages.embed import embed as run_embed
 
     cfg = EmbedConfig(
         input=input_,
@@ -362,7 +362,7 @@ def reduce(input_, output, k, overwrite):
     Example: m9 reduce --k 50
     """
     from m9.config import ReduceConfig
-    from m9.reduce import reduce as run_reduce
+    from m9.stages.reduce import reduce as run_reduce
 
     k, target = k
     result = run_reduce(ReduceConfig(input=input_, output=output, k=k, overwrite=overwrite, variance_target=target))
@@ -399,8 +399,8 @@ def evaluate(input_, output, neighbors):
 
     Example: m9 evaluate --input m9-out/reduce --neighbors 5
     """
-    from m9.evaluate import EvaluateConfig
-    from m9.evaluate import evaluate as run_evaluate
+    from m9.stages.evaluate import EvaluateConfig
+    from m9.stages.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(EvaluateConfig(input=input_, output=output, neighbors=neighbors))
     click.echo(
@@ -449,8 +449,8 @@ def run(
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
     from m9.config import EmbedConfig, IngestConfig, ReduceConfig
-    from m9.pipeline import RunConfig, sample_dir
-    from m9.pipeline import run as run_pipeline
+    from m9.stages.pipeline import RunConfig, sample_dir
+    from m9.stages.pipeline import run as run_pipeline
 
     cfg = RunConfig(
         input=input_ or sample_dir(),
@@ -513,7 +513,7 @@ def report(workdir):
 
     Example: m9 report --workdir m9-out
     """
-    from m9.report import report as write_report
+    from m9.stages.report import report as write_report
 
     click.echo(f"report: {write_report(workdir)}")
 
@@ -531,7 +531,7 @@ def weights_fetch():
 
     Example: M9_CACHE_DIR=/opt/m9 m9 weights fetch
     """
-    from m9 import weights as m9weights
+    from m9.model import weights as m9weights
 
     click.echo(str(m9weights.fetch()))
     click.echo(str(m9weights.fetch_onnx()))
@@ -549,7 +549,7 @@ def jars_fetch():
 
     Example: M9_CACHE_DIR=/opt/m9 m9 jars fetch
     """
-    from m9 import jars as m9jars
+    from m9.engines import jars as m9jars
 
     for path in m9jars.fetch():
         click.echo(str(path))
@@ -582,7 +582,7 @@ def data_fashion_mnist(output, per_class, source):
     """
     from pathlib import Path
 
-    from m9.datasets import build_fashion_mnist
+    from m9.data.datasets import build_fashion_mnist
 
     counts = build_fashion_mnist(output, per_class=per_class, source=Path(source) if source else None)
     click.echo(
@@ -613,7 +613,7 @@ def data_photos(output, count, megapixels, source):
     """
     from pathlib import Path
 
-    from m9.photos import build_photos
+    from m9.data.photos import build_photos
 
     counts = build_photos(output, count=count, megapixels=megapixels, source=Path(source) if source else None)
     click.echo(f"photos: {counts['files']} JPEGs ({counts['bytes'] / 1e6:.0f} MB) in {output}")
@@ -643,7 +643,7 @@ def data_fruits_360(archive, output):
 
     Example: m9 data fruits-360 --output s3://my-bucket/inputs/
     """
-    from m9.datasets import FRUITS360_URL, build_fruits360
+    from m9.data.datasets import FRUITS360_URL, build_fruits360
 
     counts = build_fruits360(archive or FRUITS360_URL, output)
     click.echo(f"fruits-360: {counts['Training']} training and {counts['Test']} test images in {output}")

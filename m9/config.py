@@ -56,13 +56,13 @@ DEFAULT_K = 50
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 
-#: Version of the decode → preprocess step (m9.decode). Part of embed's fingerprint: bump it whenever
+#: Version of the decode → preprocess step (m9.model.decode). Part of embed's fingerprint: bump it whenever
 #: any image's model input changes, so finished embed outputs made the old way are reported stale.
 #: 1: full decode, bilinear resize. 2: decode to size (JPEG DCT scaling, Image.reduce) when the short side
 #: is >= 896 px; smaller images are unchanged.
 PREPROCESS_VERSION = 2
 
-#: MB one image's decode may take (m9.decode.decode_bytes estimates it from the header); an image above it
+#: MB one image's decode may take (m9.model.decode.decode_bytes estimates it from the header); an image above it
 #: is rejected before any pixel is decoded. 2 GiB embeds a 13,000×13,000 RGBA drawing (1.35 GB: the decoded
 #: pixels and the premultiplied copy Image.reduce makes) and a 16,383² WebP, and rejects a 30,000² PNG
 #: (3.6 GB) or a 60,000² JPEG header (14.4 GB) at once; 2 actors × 2 GiB stay far below a 16 GB EMR node.

@@ -85,7 +85,7 @@ def write_bad_images(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def spark():
     """A real local Spark session for the whole suite (m9's stages reuse an active session)."""
-    from m9 import spark as m9spark
+    from m9.engines import spark as m9spark
 
     # s3=True: the s3a jars must be on the JVM's classpath from the start for tests/test_s3.py.
     with m9spark.session("m9-tests", master="local[2]", s3=True) as session:
@@ -109,7 +109,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def weights_path() -> Path:
-    from m9 import weights
+    from m9.model import weights
 
     return weights.fetch()
 
@@ -127,9 +127,9 @@ def images_tree(tmp_path_factory) -> Path:
 def pipeline(spark, ray_local, weights_path, images_tree, tmp_path_factory) -> dict:
     """ingest → embed → reduce on images_tree, once; returns folders and each stage's manifest."""
     from m9.config import EmbedConfig, IngestConfig, ReduceConfig
-    from m9.inference import embed
-    from m9.ingest import ingest
-    from m9.reduce import reduce
+    from m9.stages.embed import embed
+    from m9.stages.ingest import ingest
+    from m9.stages.reduce import reduce
 
     work = tmp_path_factory.mktemp("work")
     dirs = {name: str(work / name) for name in ("images", "embed", "reduce")}
@@ -160,7 +160,7 @@ def moto_server() -> Iterator[int]:
 def point_aws_at(mp: pytest.MonkeyPatch, endpoint: str, access_key: str, secret_key: str) -> None:
     """The AWS environment m9 reads (credentials, region, m9's endpoint variable) pointed at endpoint, and
     nothing that could send it elsewhere (profiles, other endpoints, the instance metadata service)."""
-    from m9.storage import S3_ENDPOINT_ENV
+    from m9.io.storage import S3_ENDPOINT_ENV
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         mp.delenv(name, raising=False)

@@ -231,7 +231,7 @@ def test_targets_compare_ray_with_each_bar():
 def test_embed_stamped_keeps_rows_in_place(weights_path, runtime):
     """The Spark UDF's per-forward-batch timing: rows keep their places, a broken image gets zeros and a time."""
     from m9.bench.spark_engines import _embed_stamped
-    from m9.model import Embedder
+    from m9.model.embedder import Embedder
 
     good = sorted(SAMPLE.rglob("*.jpg"))[:3]
     contents = [good[0].read_bytes(), b"not an image", good[1].read_bytes(), good[2].read_bytes()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from m9.progress import StageProgress
+from m9.ui.progress import StageProgress
 
 #: m9's log lines (cli.py's format: time, an m9 logger, the message) ...
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d m9(\.\w+)*: \S")
@@ -38,7 +38,7 @@ def test_the_line_check_catches_engine_chatter():
         "[2026-11-29 10:02:04,305 E 5242 5242] core_worker.cc:2465: Actor with class name: 'MapWorker'",
         "2026-11-29 10:02:04,310\tWARNING __init__.py:28 -- Progress bars disabled.",
     ]
-    own = ["10:01:56 m9.ingest: ingest: 240 images", SUMMARY_TITLE, "  embedded          240"]
+    own = ["10:01:56 m9.stages.ingest: ingest: 240 images", SUMMARY_TITLE, "  embedded          240"]
     assert own_lines_only("\n".join(own + chatter)) == chatter
 
 
@@ -70,14 +70,14 @@ class FakeClock:
 
 def test_progress_off_a_terminal_logs_one_line_per_interval(caplog):
     clock = FakeClock()
-    caplog.set_level(logging.INFO, logger="m9.progress")
+    caplog.set_level(logging.INFO, logger="m9.ui.progress")
     with StageProgress(
         "embed", "embedding", 240, counters={"shards": 3}, live=False, interval=10, clock=clock, heartbeat=False
     ) as p:
         for step in range(24):  # 10 images a second for 24 s
             clock.now += 1
             p.update(10, shards=step // 8)
-    lines = [r.getMessage() for r in caplog.records if r.name == "m9.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "m9.ui.progress"]
     assert lines == [
         "embed: embedding 100/240 images (42 %), 10.0 images/s, ETA 0:14, 1/3 shards",
         "embed: embedding 200/240 images (83 %), 10.0 images/s, ETA 0:04, 2/3 shards",
@@ -86,7 +86,7 @@ def test_progress_off_a_terminal_logs_one_line_per_interval(caplog):
 
 def test_progress_with_an_unknown_total_says_so(caplog):
     clock = FakeClock()
-    caplog.set_level(logging.INFO, logger="m9.progress")
+    caplog.set_level(logging.INFO, logger="m9.ui.progress")
     p = StageProgress("reduce", "PCA", None, unit="Spark tasks", live=False, interval=5, clock=clock, heartbeat=False)
     clock.now = 6
     p.update(done=3)
@@ -99,7 +99,7 @@ def test_progress_with_an_unknown_total_says_so(caplog):
 
 
 def test_progress_on_a_terminal_draws_instead_of_logging(caplog):
-    caplog.set_level(logging.INFO, logger="m9.progress")
+    caplog.set_level(logging.INFO, logger="m9.ui.progress")
     clock = FakeClock()
     with StageProgress("embed", "embedding", 10, live=True, interval=0, clock=clock) as p:
         clock.now = 1
@@ -109,7 +109,7 @@ def test_progress_on_a_terminal_draws_instead_of_logging(caplog):
 
 def test_progress_off_a_terminal_beats_while_nothing_finishes(caplog):
     """A stage waiting for its first result (models loading) still says so every interval."""
-    caplog.set_level(logging.INFO, logger="m9.progress")
+    caplog.set_level(logging.INFO, logger="m9.ui.progress")
     with StageProgress("embed", "embedding", 10, live=False, interval=0.05):
         deadline = time.monotonic() + 30
         while not caplog.records and time.monotonic() < deadline:
@@ -118,7 +118,7 @@ def test_progress_off_a_terminal_beats_while_nothing_finishes(caplog):
 
 
 def test_quiet_sets_the_engines_levels_unless_verbose(monkeypatch):
-    from m9 import quiet
+    from m9.ui import quiet
 
     for key in quiet.QUIET_ENV:
         monkeypatch.setenv(key, "")  # records the key's state, so what configure() sets is undone after
@@ -137,7 +137,7 @@ def test_quiet_sets_the_engines_levels_unless_verbose(monkeypatch):
 
 
 def test_native_stderr_without_drops_only_the_matching_lines(monkeypatch, capfd):
-    from m9 import quiet
+    from m9.ui import quiet
 
     with quiet.native_stderr_without(quiet.RAY_LEVEL_NOTICE):
         os.write(

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from m9 import contract, lease
 from m9.config import EmbedConfig, IngestConfig, ReduceConfig
-from m9.contract import EMBED, INGEST, REDUCE, Manifest
 from m9.errors import InputError
+from m9.io import lease
+from m9.stages import contract
+from m9.stages.contract import EMBED, INGEST, REDUCE, Manifest
 from tests.conftest import moto_server, point_aws_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_each_stage_owns_what_it_writes():
 
 
 def test_embed_fingerprint_names_a_weights_change(tmp_path):
-    from m9.inference import fingerprint
+    from m9.stages.embed import fingerprint
 
     other = tmp_path / "other.onnx"  # identified by its sha256 (a Keras file by its arrays' checksum)
     other.write_bytes(b"not the ImageNet weights")
@@ -102,7 +103,7 @@ def test_embed_fingerprint_names_a_weights_change(tmp_path):
 
 HOLD = """
 import sys, time
-from m9 import lease
+from m9.io import lease
 with lease.hold(sys.argv[1], "embed"):
     print("held", flush=True)
     time.sleep(600)
@@ -137,7 +138,7 @@ def test_a_refused_stage_leaves_no_folder_it_created(tmp_path):
 @pytest.fixture(scope="module")
 def moto_s3():
     """moto's S3 server on loopback with one bucket, and the environment m9 reads pointed at it."""
-    from m9 import storage
+    from m9.io import storage
 
     with moto_server() as port, pytest.MonkeyPatch.context() as mp:
         point_aws_at(mp, f"http://127.0.0.1:{port}", "k", "s")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m9.datasets import (
+from m9.data.datasets import (
     FASHION_MNIST_LABELS,
     FASHION_MNIST_PACKAGE,
     FRUITS360_LICENSE_NAME,

@@ -1,4 +1,4 @@
-"""m9.decode: decode to size (JPEG draft, Image.reduce), the memory budget, and the formats m9 reads."""
+"""m9.model.decode: decode to size (JPEG draft, Image.reduce), the memory budget, and the formats m9 reads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from m9.config import IMAGE_SIZE
-from m9.decode import DECODE_TARGET, DecodeError, _open_to_size, _to_rgb, decode, decode_bytes
+from m9.model.decode import DECODE_TARGET, DecodeError, _open_to_size, _to_rgb, decode, decode_bytes
 from tests.conftest import SAMPLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_a_13000_pixel_png_is_embedded_within_the_budget(tmp_path):
     im.save(path, compress_level=1)
     del im, draw
     script = f"""
-from m9.decode import decode
+from m9.model.decode import decode
 x = decode(open({str(path)!r}, "rb").read())
 assert x.shape == (224, 224, 3) and x.min() < 0 and x.max() == 1.0
 print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
@@ -140,7 +140,7 @@ def test_work_items_cover_every_row_once_in_full_items_across_row_groups(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from m9.inference import plan_slices
+    from m9.stages.embed import plan_slices
 
     shard = tmp_path / "part-0.parquet"
     with pq.ParquetWriter(shard, pa.schema([("image_id", pa.string())])) as writer:

@@ -241,8 +241,8 @@ def _plan_examples(cell: str) -> list[tuple[list[int], int, float]]:
 
 def test_the_other_rows_match_the_code() -> None:
     """Rows that are not an option: their value, or the worked examples they give, against the code."""
-    from m9.inference import plan_resources
-    from m9.ingest import ROW_GROUP_BYTES
+    from m9.stages.embed import plan_resources
+    from m9.stages.ingest import ROW_GROUP_BYTES
 
     table = _defaults_table()
     checked = {f"`--{n.removeprefix('DEFAULT_').lower().replace('_', '-')}`" for n in NAMED_DEFAULTS}
@@ -267,7 +267,7 @@ def _layout() -> set[str]:
     """Paths the Layout section lists: bullets of `name` (a folder ends in /), nested by indentation."""
     listed: set[str] = set()
     stack: list[tuple[int, str]] = []
-    for line in _section(_readme(), "Layout").splitlines():
+    for line in _section((REPO / "docs" / "development.md").read_text(encoding="utf-8"), "Layout").splitlines():
         match = re.match(r"^(\s*)[-*] `([^`]+)`", line)
         if not match:
             continue
@@ -302,9 +302,9 @@ def test_layout_lists_exactly_the_modules_of_m9() -> None:
     listed = {p for p in _layout() if p.startswith("m9/") and p != "m9/"}
     actual = _modules(REPO / "m9")
     missing = sorted(actual - listed)
-    assert not missing, f"README's Layout does not list {missing}: add each with a one-line role"
+    assert not missing, f"docs/development.md's Layout does not list {missing}: add each with a one-line role"
     gone = sorted(listed - actual)
-    assert not gone, f"README's Layout lists {gone}, which do not exist"
+    assert not gone, f"docs/development.md's Layout lists {gone}, which do not exist"
 
 
 def test_layout_lists_the_top_level_folders() -> None:
@@ -316,4 +316,6 @@ def test_layout_lists_the_top_level_folders() -> None:
         pytest.skip("not a git checkout: the tracked folders are unknown")
     folders = {f.split("/", 1)[0] + "/" for f in tracked if "/" in f and not f.startswith(".")}
     listed = {p for p in _layout() if p.count("/") == 1 and p.endswith("/")}
-    assert folders == listed, f"top-level folders {sorted(folders)}, README's Layout lists {sorted(listed)}"
+    assert folders == listed, (
+        f"top-level folders {sorted(folders)}, docs/development.md's Layout lists {sorted(listed)}"
+    )

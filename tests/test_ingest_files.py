@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from m9.ingest import list_tree, parse_extensions
+from m9.stages.ingest import list_tree, parse_extensions
 from tests.conftest import SAMPLE
 
 
@@ -93,7 +93,7 @@ def test_ingest_counts_reconcile_and_extensions_select(spark, tmp_path):
 def test_files_and_row_groups_are_sized_by_bytes(spark, tmp_path):
     """~120 KB images with --bytes-per-file 2 MB: files of about 2 MB, row groups of a few rows each."""
     from m9.config import IngestConfig
-    from m9.ingest import ROW_GROUP_BYTES, ROW_GROUP_CHECK_ROWS, ingest
+    from m9.stages.ingest import ROW_GROUP_BYTES, ROW_GROUP_CHECK_ROWS, ingest
 
     rng = np.random.default_rng(0)
     src = tmp_path / "noise" / "label"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m9.config import AUTO_VARIANCE_TARGET, parse_k
-from m9.reduce import choose_k, k_choice
+from m9.stages.reduce import choose_k, k_choice
 from tests.conftest import TEST_K
 
 
@@ -53,7 +53,7 @@ def test_the_cli_refuses_a_bad_k():
 @pytest.mark.slow
 def test_reduce_auto_keeps_the_first_components_of_one_fit(pipeline, spark, tmp_path):
     from m9.config import ReduceConfig
-    from m9.reduce import reduce
+    from m9.stages.reduce import reduce
 
     out = tmp_path / "auto"
     result = reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=str(out), k=None, variance_target=0.5))

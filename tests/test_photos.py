@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from m9.photos import PHOTOS, PHOTOS_COPYRIGHT, PHOTOS_DIR, PHOTOS_PACKAGE, build_photos
+from m9.data.photos import PHOTOS, PHOTOS_COPYRIGHT, PHOTOS_DIR, PHOTOS_PACKAGE, build_photos
 from tests.conftest import SAMPLE
 
 

@@ -59,7 +59,7 @@ def test_labels_splits_and_ids_follow_the_folders(pipeline, images_tree):
 
 def test_image_ids_are_stable_across_reruns_and_roots(pipeline, images_tree, tmp_path, spark):
     from m9.config import IngestConfig
-    from m9.ingest import ingest
+    from m9.stages.ingest import ingest
 
     moved = tmp_path / "elsewhere"
     (moved / "Test").mkdir(parents=True)
@@ -149,8 +149,8 @@ def test_each_actor_loads_the_model_once(pipeline):
 def test_rerun_skips_finished_stages_and_refuses_foreign_output(pipeline, spark, ray_local):
     from m9.config import EmbedConfig, IngestConfig
     from m9.errors import InputError
-    from m9.inference import embed
-    from m9.ingest import ingest
+    from m9.stages.embed import embed
+    from m9.stages.ingest import ingest
 
     again = embed(EmbedConfig(input=pipeline["dirs"]["images"], output=pipeline["dirs"]["embed"], actors=2))
     assert again.skipped is True
@@ -165,9 +165,9 @@ def test_spark_stages_run_on_a_multi_executor_master(pipeline, tmp_path):
 
     script = f"""
 from m9.config import IngestConfig, ReduceConfig
-from m9.ingest import ingest
-from m9.reduce import reduce
-from m9 import spark as s
+from m9.stages.ingest import ingest
+from m9.stages.reduce import reduce
+from m9.engines import spark as s
 with s.session("m9-cluster-test", master="local-cluster[2,1,1024]") as spark:
     assert spark.sparkContext.master.startswith("local-cluster")
     ingest(IngestConfig(input={pipeline["ingest"].input!r}, output={str(tmp_path / "images")!r}, images_per_file=100))
@@ -191,7 +191,7 @@ def test_an_interrupted_reduce_resumes(pipeline, spark, tmp_path):
     import shutil
 
     from m9.config import ReduceConfig
-    from m9.reduce import reduce
+    from m9.stages.reduce import reduce
 
     out = tmp_path / "reduce"
     shutil.copytree(pipeline["dirs"]["reduce"], out)
@@ -216,15 +216,15 @@ def test_a_finished_output_made_differently_is_refused_naming_the_change(pipelin
 
     from m9.config import EmbedConfig, ReduceConfig
     from m9.errors import InputError
-    from m9.inference import embed
-    from m9.reduce import reduce
+    from m9.stages.embed import embed
+    from m9.stages.reduce import reduce
 
     before = Path(pipeline["dirs"]["reduce"], "pca.csv").read_text()
     with pytest.raises(InputError, match=rf"made differently \(k {TEST_K} → 5\); pass --overwrite"):
         reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=pipeline["dirs"]["reduce"], k=5))
     assert Path(pipeline["dirs"]["reduce"], "pca.csv").read_text() == before
 
-    from m9.model import load_model
+    from m9.model.embedder import load_model
 
     model = load_model(str(weights_path))
     arrays = model.get_weights()

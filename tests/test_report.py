@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m9.evaluate import _protocol, grey_pixels, scores
+from m9.stages.evaluate import _protocol, grey_pixels, scores
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -51,7 +51,7 @@ def test_grey_pixels_are_28x28_in_unit_range():
 @pytest.fixture(scope="module")
 def workdir(pipeline, tmp_path_factory) -> Path:
     """A copy of the suite's pipeline run (its folders are shared), evaluated."""
-    from m9.evaluate import EvaluateConfig, evaluate
+    from m9.stages.evaluate import EvaluateConfig, evaluate
 
     work = tmp_path_factory.mktemp("report") / "work"
     for name, folder in pipeline["dirs"].items():
@@ -88,7 +88,7 @@ def test_the_pca_space_keeps_the_full_spaces_accuracy(workdir):
 
 @pytest.mark.slow
 def test_evaluate_an_embed_output_has_no_pca_space(workdir, tmp_path):
-    from m9.evaluate import EvaluateConfig, evaluate
+    from m9.stages.evaluate import EvaluateConfig, evaluate
 
     result = evaluate(EvaluateConfig(input=str(workdir / "embed"), output=str(tmp_path), neighbors=3))
     assert set(result["accuracy"]) == {"full", "raw"}
@@ -139,7 +139,7 @@ def _check_in_chromium(page: Path, tmp_path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make tools installs Debian's chromium)")
 def test_report_opens_in_a_browser_offline_with_every_image(workdir, tmp_path):
-    from m9.report import report
+    from m9.stages.report import report
 
     page = Path(report(str(workdir)))
     assert page == workdir / "report" / "report.html"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from m9.inference import plan_resources
+from m9.stages.embed import plan_resources
 
 
 @pytest.mark.parametrize(

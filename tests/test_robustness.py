@@ -151,7 +151,7 @@ def test_huge_images_are_rejected_without_decoding_them(tmp_path):
     script = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from m9.decode import DecodeError, decode
+from m9.model.decode import DecodeError, decode
 for name in ("huge-header.png", "huge-header.jpg"):
     try:
         decode(open({str(tmp_path / "odd")!r} + "/" + name, "rb").read())
@@ -325,7 +325,7 @@ REPO = Path(__file__).resolve().parent.parent
 def many(spark, tmp_path_factory) -> dict:
     """The bundled sample plus 3 broken files: 243 images in about 10 shards."""
     from m9.config import IngestConfig
-    from m9.ingest import ingest
+    from m9.stages.ingest import ingest
 
     root = tmp_path_factory.mktemp("many")
     shutil.copytree(SAMPLE, root / "fruit and nuts")
@@ -341,7 +341,7 @@ def many(spark, tmp_path_factory) -> dict:
 def reference(many, ray_local, weights_path, tmp_path_factory) -> Path:
     """An uninterrupted embed of `many`."""
     from m9.config import EmbedConfig
-    from m9.inference import embed
+    from m9.stages.embed import embed
 
     out = tmp_path_factory.mktemp("reference") / "embed"
     cfg = EmbedConfig(input=str(many["images"]), output=str(out), actors=1, batch_size=8, weights=str(weights_path))
@@ -460,14 +460,14 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(
 ):
     import ray
 
-    from m9 import inference
     from m9.config import EmbedConfig
+    from m9.stages import embed as embed_stage
 
     # The suite's own raylet: its children are this cluster's workers, not another session's.
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     out = tmp_path / "embed"
     killed: list[int] = []
-    commit = inference._ShardWriter._commit
+    commit = embed_stage._ShardWriter._commit
 
     def commit_then_kill_an_actor(writer, shard: str) -> None:
         """The kill happens inside the driver's own loop, right after the first shard is committed: the
@@ -482,8 +482,8 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(
         os.kill(actors[0], signal.SIGKILL)
         killed.append(actors[0])
 
-    monkeypatch.setattr(inference._ShardWriter, "_commit", commit_then_kill_an_actor)
-    result = inference.embed(
+    monkeypatch.setattr(embed_stage._ShardWriter, "_commit", commit_then_kill_an_actor)
+    result = embed_stage.embed(
         EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
     )
     assert len(killed) == 1
@@ -496,10 +496,10 @@ def test_a_killed_actor_is_replaced_and_every_image_lands_once(
 def _kill_after_first_commit(monkeypatch, raylet: int, how_many: int) -> list[int]:
     """Right after the first shard is committed (the driver's own loop: all other shards are still to come),
     SIGKILL `how_many` of this cluster's embed actors. Returns the pids killed, filled in when it happens."""
-    from m9 import inference
+    from m9.stages import embed as embed_stage
 
     killed: list[int] = []
-    commit = inference._ShardWriter._commit
+    commit = embed_stage._ShardWriter._commit
 
     def commit_then_kill(writer, shard: str) -> None:
         commit(writer, shard)
@@ -511,7 +511,7 @@ def _kill_after_first_commit(monkeypatch, raylet: int, how_many: int) -> list[in
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    monkeypatch.setattr(inference._ShardWriter, "_commit", commit_then_kill)
+    monkeypatch.setattr(embed_stage._ShardWriter, "_commit", commit_then_kill)
     return killed
 
 
@@ -521,14 +521,14 @@ def test_an_actor_ray_cannot_restart_leaves_its_work_to_the_others(
 ):
     import ray
 
-    from m9 import inference
     from m9.config import EmbedConfig
+    from m9.stages import embed as embed_stage
 
-    monkeypatch.setattr(inference, "ACTOR_RESTARTS", 0)  # a killed actor is gone for good
+    monkeypatch.setattr(embed_stage, "ACTOR_RESTARTS", 0)  # a killed actor is gone for good
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     killed = _kill_after_first_commit(monkeypatch, raylet, 1)
     out = tmp_path / "embed"
-    result = inference.embed(
+    result = embed_stage.embed(
         EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
     )
     assert len(killed) == 1
@@ -544,20 +544,20 @@ def test_with_every_actor_gone_embed_stops_with_one_line_and_resumes(
 ):
     import ray
 
-    from m9 import inference
     from m9.config import EmbedConfig
     from m9.errors import EngineError
+    from m9.stages import embed as embed_stage
 
-    monkeypatch.setattr(inference, "ACTOR_RESTARTS", 0)
+    monkeypatch.setattr(embed_stage, "ACTOR_RESTARTS", 0)
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     killed = _kill_after_first_commit(monkeypatch, raylet, 2)
     out = tmp_path / "embed"
     cfg = EmbedConfig(input=str(many["images"]), output=str(out), actors=2, batch_size=8, weights=str(weights_path))
     with pytest.raises(EngineError, match=r"^every embed actor died \(last on a work item of part-") as err:
-        inference.embed(cfg)
+        embed_stage.embed(cfg)
     assert len(killed) == 2 and "\n" not in str(err.value)
     monkeypatch.undo()  # restarts and the real commit again: the same command finishes the output
-    counts = inference.embed(cfg).counts
+    counts = embed_stage.embed(cfg).counts
     assert (counts["embedded"], counts["rejected"]) == (240, 3)
     # What was committed before the actors died is kept: the first shard, and any other already complete.
     assert 1 <= counts["shards_skipped"] < len(many["shards"])
@@ -622,7 +622,7 @@ def test_incompatible_outputs_are_clear_errors_and_stay_untouched(corpus_run, ma
 def test_rows_delivered_twice_are_written_once(tmp_path):
     """A retried task may send rows the driver already has; the shard still commits each image once."""
     from m9.config import FEATURE_DIM
-    from m9.inference import _ShardWriter
+    from m9.stages.embed import _ShardWriter
 
     def batch(ids):
         n = len(ids)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m9 import ort
-from m9 import weights as m9weights
 from m9.config import IMAGE_EXTENSIONS
 from m9.errors import WeightsError
-from m9.model import Embedder
+from m9.model import ort
+from m9.model import weights as m9weights
+from m9.model.embedder import Embedder
 from tests.conftest import SAMPLE
 
 TOLERANCE = 1e-4
@@ -161,7 +161,7 @@ def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_path, ray_local,
     import pyarrow.parquet as pq
     import ray
 
-    from m9.inference import EmbedActor, plan_slices
+    from m9.stages.embed import EmbedActor, plan_slices
 
     contents = _images(sorted(SAMPLE.rglob("*.jpg"))[:4])
     rows = {k: [f"{k}{i}" for i in range(4)] for k in ("image_id", "path", "label", "split")}
@@ -193,7 +193,7 @@ def test_embed_with_runtime_keras_matches_the_default_onnx_output(pipeline, ray_
     import pyarrow.parquet as pq
 
     from m9.config import EmbedConfig
-    from m9.inference import embed
+    from m9.stages.embed import embed
 
     result = embed(EmbedConfig(input=pipeline["dirs"]["images"], output=str(tmp_path), actors=2, runtime="keras"))
     assert result.details["runtime"] == "keras" and pipeline["embed"].details["runtime"] == "onnx"

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from m9.cli import main
-from m9.storage import S3_ENDPOINT_ENV
+from m9.io.storage import S3_ENDPOINT_ENV
 from tests.conftest import TEST_K, moto_server, point_aws_at
 
 BUCKET = "m9-test"
@@ -200,14 +200,14 @@ def _upload(client, bucket: str, root: Path, prefix: str) -> int:
 
 
 def _s3_table(uri: str):
-    from m9 import storage
+    from m9.io import storage
 
     fs, path = storage.filesystem(uri)
     return pq.read_table(path, filesystem=fs).to_pandas()
 
 
 def _s3_text(uri: str) -> str:
-    from m9 import storage
+    from m9.io import storage
 
     fs, path = storage.filesystem(uri)
     with fs.open_input_stream(path) as f:
@@ -476,8 +476,8 @@ def test_an_endpoint_without_a_scheme_is_refused():
 
 def test_jars_are_cached_and_verified():
     """On a warm cache too: what fetch() and cached() return has the pinned SHA-256."""
-    from m9 import jars
-    from m9.pypi import sha256_file
+    from m9.engines import jars
+    from m9.io.pypi import sha256_file
 
     paths = jars.fetch()
     assert [p.name for p in paths] == list(jars.JARS)
@@ -488,7 +488,7 @@ def test_jars_are_cached_and_verified():
 def test_a_tampered_cached_jar_is_never_handed_to_spark(tmp_path, monkeypatch):
     """A cached jar changed after its download (same name, same size) is refused, and fetch() goes back to
     PyPI for it instead of returning it; here pip is kept offline, so that ends in one clear error."""
-    from m9 import jars
+    from m9.engines import jars
     from m9.errors import EngineError
 
     real = jars.fetch()
@@ -514,8 +514,8 @@ def test_a_tampered_cached_jar_is_never_handed_to_spark(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_spark_gets_the_same_endpoint_and_credentials(s3_env, moto_port):
-    from m9 import spark as m9spark
-    from m9.storage import S3Settings
+    from m9.engines import spark as m9spark
+    from m9.io.storage import S3Settings
 
     conf = m9spark.s3a_settings(S3Settings.from_env())
     assert conf["fs.s3a.endpoint"] == f"http://127.0.0.1:{moto_port}"

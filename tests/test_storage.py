@@ -6,8 +6,8 @@ import os
 
 from click.testing import CliRunner
 
-from m9 import storage
 from m9.cli import main
+from m9.io import storage
 
 
 def test_using_scopes_the_settings_and_restores_them(monkeypatch):

@@ -26,7 +26,7 @@ class Setting:
     processes: int
     threads: int
     batch_size: int
-    session: object | None = None  # m9.ort.SessionSettings on "onnx", None on "keras"
+    session: object | None = None  # m9.model.ort.SessionSettings on "onnx", None on "keras"
 
     def row(self) -> dict:
         """The setting as bench.json shows it."""
@@ -43,14 +43,14 @@ def default_session(runtime: str, threads: int):
     """The session options m9's Embedder uses for this many threads (None on Keras, which has none)."""
     if runtime != "onnx":
         return None
-    from m9 import ort
+    from m9.model import ort
 
     return ort.SessionSettings(threads=threads)
 
 
 def session_candidates(threads: int) -> list:
-    """ONNX Runtime session options worth timing at a thread count, m9's default first (m9.ort.candidates)."""
-    from m9 import ort
+    """ONNX Runtime session options worth timing at a thread count, m9's default first (m9.model.ort.candidates)."""
+    from m9.model import ort
 
     return list(ort.candidates(threads).values())
 
@@ -64,13 +64,13 @@ def ceiling_configs(cores: int) -> list[tuple[int, int]]:
 def _forwards(runtime: str, threads: int, points: list[tuple[int, object]]) -> list[Callable]:
     """One forward function (a batch of inputs → features) per point, models built once per process."""
     if runtime == "keras":
-        from m9.model import Embedder
+        from m9.model.embedder import Embedder
 
         # One call per slice the worker hands over: the largest batch, so forward never cuts a slice again.
         embedder = Embedder(None, runtime="keras", threads=threads, batch_size=max(bs for bs, _ in points))
         return [embedder.forward for _ in points]
-    from m9 import ort
-    from m9 import weights as m9weights
+    from m9.model import ort
+    from m9.model import weights as m9weights
 
     model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())
     sessions: dict = {}
@@ -98,7 +98,7 @@ def _ceiling_worker(
     actor does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m9.bench.protocol import Failed
-    from m9.model import decode_many
+    from m9.model.embedder import decode_many
 
     try:
         forwards = _forwards(runtime, threads, points)

@@ -7,16 +7,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import contract, storage
 from m9.errors import InputError
+from m9.io import storage
+from m9.stages import contract
 
 
 def load_rows(input_uri: str | None, workdir: Path) -> pa.Table:
     """The image rows of an ingest output (a folder of Parquet); with no input, the bundled sample ingested."""
     if input_uri is None:
         from m9.config import IngestConfig
-        from m9.ingest import ingest
-        from m9.pipeline import sample_dir
+        from m9.stages.ingest import ingest
+        from m9.stages.pipeline import sample_dir
 
         input_uri = str(workdir / "sample-images")
         ingest(IngestConfig(input=sample_dir(), output=input_uri))
@@ -54,7 +55,7 @@ def write_input(table: pa.Table, folder: Path) -> str:
     """The rows as one Parquet file in `folder`, in row groups as m9 ingest sizes them (by bytes), so the
     engines read what `m9 embed` reads: 100-row groups of 12-MP photos were 120 MB, and each of the Ray
     engine's 32-row work items read one or two whole groups (78 instead of 96 photos/s)."""
-    from m9.ingest import row_group_rows
+    from m9.stages.ingest import row_group_rows
 
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "part-00000.parquet", row_group_size=row_group_rows(table))

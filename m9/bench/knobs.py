@@ -13,8 +13,8 @@ from m9.bench.config import KNOBS_TOLERANCE, BenchConfig
 
 def default_setting(cfg: BenchConfig, runtime: str) -> Setting:
     """What `m9 embed` runs on one local node of this machine: cfg.actors processes, the resource plan's
-    threads each (inference.plan_resources, the one plan), cfg.batch_size, m9's session options."""
-    from m9.inference import plan_resources
+    threads each (embed.plan_resources, the one plan), cfg.batch_size, m9's session options."""
+    from m9.stages.embed import plan_resources
 
     _, threads = plan_resources([float(os.cpu_count() or 1)], cfg.actors)
     return Setting(runtime, cfg.actors, threads, cfg.batch_size, default_session(runtime, threads))
@@ -85,7 +85,7 @@ def check_knobs(
         "within_tolerance": None if ratio is None else bool(ratio >= 1 - KNOBS_TOLERANCE),
         "method": method,
         # ONNX Runtime's session options at the default's own thread count, in this process
-        # (m9.ort.defaults_vs_best), beside the ceiling's search of them at the best layout.
+        # (m9.model.ort.defaults_vs_best), beside the ceiling's search of them at the best layout.
         "sessions_at_default_threads": sessions,
     }
 
@@ -96,9 +96,9 @@ SESSION_SECONDS = 2.0
 
 def session_options_at_default(default: Setting, contents: list, rounds: int) -> dict:
     """m9's session options against every alternative at the default's threads and batch, in this process."""
-    from m9 import ort
-    from m9 import weights as m9weights
-    from m9.model import decode_many
+    from m9.model import ort
+    from m9.model import weights as m9weights
+    from m9.model.embedder import decode_many
 
     inputs, _ = decode_many(contents)
     model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())

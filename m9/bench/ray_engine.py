@@ -1,4 +1,4 @@
-"""Engine `ray`: `m9 embed`'s own pipeline (inference.embed_batches), timed as its batches arrive."""
+"""Engine `ray`: `m9 embed`'s own pipeline (embed.embed_batches), timed as its batches arrive."""
 
 from __future__ import annotations
 
@@ -7,25 +7,25 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from m9 import storage
 from m9.bench.config import BenchConfig, Outcome
 from m9.config import FEATURE_DIM
+from m9.io import storage
 
 
 def run_ray(
     cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bool = True, runtime: str | None = None
 ) -> Outcome:
-    """`m9 embed`'s own pipeline (inference.embed_batches on a fixed actor pool), batches kept in memory;
+    """`m9 embed`'s own pipeline (embed.embed_batches on a fixed actor pool), batches kept in memory;
     on `runtime` (default: the bench's, i.e. `m9 embed`'s default path)."""
     runtime = runtime or cfg.runtime
     import ray
 
-    from m9 import engine_ray
-    from m9.inference import embed_batches, plan_resources
+    from m9.engines import ray_pool
+    from m9.stages.embed import embed_batches, plan_resources
 
     ids, done, feats = [], [], []
-    with engine_ray.connect(None):
-        counter = engine_ray.start_load_counter()
+    with ray_pool.connect(None):
+        counter = ray_pool.start_load_counter()
         for batch in embed_batches(
             storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, None, runtime=runtime
         ):
@@ -36,7 +36,7 @@ def run_ray(
                 feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(-1, FEATURE_DIM))
         loads = len(ray.get(counter.get.remote()))
         ray.kill(counter)
-        actor_cpus, threads = plan_resources(engine_ray.node_cpus(), cfg.actors)
+        actor_cpus, threads = plan_resources(ray_pool.node_cpus(), cfg.actors)
     return Outcome(
         ids,
         np.array(done),

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from m9 import contract
 from m9.bench.ceiling import run_ceiling
 from m9.bench.config import AGREE_TOLERANCE, CEILINGS, ENGINES, REFERENCE_ENGINE, BenchConfig, Outcome
 from m9.bench.decode_engine import run_decode
@@ -26,6 +25,7 @@ from m9.bench.report import decode_bound, targets, write_report
 from m9.bench.spark_engines import run_spark_predict, run_spark_udf
 from m9.config import RUNTIMES
 from m9.errors import InputError
+from m9.stages import contract
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from m9 import contract
 from m9.bench.config import BenchConfig
 from m9.bench.inputs import load_rows, take, write_input
 from m9.bench.machine import machine_facts
 from m9.bench.run import measure
 from m9.errors import InputError
+from m9.stages import contract
 
 log = logging.getLogger(__name__)
 

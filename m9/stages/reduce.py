@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from m9 import contract, lease, storage
-from m9 import spark as m9spark
 from m9.config import FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
-from m9.contract import CSV_NAME, EMBEDDINGS, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
+from m9.engines import spark as m9spark
 from m9.errors import InputError
-from m9.progress import spark_tasks
+from m9.io import lease, storage
+from m9.stages import contract
+from m9.stages.contract import CSV_NAME, EMBEDDINGS, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
+from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
 

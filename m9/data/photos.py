@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from m9.datasets import DatasetError, _download_deb, _extract_deb
+from m9.data.datasets import DatasetError, _download_deb, _extract_deb
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 import socket
 from collections.abc import Iterator
 
-from m9 import quiet as m9quiet
 from m9.errors import EngineError
+from m9.ui import quiet as m9quiet
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from m9 import storage
-from m9.contract import LEASE, PENDING
 from m9.errors import M9Error
+from m9.io import storage
+from m9.stages.contract import LEASE, PENDING
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import contract, engine_ray, lease, storage
-from m9 import weights as m9weights
 from m9.config import DEFAULT_DECODE_MEMORY, DEFAULT_RUNTIME, FEATURE_DIM, PREPROCESS_VERSION, RUNTIMES, EmbedConfig
-from m9.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
+from m9.engines import ray_pool
 from m9.errors import EngineError, InputError, TooManyRejectedError
-from m9.progress import StageProgress
+from m9.io import lease, storage
+from m9.model import weights as m9weights
+from m9.stages import contract
+from m9.stages.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
+from m9.ui.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class EmbedActor:
     ):
         import threading
 
-        from m9.model import Embedder
+        from m9.model.embedder import Embedder
 
         if runtime == "onnx":
             import ray
@@ -91,7 +93,7 @@ class EmbedActor:
             )
         self.decode_memory_mb, self.s3 = decode_memory_mb, s3
         self._forward_lock = threading.Lock()  # forwards in series even when calls overlap (ACTOR_CONCURRENCY)
-        engine_ray.record_model_load()
+        ray_pool.record_model_load()
 
     def embed_item(self, item: dict) -> dict[str, np.ndarray]:
         """Read a work item's rows (plan_slices), decode and embed them: embed_rows's columns."""
@@ -100,8 +102,8 @@ class EmbedActor:
     def embed_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows (EMBED.needs columns) → their metadata, features (zeros where the image failed) and error
         ("" for an embedded image)."""
-        from m9.decode import decode_many
-        from m9.model import place
+        from m9.model.decode import decode_many
+        from m9.model.embedder import place
 
         inputs, errors = decode_many(list(rows["content"]), self.decode_memory_mb)
         with self._forward_lock:
@@ -311,7 +313,7 @@ def embed_batches(
     .onnx file m9 converted, or a Keras file to convert, or None for the verified conversion."""
     import ray
 
-    actor_cpus, threads = plan_resources(engine_ray.node_cpus(), actors)
+    actor_cpus, threads = plan_resources(ray_pool.node_cpus(), actors)
     model_kwargs: dict = {"weights_path": weights_path, "runtime": runtime}
     if runtime == "onnx":
         if not (weights_path and str(weights_path).endswith(".onnx")):
@@ -399,7 +401,7 @@ def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]
 
 
 def fingerprint(cfg: EmbedConfig, src: str) -> dict:
-    """Everything that determines embed's output for cfg (see m9.contract)."""
+    """Everything that determines embed's output for cfg (see m9.stages.contract)."""
     return contract.fingerprint(
         EMBED,
         cfg,
@@ -452,9 +454,9 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
     started = time.perf_counter()
     loads: list = []
     if pending:
-        with engine_ray.connect(cfg.ray_address):
+        with ray_pool.connect(cfg.ray_address):
             writer = _ShardWriter(out, expected)
-            counter = engine_ray.start_load_counter()
+            counter = ray_pool.start_load_counter()
             batches = embed_batches(
                 pending, cfg.actors, cfg.batch_size, weights_path, cfg.runtime, cfg.decode_memory_mb
             )

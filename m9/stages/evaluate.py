@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from m9 import contract, storage
 from m9.errors import InputError
+from m9.io import storage
+from m9.stages import contract
 
 log = logging.getLogger(__name__)
 

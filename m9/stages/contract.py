@@ -23,8 +23,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from m9 import __version__, storage
+from m9 import __version__
 from m9.errors import InputError
+from m9.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MANIFEST = "_m9.json"
 #: output is resumed only by a run with the same fingerprint.
 PENDING = "_m9.pending.json"
 
-#: The output's lock (see m9.lease).
+#: The output's lock (see m9.io.lease).
 LEASE = "_m9.lock"
 
 #: Names any stage may leave at the top of its output while it runs (its bookkeeping, Spark's and

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from m9 import contract, lease, storage
-from m9 import spark as m9spark
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
-from m9.contract import INGEST, Manifest
+from m9.engines import spark as m9spark
 from m9.errors import InputError
-from m9.progress import spark_tasks
+from m9.io import lease, storage
+from m9.stages import contract
+from m9.stages.contract import INGEST, Manifest
+from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
 

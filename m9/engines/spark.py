@@ -12,8 +12,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from m9 import quiet, storage
 from m9.errors import EngineError
+from m9.io import storage
+from m9.ui import quiet
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def configure_s3(spark, *uris: str) -> None:
     buckets = {uri.split("://", 1)[1].split("/", 1)[0] for uri in uris if storage.is_s3(uri)}
     if not buckets or _on_emr():  # EMRFS serves s3:// with the cluster's own settings and role
         return
-    from m9 import jars as m9jars
+    from m9.engines import jars as m9jars
 
     loaded = spark.sparkContext.getConf().get("spark.jars", "")
     if not any(name in loaded for name in m9jars.JARS):
@@ -227,7 +228,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
             .config("spark.driver.extraJavaOptions", log4j)
             .config("spark.executor.extraJavaOptions", log4j)
         )
-        from m9 import jars as m9jars
+        from m9.engines import jars as m9jars
 
         in_process = re.fullmatch(r"local(\[.*\])?", master or os.environ.get("M9_SPARK_MASTER") or DEFAULT_MASTER)
         s3a_jars = m9jars.fetch() if s3 else m9jars.cached() if in_process else None

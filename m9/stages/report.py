@@ -16,8 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9 import __version__, contract, storage
+from m9 import __version__
 from m9.errors import InputError
+from m9.io import storage
+from m9.stages import contract
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from m9 import storage
 from m9.errors import M9Error
+from m9.io import storage
 
 log = logging.getLogger(__name__)
 

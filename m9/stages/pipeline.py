@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
-from m9 import storage
 from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
-from m9.contract import EMBED, INGEST, REDUCE, Manifest
 from m9.errors import InputError, TooManyRejectedError
+from m9.io import storage
+from m9.stages.contract import EMBED, INGEST, REDUCE, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class RunConfig:
     """What `m9 run` reads and where it works; each stage's own options live in that stage's config.
 
     The stage configs' input and output are filled in by stage_configs() from the workdir's layout
-    (m9.contract: images/, embed/, reduce/), and overwrite from this config's.
+    (m9.stages.contract: images/, embed/, reduce/), and overwrite from this config's.
     """
 
     input: str
@@ -72,10 +72,10 @@ def run(cfg: RunConfig) -> RunResult:
     With too many rejected images (the embed config's max_errors) every stage still runs;
     TooManyRejectedError then carries the same result.
     """
-    from m9 import spark as m9spark
-    from m9.inference import embed
-    from m9.ingest import ingest
-    from m9.reduce import reduce
+    from m9.engines import spark as m9spark
+    from m9.stages.embed import embed
+    from m9.stages.ingest import ingest
+    from m9.stages.reduce import reduce
 
     ingest_cfg, embed_cfg, reduce_cfg = cfg.stage_configs()
     stages = [("ingest", ingest, ingest_cfg), ("embed", embed, embed_cfg), ("reduce", reduce, reduce_cfg)]
@@ -96,8 +96,8 @@ def run(cfg: RunConfig) -> RunResult:
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
     # Evaluate when the folders give labels to score (it says why not otherwise); no Spark needed.
-    from m9 import report
-    from m9.evaluate import EvaluateConfig, evaluate
+    from m9.stages import report
+    from m9.stages.evaluate import EvaluateConfig, evaluate
 
     workdir = storage.normalize(cfg.workdir)
     evaluation = None

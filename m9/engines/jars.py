@@ -10,7 +10,7 @@ from pathlib import Path
 
 from m9.config import cache_dir
 from m9.errors import EngineError
-from m9.pypi import download_pinned, sha256_file
+from m9.io.pypi import download_pinned, sha256_file
 
 log = logging.getLogger(__name__)
 

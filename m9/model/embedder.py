@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from m9.config import DEFAULT_RUNTIME, FEATURE_DIM, IMAGE_SIZE, RUNTIMES
-from m9.decode import BACKGROUND, DecodeError, _to_rgb, decode, decode_many  # noqa: F401 (re-exported)
+from m9.model.decode import BACKGROUND, DecodeError, _to_rgb, decode, decode_many  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def load_model(weights_path: str | None, threads: int | None = None, verify: boo
     else:
         model.load_weights(str(weights_path))
     if verify:
-        from m9 import weights
+        from m9.model import weights
 
         weights.verify(model)
     return model
@@ -102,8 +102,8 @@ class Embedder:
 
     @staticmethod
     def _onnx(weights_path, threads, verify, model_bytes, expected_sha256):
-        from m9 import ort
-        from m9 import weights as m9weights
+        from m9.model import ort
+        from m9.model import weights as m9weights
 
         if model_bytes is None:
             path = weights_path or m9weights.fetch_onnx()
@@ -120,7 +120,7 @@ class Embedder:
     @staticmethod
     def _keras(weights_path, threads, verify, arrays):
         if weights_path is None and arrays is None:
-            from m9 import weights as m9weights
+            from m9.model import weights as m9weights
 
             weights_path = str(m9weights.fetch())
         model = load_model(weights_path, threads, verify=verify, arrays=arrays)

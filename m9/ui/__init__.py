@@ -1,0 +1,1 @@
+"""What a person sees while m9 works: progress displays and the engines' console kept quiet."""
