@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 LOAD_COUNTER = "m9-model-loads"
 
 #: Object store for a local Ray: 2 GB holds many batches of image bytes and features, and leaves the
-#: rest of a laptop's memory to the TensorFlow actors.
+#: rest of a laptop's memory to the embed actors and their models.
 LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
 
 

@@ -25,7 +25,7 @@ MIN_JAVA = 17
 DEFAULT_MASTER = "local[*]"
 
 #: Driver memory for a local session: the PCA's 1280×1280 Gram matrix and a few batches of image bytes fit
-#: comfortably in 2 GB, which leaves most of a laptop's memory to TensorFlow.
+#: comfortably in 2 GB, which leaves most of a laptop's memory to the model.
 DEFAULT_DRIVER_MEMORY = "2g"
 
 #: s3a's retries of a failed S3 call (on top of the AWS SDK's own): Hadoop's default of 7 with a 500 ms

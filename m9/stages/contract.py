@@ -159,10 +159,12 @@ EMBED = Contract(
         ERRORS: pa.schema([*_META, ("error", pa.string())]),
     },
     files=(),
-    # weights: the file's checksum goes into the fingerprint, not its path (see embed_fingerprint).
+    # The model's identity (m9.model.spec.ModelSpec.identity) stands for these in the fingerprint:
+    # weights: the weights' checksum, not the file's path.
     # runtime: ONNX Runtime and Keras agree within 1e-4, not bit for bit, so a switch makes other features.
+    # precision: another number format gives other features.
     # decode_memory_mb: which images are rejected as too large.
-    changes_output=("weights", "runtime", "decode_memory_mb"),
+    changes_output=("weights", "runtime", "precision", "decode_memory_mb"),
     # batch size, actors and threads change how fast, not what (the model is deterministic per image).
     does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
 )
