@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from m9 import __version__
-from m9.config import DEFAULT_WORKDIR
+from m9.config import DEFAULT_WORKDIR, FEATURE_DIM
 from m9.errors import InputError
 from m9.io import storage
 
@@ -51,6 +52,37 @@ _META = [
     ("label", pa.string()),
     ("split", pa.string()),
 ]
+
+
+def vector_type(width: int) -> pa.DataType:
+    """A vector column: FixedSizeList<float32, width>. Arrow readers need no per-row lengths, Polars reads it
+    as Array(Float32, width), DuckDB over Arrow sees FLOAT[width] (array_cosine_similarity works; its own
+    Parquet reader sees FLOAT[] and takes `features::FLOAT[1280]`)."""
+    return pa.list_(pa.float32(), width)
+
+
+#: embed's features: MobileNetV2's pooled 1280 floats per image.
+FEATURES_TYPE = vector_type(FEATURE_DIM)
+
+
+def vectors(table: pa.Table, column: str) -> np.ndarray:
+    """A vector column as an (n, width) float32 matrix, from FixedSizeList or from the variable-length
+    lists earlier m9 versions wrote."""
+    values = table.column(column).combine_chunks() if table.num_rows else None
+    if values is None:
+        width = getattr(table.schema.field(column).type, "list_size", 0)
+        return np.zeros((0, max(width, 0)), np.float32)
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(table.num_rows, -1)
+
+
+def as_fixed(table: pa.Table, column: str) -> pa.Table:
+    """table with its vector column as FixedSizeList (variable-length lists of one width are cast)."""
+    kind = table.schema.field(column).type
+    if pa.types.is_fixed_size_list(kind):
+        return table
+    width = vectors(table.slice(0, 1), column).shape[1] if table.num_rows else 0
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, column, table.column(column).cast(vector_type(width)))
 
 
 @dataclass(frozen=True)
@@ -124,7 +156,7 @@ EMBED = Contract(
     reads="ingest",
     needs=("image_id", "path", "label", "split", "content"),
     writes={
-        EMBEDDINGS: pa.schema([*_META, ("features", pa.list_(pa.float32()))]),
+        EMBEDDINGS: pa.schema([*_META, ("features", FEATURES_TYPE)]),
         ERRORS: pa.schema([*_META, ("error", pa.string())]),
     },
     files=(),
@@ -144,11 +176,19 @@ REDUCE = Contract(
     folder="reduce",
     reads="embed",
     needs=("image_id", "path", "label", "split", "features"),
+    # pca is vector_type(k) as written (pca_schema); k is known only once the stage has chosen it.
     writes={PCA_DIR: pa.schema([*_META, ("pca", pa.list_(pa.float32()))])},
     files=(CSV_NAME, VARIANCE_NAME),
     changes_output=("k", "variance_target"),
     does_not_change_output=("overwrite",),
 )
+
+
+def pca_schema(k: int) -> pa.Schema:
+    """reduce's pca/ schema once k is chosen: the components as FixedSizeList<float32, k>."""
+    schema = REDUCE.writes[PCA_DIR]
+    return schema.set(schema.get_field_index("pca"), pa.field("pca", vector_type(k)))
+
 
 #: The spaces `m9 evaluate` scores kNN in, in the order it reports them: reduce's PCA components, embed's
 #: full features, and the raw grey pixels of the images (the baseline).

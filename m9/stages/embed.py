@@ -192,9 +192,7 @@ class _ShardWriter:
         good = pa.table(
             {
                 **{k: pa.array([v for v, keep in zip(vals, ok) if keep], pa.string()) for k, vals in meta.items()},
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM).cast(
-                    pa.list_(pa.float32())
-                ),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM),
             },
             schema=EMBEDDINGS_SCHEMA,
         )
