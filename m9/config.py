@@ -57,6 +57,10 @@ PRECISIONS = ("fp32",)
 #: reaches each of VARIANCE_THRESHOLDS, so a run says what k a threshold would need.
 DEFAULT_K = 50
 
+#: Neighbours that vote in `m9 evaluate`'s kNN classifier: 5 is scikit-learn's default and the usual first
+#: look; odd, so two labels cannot tie.
+DEFAULT_NEIGHBORS = 5
+
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 

