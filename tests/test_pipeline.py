@@ -251,7 +251,7 @@ def test_a_second_writer_of_the_same_output_is_refused(pipeline, tmp_path):
     from m9.cli import main
 
     out = tmp_path / "embed"
-    hold = "import sys, time\nfrom m9 import lease\nwith lease.hold(sys.argv[1], 'embed'):\n"
+    hold = "import sys, time\nfrom m9.io import lease\nwith lease.hold(sys.argv[1], 'embed'):\n"
     hold += "    print('held', flush=True)\n    time.sleep(600)\n"
     first = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
     try:
