@@ -189,7 +189,46 @@ def pca_schema(k: int) -> pa.Schema:
     return schema.set(schema.get_field_index("pca"), pa.field("pca", vector_type(k)))
 
 
-STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE)}
+#: Outputs of the duplicates stage.
+DUPLICATES_NAME, DUPLICATES_SUMMARY = "duplicates.parquet", "duplicates.json"
+
+DUPLICATES = Contract(
+    name="duplicates",
+    folder="duplicates",
+    reads="embed",
+    needs=("image_id", "path", "label", "split", "features"),
+    writes={
+        DUPLICATES_NAME: pa.schema(
+            [
+                ("group", pa.int64()),
+                *_META,
+                # exact: the same bytes (sha256) as the group's representative; near: similar features.
+                ("kind", pa.string()),
+                # cosine similarity of the features to the group's representative (1 for itself).
+                ("similarity", pa.float32()),
+                ("representative", pa.bool_()),
+            ]
+        )
+    },
+    files=(DUPLICATES_SUMMARY,),
+    changes_output=("threshold",),
+    does_not_change_output=("overwrite",),
+)
+
+INDEX = Contract(
+    name="index",
+    folder="index",
+    reads="embed",
+    needs=("image_id", "path", "label", "split", "features"),
+    # index-N.faiss (faiss's own format) beside rows-N.parquet (faiss id → image); the manifest names N.
+    writes={"rows-*.parquet": pa.schema([("id", pa.int64()), *_META])},
+    files=("index-*.faiss",),
+    # A new input is an update (added and removed images), not a change: see m9.neighbors.index.
+    changes_output=("kind",),
+    does_not_change_output=("overwrite",),
+)
+
+STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, DUPLICATES, INDEX)}
 
 #: A column only one stage writes, to say whose output a folder looks like.
 _SIGNATURES = (("features", "m9 embed"), ("pca", "m9 reduce"), ("content", "m9 ingest"))

@@ -11,7 +11,7 @@ from importlib import resources
 from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
 from m9.errors import InputError, TooManyRejectedError
 from m9.io import storage
-from m9.stages.contract import EMBED, INGEST, REDUCE, Manifest
+from m9.stages.contract import DUPLICATES, EMBED, INGEST, REDUCE, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class RunConfig:
     reduce: ReduceConfig = field(default_factory=lambda: ReduceConfig(input="", output=""))
 
     def stage_dir(self, name: str) -> str:
-        """The folder of stage `name` (ingest, embed, reduce) under the workdir."""
-        folder = {c.name: c.folder for c in (INGEST, EMBED, REDUCE)}[name]
+        """The folder of stage `name` (ingest, embed, reduce, duplicates) under the workdir."""
+        folder = {c.name: c.folder for c in (INGEST, EMBED, REDUCE, DUPLICATES)}[name]
         return storage.join(storage.normalize(self.workdir), folder)
 
     def stage_configs(self) -> tuple[IngestConfig, EmbedConfig, ReduceConfig]:
@@ -67,7 +67,8 @@ class RunResult:
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """All three stages; returns each stage's manifest and wall time.
+    """Ingest, embed, reduce, then duplicates, evaluate and the report; returns each stage's manifest and
+    wall time.
 
     With too many rejected images (the embed config's max_errors) every stage still runs;
     TooManyRejectedError then carries the same result.
@@ -95,6 +96,14 @@ def run(cfg: RunConfig) -> RunResult:
                 results[name], too_many = exc.result, exc
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
+    # Duplicates and leakage from the features (faiss, no Spark), before evaluate leaves leaked images out.
+    from m9.neighbors.duplicates import DuplicatesConfig, duplicates
+
+    started = time.perf_counter()
+    results["duplicates"] = duplicates(
+        DuplicatesConfig(input=cfg.stage_dir("embed"), output=cfg.stage_dir("duplicates"), overwrite=cfg.overwrite)
+    )
+    timings["duplicates"] = round(time.perf_counter() - started, 2)
     # Evaluate when the folders give labels to score (it says why not otherwise); no Spark needed.
     from m9.stages import report
     from m9.stages.evaluate import EvaluateConfig, evaluate
