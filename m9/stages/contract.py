@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from m9 import __version__
-from m9.config import FEATURE_DIM
+from m9.config import DEFAULT_WORKDIR, FEATURE_DIM
 from m9.errors import InputError
 from m9.io import storage
 
@@ -159,10 +160,12 @@ EMBED = Contract(
         ERRORS: pa.schema([*_META, ("error", pa.string())]),
     },
     files=(),
-    # weights: the file's checksum goes into the fingerprint, not its path (see embed_fingerprint).
+    # The model's identity (m9.model.spec.ModelSpec.identity) stands for these in the fingerprint:
+    # weights: the weights' checksum, not the file's path.
     # runtime: ONNX Runtime and Keras agree within 1e-4, not bit for bit, so a switch makes other features.
+    # precision: another number format gives other features.
     # decode_memory_mb: which images are rejected as too large.
-    changes_output=("weights", "runtime", "decode_memory_mb"),
+    changes_output=("weights", "runtime", "precision", "decode_memory_mb"),
     # batch size, actors and threads change how fast, not what (the model is deterministic per image).
     does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
 )
@@ -228,7 +231,57 @@ INDEX = Contract(
     does_not_change_output=("overwrite",),
 )
 
-STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, DUPLICATES, INDEX)}
+#: The spaces `m9 evaluate` scores kNN in, in the order it reports them: reduce's PCA components, embed's
+#: full features, and the raw grey pixels of the images (the baseline).
+PCA_SPACE, FULL_SPACE, RAW_SPACE = "pca", "full", "raw"
+SPACES = (PCA_SPACE, FULL_SPACE, RAW_SPACE)
+
+#: The file `m9 evaluate` writes.
+EVALUATE_NAME = "evaluate.json"
+
+EVALUATE = Contract(
+    name="evaluate",
+    folder="evaluate",
+    # A reduce output, or an embed output (then without the PCA space).
+    reads="reduce",
+    needs=("image_id", "label", "split", "pca"),
+    writes={},
+    files=(EVALUATE_NAME,),
+    changes_output=("neighbors",),
+    does_not_change_output=("overwrite",),
+)
+
+#: The report's page, and the figures written beside it as PNGs.
+REPORT_NAME = "report.html"
+FIGURES = ("scree", "scatter", "neighbours", "evaluate")
+
+REPORT = Contract(
+    name="report",
+    folder="report",
+    reads="evaluate",
+    needs=(),
+    writes={},
+    # duplicates.png: the largest groups of duplicates, when the workdir has a duplicates output.
+    files=(REPORT_NAME, *(f"{name}.png" for name in FIGURES), "duplicates.png"),
+    changes_output=(),
+    does_not_change_output=("overwrite",),
+)
+
+#: The record `m9 run` writes at the top of its workdir (timings, machine), read by the report.
+RUN_RECORD = "run.json"
+
+STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, DUPLICATES, INDEX, EVALUATE, REPORT)}
+
+
+#: `m9 bench`'s folder under the default workdir (it is not a stage of `m9 run`).
+BENCH_DIR = "bench"
+
+
+def default_output(stage: Contract | str) -> str:
+    """Where a stage (or `m9 bench`, BENCH_DIR) writes when run alone with no --output: its folder under the
+    default workdir."""
+    return os.path.join(DEFAULT_WORKDIR, stage if isinstance(stage, str) else stage.folder)
+
 
 #: A column only one stage writes, to say whose output a folder looks like.
 _SIGNATURES = (("features", "m9 embed"), ("pca", "m9 reduce"), ("content", "m9 ingest"))
