@@ -31,21 +31,26 @@ def output_dir(workdir: str, folder: str) -> str:
 def embed_image(path: str, embed_dir: str) -> np.ndarray:
     """A query image's unit-length features, through the decode and model path embed took for embed_dir
     (its runtime, the verified weights). InputError for a file that is not an image m9 can read."""
-    from m9.model import weights as m9weights
     from m9.model.embedder import Embedder
+    from m9.model.spec import resolve_model
 
     file = Path(path)
     if not file.is_file():
         raise InputError(f"--image {path}: no such file")
     manifest = contract.read_manifest(embed_dir)
-    runtime = manifest.details.get("runtime", "onnx") if manifest else "onnx"
-    made_with = manifest.fingerprint.get("weights") if manifest else None
-    if made_with and made_with != m9weights.identity(None):
+    made = manifest.fingerprint if manifest else {}
+    model = resolve_model(
+        runtime=made.get("runtime", "onnx"),
+        precision=made.get("precision", "fp32"),
+        decode_memory_mb=made.get("decode_memory_mb", 2048),
+    )
+    differs = [k for k, v in model.identity().items() if k in made and made[k] != v]
+    if differs:
         raise InputError(
-            f"the features in {embed_dir} were made with other weights than the verified ImageNet ones; "
-            f"search them by --id"
+            f"the features in {embed_dir} were made with another model ({', '.join(differs)} differ from the "
+            f"verified weights'); search them by --id"
         )
-    embedder = Embedder(runtime=runtime, threads=None, batch_size=1)
+    embedder = Embedder(model, batch_size=1)
     values, errors = embedder.embed([file.read_bytes()])
     if errors[0] is not None:
         raise InputError(f"--image {path} is not an image m9 can read: {errors[0]}")
