@@ -199,3 +199,5 @@ def test_run_prints_a_summary(pipeline, tmp_path, ray_local):
     assert "embedded          240" in result.output
     assert "rejected          3" in result.output
     assert "model loads       2" in result.output
+    assert "duplicates        " in result.output and "cross the Training/Test split" in result.output
+    assert (tmp_path / "w" / "duplicates" / "duplicates.parquet").exists()

@@ -1,7 +1,8 @@
 """The `m9` command: a thin click layer over the stage functions; only this package prints.
 
 `main` is the group (the global options); the commands live by role in options.py (what they share),
-stages.py (one stage each), run.py (`m9 run`), assets.py (weights, jars, data) and bench.py.
+stages.py (one stage each), neighbors.py (duplicates, index, search), run.py (`m9 run`), assets.py
+(weights, jars, data) and bench.py.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
 
 
 def _add_commands() -> None:
-    from m9.cli import assets, bench, run, stages
+    from m9.cli import assets, bench, neighbors, run, stages
 
-    for module in (stages, run, assets, bench):
+    for module in (stages, neighbors, run, assets, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from m9.cli.neighbors import duplicates_line, without_leaked
 from m9.cli.options import (
     RUN_OPTIONS,
     config_fields,
@@ -24,7 +25,7 @@ from m9.cli.stages import evaluate_summary, ignored, k_summary
 @overwrite_opt
 @user_errors
 def run(input_, workdir, overwrite, **settings):
-    """Ingest, embed, reduce, evaluate and report in a row, then print a summary.
+    """Ingest, embed, reduce, duplicates, evaluate and report in a row, then print a summary.
 
     Example: m9 run --input ~/fruits-360 --workdir m9-out --actors 2 --k 50
     """
@@ -51,11 +52,14 @@ def run(input_, workdir, overwrite, **settings):
         f"  model loads       {emb['model_loads']}",
         f"  variance          {100 * red['total_explained']:.1f} % by {k_summary(red)}  "
         f"(thresholds reached: {reached})",
-        f"  outputs           {cfg.stage_dir('ingest')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}",
+        f"  duplicates        {duplicates_line(st['duplicates'].counts)}",
+        f"  outputs           {cfg.stage_dir('ingest')}, {cfg.stage_dir('embed')}, {cfg.stage_dir('reduce')}, "
+        f"{cfg.stage_dir('duplicates')}",
         "  wall time (s)     " + ", ".join(f"{n} {t}" for n, t in result.wall_s.items()),
     ]
     if result.evaluation:
         lines.append(f"  kNN accuracy      {evaluate_summary(result.evaluation)}  ({result.evaluation['protocol']})")
+        lines += without_leaked(result.evaluation)
     lines.append(f"  report            {result.report}")
     click.echo("\n".join(lines))
     if too_many:

@@ -152,6 +152,10 @@ def evaluate(input_, output, neighbors):
         f"evaluate: {neighbors}-NN accuracy of the label on {result['counts']['scored']} images "
         f"({result['protocol']}): {evaluate_summary(result)}; details in {output}/{contract.EVALUATE_NAME}"
     )
+    from m9.cli.neighbors import without_leaked
+
+    for line in without_leaked(result):
+        click.echo(line)
 
 
 _READ = [f"{c.folder}/" for c in (contract.INGEST, contract.EMBED, contract.REDUCE, contract.EVALUATE)]

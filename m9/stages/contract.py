@@ -192,6 +192,45 @@ def pca_schema(k: int) -> pa.Schema:
     return schema.set(schema.get_field_index("pca"), pa.field("pca", vector_type(k)))
 
 
+#: Outputs of the duplicates stage.
+DUPLICATES_NAME, DUPLICATES_SUMMARY = "duplicates.parquet", "duplicates.json"
+
+DUPLICATES = Contract(
+    name="duplicates",
+    folder="duplicates",
+    reads="embed",
+    needs=("image_id", "path", "label", "split", "features"),
+    writes={
+        DUPLICATES_NAME: pa.schema(
+            [
+                ("group", pa.int64()),
+                *_META,
+                # exact: the same bytes (sha256) as the group's representative; near: similar features.
+                ("kind", pa.string()),
+                # cosine similarity of the features to the group's representative (1 for itself).
+                ("similarity", pa.float32()),
+                ("representative", pa.bool_()),
+            ]
+        )
+    },
+    files=(DUPLICATES_SUMMARY,),
+    changes_output=("threshold",),
+    does_not_change_output=("overwrite",),
+)
+
+INDEX = Contract(
+    name="index",
+    folder="index",
+    reads="embed",
+    needs=("image_id", "path", "label", "split", "features"),
+    # index-N.faiss (faiss's own format) beside rows-N.parquet (faiss id → image); the manifest names N.
+    writes={"rows-*.parquet": pa.schema([("id", pa.int64()), *_META])},
+    files=("index-*.faiss",),
+    # A new input is an update (added and removed images), not a change: see m9.neighbors.index.
+    changes_output=("kind",),
+    does_not_change_output=("overwrite",),
+)
+
 #: The spaces `m9 evaluate` scores kNN in, in the order it reports them: reduce's PCA components, embed's
 #: full features, and the raw grey pixels of the images (the baseline).
 PCA_SPACE, FULL_SPACE, RAW_SPACE = "pca", "full", "raw"
@@ -222,7 +261,8 @@ REPORT = Contract(
     reads="evaluate",
     needs=(),
     writes={},
-    files=(REPORT_NAME, *(f"{name}.png" for name in FIGURES)),
+    # duplicates.png: the largest groups of duplicates, when the workdir has a duplicates output.
+    files=(REPORT_NAME, *(f"{name}.png" for name in FIGURES), "duplicates.png"),
     changes_output=(),
     does_not_change_output=("overwrite",),
 )
@@ -230,7 +270,7 @@ REPORT = Contract(
 #: The record `m9 run` writes at the top of its workdir (timings, machine), read by the report.
 RUN_RECORD = "run.json"
 
-STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, EVALUATE, REPORT)}
+STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, DUPLICATES, INDEX, EVALUATE, REPORT)}
 
 
 #: `m9 bench`'s folder under the default workdir (it is not a stage of `m9 run`).

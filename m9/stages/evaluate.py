@@ -131,6 +131,27 @@ def scores(true: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     }
 
 
+def _without_leaked(embed_dir: str, frame, spaces: dict, labels: np.ndarray, folds, neighbors: int) -> dict | None:
+    """The accuracy with the leaked Test images (in a duplicate group with a Training image, per the
+    workdir's `m9 duplicates` output) left out; None without such an output or a Training/Test split."""
+    from m9.neighbors import duplicates
+
+    found = duplicates.for_embed(embed_dir)
+    if found is None or len(folds) != 1:
+        return None
+    leaked = duplicates.leaked_test_ids(duplicates.read_output(found))
+    train, test = folds[0]
+    kept = test[~np.isin(frame["image_id"].to_numpy(str)[test], sorted(leaked))]
+    honest = {"duplicates": found, "leaked_test_images": len(test) - len(kept), "scored": len(kept), "accuracy": {}}
+    if len(kept) == 0:
+        return honest
+    for name in contract.SPACES:
+        if name in spaces:
+            true, pred = knn_predict(spaces[name], labels, [(train, kept)], neighbors)
+            honest["accuracy"][name] = float(np.mean(true == pred))
+    return honest
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """kNN accuracy of the label in each space; writes evaluate.json under cfg.output and returns it."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
@@ -176,6 +197,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         true, pred = knn_predict(spaces[name], labels, folds, cfg.neighbors)
         result["spaces"][name] = scores(true, pred, names)
         result["accuracy"][name] = result["spaces"][name]["accuracy"]
+    honest = _without_leaked(folders["embed"], frame, spaces, labels, folds, cfg.neighbors)
+    if honest:
+        result["without_leaked"] = honest
     storage.makedirs(out)
     storage.write_json(storage.join(out, contract.EVALUATE_NAME), result)
     log.info(

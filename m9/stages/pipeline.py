@@ -107,6 +107,14 @@ def run(cfg: RunConfig) -> RunResult:
                 results[name], too_many = exc.result, exc
             timings[name] = round(time.perf_counter() - started, 2)
             log.info("%s done in %.1f s", name, timings[name])
+    # Duplicates and leakage from the features (faiss, no Spark), before evaluate leaves leaked images out.
+    from m9.neighbors.duplicates import DuplicatesConfig, duplicates
+
+    started = time.perf_counter()
+    results["duplicates"] = duplicates(
+        DuplicatesConfig(input=cfg.stage_dir("embed"), output=cfg.stage_dir("duplicates"), overwrite=cfg.overwrite)
+    )
+    timings["duplicates"] = round(time.perf_counter() - started, 2)
     # Evaluate when the folders give labels to score (it says why not otherwise); no Spark needed.
     from m9.stages import report
     from m9.stages.evaluate import EvaluateConfig, evaluate

@@ -259,6 +259,94 @@ def _neighbour_rows(pca, x: np.ndarray, images_dir: str | None) -> list[dict]:
     return rows
 
 
+def duplicates_section(work: str, images_dir: str | None, out: str) -> list[str]:
+    """The report's Duplicates section from the workdir's `m9 duplicates` output: groups, images, groups
+    crossing the Training/Test split per label, and thumbnails of the largest groups (also duplicates.png);
+    nothing when there is no such output."""
+    from m9.neighbors import duplicates as dup
+
+    folder = storage.join(work, contract.DUPLICATES.folder)
+    summary = storage.read_json(storage.join(folder, contract.DUPLICATES_SUMMARY))
+    if summary is None or contract.read_manifest(folder) is None:
+        return []
+    parts = ["<h2>Duplicates and Training/Test leakage (m9 duplicates)</h2>"]
+    parts.append(
+        _table(
+            [
+                ("images", summary["images"]),
+                ("groups of duplicates", summary["groups"]),
+                ("images in them", summary["images_in_groups"]),
+                ("exact (same bytes)", summary["exact_images"]),
+                ("near (cosine ≥ threshold)", summary["near_images"]),
+                ("threshold", summary["threshold"]),
+                ("groups crossing the Training/Test split", summary["crossing_groups"]),
+                ("Test images leaked (in such a group)", summary["leaked_test_images"]),
+                ("groups with more than one label", summary["groups_with_mixed_labels"]),
+            ]
+        )
+    )
+    by_label = summary["crossing_groups_by_label"]
+    if by_label:
+        parts.append("<h3>Groups crossing the split, per label</h3>")
+        parts.append(_table(list(by_label.items()), ("label", "groups")))
+    table = dup.read_output(folder)
+    largest = [g["group"] for g in summary["largest_groups"]]
+    if not largest:
+        return parts + ["<p>No duplicates.</p>"]
+    rows = [r for r in table.to_pylist() if r["group"] in largest]
+    shown = {g: [r for r in rows if r["group"] == g][:8] for g in largest}
+    per_row = max(len(members) for members in shown.values())
+    thumbs = {}
+    if images_dir and storage.exists(images_dir):
+        wanted = {r["image_id"] for members in shown.values() for r in members}
+        for image_id, content in _contents(images_dir, wanted):
+            try:
+                thumbs[image_id] = _thumb(content)
+            except Exception:  # noqa: BLE001 - a thumbnail that will not decode is drawn as a blank
+                thumbs[image_id] = None
+    figure_rows = [
+        {
+            "images": [
+                (thumbs.get(r["image_id"]), f"{r['split']} {r['similarity']:.2f}", 0.0 if r["representative"] else 1.0)
+                for r in members
+            ]
+        }
+        for members in shown.values()
+    ]
+    png = _groups_figure(figure_rows, per_row)
+    storage.write_bytes_atomic(storage.join(out, "duplicates.png"), png)
+    parts.append("<h3>The largest groups</h3>")
+    parts.append(
+        "<p class=note>One row per group, its representative first (black frame); each image's split and "
+        "cosine similarity to the representative.</p>"
+    )
+    parts.append(_img(png, "the largest groups of duplicates"))
+    return parts
+
+
+def _groups_figure(rows: list[dict], per_row: int) -> bytes:
+    cell, pad, top = THUMB_PX + 8, 4, 18
+    mosaic = np.full((len(rows) * (cell + top), per_row * cell, 3), 255, np.uint8)
+    captions = []
+    for r, row in enumerate(rows):
+        for c, (image, caption, other) in enumerate(row["images"]):
+            y, x = r * (cell + top) + top, c * cell
+            colour = (0, 0, 0) if not other else (120, 120, 120)
+            mosaic[y : y + cell - pad, x : x + cell - pad] = colour
+            if image is not None:
+                h, w = image.shape[:2]
+                oy, ox = y + (cell - pad - h) // 2, x + (cell - pad - w) // 2
+                mosaic[oy : oy + h, ox : ox + w] = image[..., :3]
+            captions.append((x + (cell - pad) / 2, y - 3, caption))
+    fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest")
+    for x, y, text in captions:
+        ax.text(x, y, text, ha="center", va="bottom", fontsize=6)
+    ax.set_axis_off()
+    return _png(fig)
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1000px;
 color:#222;padding:0 1em}
@@ -384,6 +472,7 @@ def report(workdir: str) -> str:
         "(Euclidean distance: label); green frame = same label as the query, red = another.</p>"
     )
     parts.append(_img(*figures["neighbours"]))
+    parts += duplicates_section(work, dirs["images"], out)
     if evaluation:
         parts.append("<h2>Are the features any good? (m9 evaluate)</h2>")
         parts.append(

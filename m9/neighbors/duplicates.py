@@ -1,0 +1,264 @@
+"""Duplicates: exact (the same bytes) and near (cosine similarity of the features above a threshold), grouped,
+and the groups that cross the Training/Test split (leakage)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from m9.config import DEFAULT_THRESHOLD
+from m9.errors import InputError
+from m9.io import lease, storage
+from m9.neighbors import features
+from m9.neighbors import index as m9index
+from m9.stages import contract
+from m9.stages.contract import DUPLICATES, DUPLICATES_NAME, DUPLICATES_SUMMARY, Manifest
+
+log = logging.getLogger(__name__)
+
+#: The near-duplicate threshold (m9.config, where its measurement is given).
+DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
+
+#: IVF cells a near-duplicate search scans per image when the set is too large for exact search: a near
+#: copy (cosine ≥ 0.9) falls in its original's cell or the next; 4 found every planted copy among 1,000,000.
+DUPLICATE_NPROBE = 4
+
+#: Images per block of the exact search (a block × n similarity matrix at a time).
+BLOCK = 4096
+
+#: Groups drawn in the report, largest first; groups whose medoid is computed (past it, the first member).
+LARGEST_GROUPS, MEDOID_MAX = 6, 2000
+
+SCHEMA = DUPLICATES.writes[DUPLICATES_NAME]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DuplicatesConfig:
+    """What `m9 duplicates` reads (a workdir or an embed output), where it writes, its threshold."""
+
+    input: str
+    output: str
+    threshold: float = DEFAULT_THRESHOLD
+    overwrite: bool = False
+
+
+def near_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of every pair i < j of unit rows whose cosine similarity is at least threshold:
+    exact search up to m9index.EXACT_MAX rows, else an IVF range search over DUPLICATE_NPROBE cells."""
+    import faiss
+
+    n = len(x)
+    if n <= m9index.EXACT_MAX:
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+    else:
+        cells = m9index.cells_for(n)
+        index = m9index.new_index("ivf", x.shape[1], m9index.training_sample(x, cells), cells)
+        m9index.add(index, x, np.arange(n, dtype=np.int64))
+        index.nprobe = DUPLICATE_NPROBE
+    found_i, found_j, found_s = [], [], []
+    for start in range(0, n, BLOCK):
+        lims, sims, ids = index.range_search(np.ascontiguousarray(x[start : start + BLOCK]), float(threshold))
+        rows = np.repeat(np.arange(start, min(n, start + BLOCK)), np.diff(lims).astype(np.int64))
+        keep = ids > rows
+        found_i.append(rows[keep])
+        found_j.append(ids[keep])
+        found_s.append(sims[keep])
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
+
+
+def exact_pairs(hashes: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j): each image whose bytes another image already has, paired with the first that has them."""
+    first: dict[str, int] = {}
+    i, j = [], []
+    for row, digest in enumerate(hashes):
+        if digest is None:
+            continue
+        if digest in first:
+            i.append(first[digest])
+            j.append(row)
+        else:
+            first[digest] = row
+    return np.asarray(i, np.int64), np.asarray(j, np.int64)
+
+
+def groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected component of each of n items joined by the pairs (i, j); -1 for an item in no pair."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(i) == 0:
+        return np.full(n, -1, np.int64)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component)
+    component = np.where(sizes[component] >= 2, component, -1)
+    # Number groups 0, 1, … largest first (ties: by first member), so group 0 is the largest.
+    members = np.flatnonzero(component >= 0)
+    labels, first, counts = np.unique(component[members], return_index=True, return_counts=True)
+    order = np.lexsort((members[first], -counts))
+    renumber = np.full(component.max() + 1, -1, np.int64)
+    renumber[labels[order]] = np.arange(len(order))
+    return np.where(component >= 0, renumber[np.maximum(component, 0)], -1)
+
+
+def find(meta: pa.Table, x: np.ndarray, hashes: list[str | None], threshold: float) -> pa.Table:
+    """One row per image in a group of two or more (SCHEMA), sorted by group then similarity."""
+    ni, nj, _ = near_pairs(x, threshold)
+    ei, ej = exact_pairs(hashes)
+    group = groups(len(x), np.concatenate([ni, ei]), np.concatenate([nj, ej]))
+    members = np.flatnonzero(group >= 0)
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for row in members[np.argsort(group[members], kind="stable")]:
+        by_group[int(group[row])].append(int(row))
+    splits = meta.column("split").to_pylist()
+    out: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for g, rows in by_group.items():
+        rows_arr = np.asarray(rows)
+        if len(rows) <= MEDOID_MAX:
+            sims = x[rows_arr] @ x[rows_arr].T
+            # The medoid: most similar on average to the others; ties go to a Training image, then the first.
+            score = np.round(sims.mean(axis=1), 6) + 1e-7 * np.asarray([splits[r] == "Training" for r in rows])
+            rep = rows[int(np.argmax(score))]
+        else:
+            rep = rows[0]
+        similarity = x[rows_arr] @ x[rep]
+        twins = Counter(hashes[r] for r in rows if hashes[r] is not None)
+        for row, sim in sorted(zip(rows, similarity), key=lambda p: (p[0] != rep, -p[1], p[0])):
+            same_bytes = hashes[row] is not None and (
+                hashes[row] == hashes[rep] if row != rep else twins[hashes[rep]] > 1
+            )
+            out["group"].append(g)
+            for c in features.META:
+                out[c].append(meta.column(c)[row].as_py())
+            out["kind"].append("exact" if same_bytes else "near")
+            out["similarity"].append(1.0 if row == rep or same_bytes else float(min(1.0, sim)))
+            out["representative"].append(row == rep)
+    return pa.table(out, schema=SCHEMA)
+
+
+def summarize(table: pa.Table, images: int, threshold: float) -> dict:
+    """Counts of duplicates.json: groups, images, kinds, and the groups crossing the Training/Test split
+    (per label), with the Test images in them (leaked: a Training image has the same or a near copy)."""
+    rows = table.to_pylist()
+    by_group: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_group[r["group"]].append(r)
+    crossing, per_label, leaked, mixed = [], Counter(), [], 0
+    for g, members in by_group.items():
+        splits = {m["split"] for m in members}
+        rep = next(m for m in members if m["representative"])
+        if len({m["label"] for m in members}) > 1:
+            mixed += 1
+        if {"Training", "Test"} <= splits:
+            crossing.append(g)
+            per_label[str(rep["label"])] += 1
+            leaked += [m["image_id"] for m in members if m["split"] == "Test"]
+    largest = sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:LARGEST_GROUPS]
+    return {
+        "threshold": threshold,
+        "images": images,
+        "groups": len(by_group),
+        "images_in_groups": len(rows),
+        "exact_images": sum(r["kind"] == "exact" for r in rows),
+        "near_images": sum(r["kind"] == "near" for r in rows),
+        "groups_with_mixed_labels": mixed,
+        "crossing_groups": len(crossing),
+        "crossing_groups_by_label": dict(sorted(per_label.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "leaked_test_images": len(leaked),
+        "largest_groups": [
+            {
+                "group": g,
+                "images": len(by_group[g]),
+                "labels": dict(Counter(str(m["label"]) for m in by_group[g])),
+                "splits": dict(Counter(str(m["split"]) for m in by_group[g])),
+            }
+            for g in largest
+        ],
+    }
+
+
+def leaked_test_ids(table: pa.Table) -> set[str]:
+    """Test images in a group that also holds a Training image."""
+    by_group: dict[int, set[str]] = defaultdict(set)
+    for g, split in zip(table.column("group").to_pylist(), table.column("split").to_pylist()):
+        by_group[g].add(split)
+    crossing = {g for g, s in by_group.items() if {"Training", "Test"} <= s}
+    return {
+        image_id
+        for g, split, image_id in zip(
+            table.column("group").to_pylist(), table.column("split").to_pylist(), table.column("image_id").to_pylist()
+        )
+        if g in crossing and split == "Test"
+    }
+
+
+def read_output(out: str) -> pa.Table:
+    fs, path = storage.filesystem(storage.join(out, DUPLICATES_NAME))
+    return pq.read_table(path, filesystem=fs)
+
+
+def for_embed(embed_dir: str) -> str | None:
+    """The finished duplicates output made from this embed output in the same workdir, if there is one."""
+    parent = embed_dir.rstrip("/").rsplit("/", 1)[0] if "/" in embed_dir.rstrip("/") else "."
+    out = storage.join(parent, DUPLICATES.folder)
+    manifest = contract.read_manifest(out)
+    if manifest is None or manifest.stage != DUPLICATES.name:
+        return None
+    return out if storage.normalize(manifest.input) == storage.normalize(embed_dir) else None
+
+
+def duplicates(cfg: DuplicatesConfig) -> Manifest:
+    """Find the exact and near duplicates among the features under cfg.input; write duplicates.parquet
+    and duplicates.json into cfg.output."""
+    if not 0 < cfg.threshold <= 1:
+        raise InputError(f"--threshold {cfg.threshold}: expected a cosine similarity above 0 and at most 1")
+    folders = features.locate(cfg.input)
+    out = storage.normalize(cfg.output)
+    storage.check_access(read=folders.embed, write=out)
+    files = features.embeddings_files(folders.embed)
+    if files:
+        contract.check_columns(DUPLICATES, folders.embed, files[0])
+    contract.check_not_a_file(out)
+    print_ = contract.fingerprint(DUPLICATES, cfg, contract.input_identity(folders.embed))
+    with lease.hold(out, DUPLICATES.name):
+        done = contract.prepare(DUPLICATES, out, print_, cfg.overwrite)
+        if done is not None:
+            log.info("duplicates: %s already holds this input's output; skipping", out)
+            return done
+        started = time.perf_counter()
+        meta, x = features.read(folders.embed)
+        known = features.read_hashes(folders.images)
+        hashes = [known.get(i) for i in meta.column("image_id").to_pylist()]
+        read_s = time.perf_counter() - started
+        table = find(meta, x, hashes, cfg.threshold)
+        summary = summarize(table, len(x), cfg.threshold)
+        summary["exact_by_bytes"] = bool(known)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="snappy")
+        storage.write_bytes_atomic(storage.join(out, DUPLICATES_NAME), buf.getvalue().to_pybytes())
+        storage.write_json(storage.join(out, DUPLICATES_SUMMARY), summary)
+        wall = time.perf_counter() - started
+        log.info(
+            "duplicates: %d groups of %d images among %d (%d cross the Training/Test split), %.1f s",
+            summary["groups"],
+            summary["images_in_groups"],
+            len(x),
+            summary["crossing_groups"],
+            wall,
+        )
+        counts = {k: summary[k] for k in ("images", "groups", "images_in_groups", "crossing_groups")}
+        counts["leaked_test_images"] = summary["leaked_test_images"]
+        details = {"threshold": cfg.threshold, "read_s": round(read_s, 2), "wall_s": round(wall, 2)}
+        return contract.write_manifest(
+            out,
+            Manifest(stage=DUPLICATES.name, input=folders.embed, fingerprint=print_, counts=counts, details=details),
+        )
