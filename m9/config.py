@@ -48,10 +48,18 @@ RUNTIMES = ("onnx", "keras")
 #: actor, without TensorFlow in the actors (README, Runtimes).
 DEFAULT_RUNTIME = "onnx"
 
+#: Number formats the model can run in, the default first. "fp32": the weights as trained, on every
+#: runtime (the features every runtime agrees on within 1e-4).
+PRECISIONS = ("fp32",)
+
 #: Components kept by `m9 reduce`: the seed's choice. It keeps 83.7 % of the variance on the bundled sample
 #: (240 images) and 67.3 % on 10,000 Fashion-MNIST images, not 90 %; variance.json names the smallest k that
 #: reaches each of VARIANCE_THRESHOLDS, so a run says what k a threshold would need.
 DEFAULT_K = 50
+
+#: Neighbours that vote in `m9 evaluate`'s kNN classifier: 5 is scikit-learn's default and the usual first
+#: look; odd, so two labels cannot tie.
+DEFAULT_NEIGHBORS = 5
 
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
@@ -146,6 +154,8 @@ class EmbedConfig:
     max_errors: int | float | None = None
     #: Which runtime runs the forward pass (RUNTIMES); features agree within 1e-4 on photographs.
     runtime: str = DEFAULT_RUNTIME
+    #: The number format the model runs in (PRECISIONS); part of the model's identity.
+    precision: str = PRECISIONS[0]
     #: MB one image's decode may take; a larger image is rejected with a reason (changes the output).
     decode_memory_mb: int = DEFAULT_DECODE_MEMORY
 

@@ -30,3 +30,13 @@ class TooManyRejectedError(M9Error):
 
 class StorageError(M9Error):
     """An S3 bucket or prefix cannot be reached, read or written (missing bucket, refused credentials)."""
+
+
+def first_line(exc: BaseException, named: bool = False) -> str:
+    """The first line of exc's message (a library's message may go on for pages), or its type's name when
+    the message is empty; named=True puts the type's name before the line (`OSError: broken data stream`)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if named else line

@@ -15,6 +15,7 @@ from m9.bench.report import decode_bound, targets
 from m9.bench.run import engine_order
 from m9.cli import main
 from m9.errors import InputError
+from m9.model.spec import ModelSpec
 from tests.conftest import SAMPLE
 
 #: Few images, one ceiling layout, no session search, one knobs round: the point is that every engine runs
@@ -44,6 +45,9 @@ RUNTIME_OF = {
     "spark-udf-defaults": "keras",
     "spark-predict": "onnx",
 }
+
+#: A resolved model as the knobs check sees it: only its runtime and precision matter there.
+ONNX = ModelSpec(runtime="onnx", precision="fp32", data=b"", sha256="0" * 64, source="m.onnx", weights="w")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ def test_knobs_section(result):
     knobs = result["result"]["knobs"]
     assert knobs["runtime"] == "onnx"
     # The default is what m9 embed would run here; the search had one layout, (1, 1) at batch 8.
-    assert knobs["default"] == default_setting(BenchConfig(), "onnx").row()
+    assert knobs["default"] == default_setting(BenchConfig(), ONNX).row()
     assert (knobs["best"]["processes"], knobs["best"]["threads"], knobs["best"]["batch_size"]) == (1, 1, 8)
     assert knobs["default_img_per_s"] > 0 and knobs["best_img_per_s"] > 0
     assert knobs["ratio"] == pytest.approx(knobs["default_img_per_s"] / knobs["best_img_per_s"], abs=1e-3)
@@ -203,18 +207,18 @@ def _row(processes, threads, batch, rate, session_threads=None):
 def test_knobs_from_the_search_without_rounds():
     """No rounds: the ratio is the default's own search rate over the best's; no processes start."""
     cfg = BenchConfig(actors=2, batch_size=16, knobs_rounds=0)
-    default = default_setting(cfg, "onnx")
+    default = default_setting(cfg, ONNX)
     search = [
         _row(1, 2, 16, 100.0),
         _row(default.processes, default.threads, 16, 96.0),
         _row(default.processes, default.threads, 32, 80.0),
     ]
-    knobs = check_knobs(cfg, "onnx", search, [], lambda line: None)
+    knobs = check_knobs(cfg, ONNX, search, [], lambda line: None)
     assert knobs["default"]["batch_size"] == 16 and knobs["best"]["processes"] == 1
     assert knobs["ratio"] == pytest.approx(0.96)
     assert knobs["within_tolerance"] is True
     search[1]["img_per_s"] = 90.0
-    assert check_knobs(cfg, "onnx", search, [], lambda line: None)["within_tolerance"] is False
+    assert check_knobs(cfg, ONNX, search, [], lambda line: None)["within_tolerance"] is False
 
 
 def test_targets_compare_ray_with_each_bar():
@@ -235,8 +239,9 @@ def test_embed_stamped_keeps_rows_in_place(weights_path, runtime):
 
     good = sorted(SAMPLE.rglob("*.jpg"))[:3]
     contents = [good[0].read_bytes(), b"not an image", good[1].read_bytes(), good[2].read_bytes()]
-    path = str(weights_path) if runtime == "keras" else None
-    embedder = Embedder(path, runtime=runtime, threads=1, batch_size=2)
+    from m9.model.spec import resolve_model
+
+    embedder = Embedder(resolve_model(runtime=runtime), threads=1, batch_size=2)
     features, done_at = _embed_stamped(embedder, contents)
     expected, errors = embedder.embed(contents)
     assert errors[1] is not None and errors[0] is errors[2] is errors[3] is None
@@ -251,11 +256,13 @@ def test_the_knobs_timing_with_decode_counts_the_images_it_decoded_and_forwarded
     """time_group with_decode (how the knobs check times a setting as an actor runs it): each process decodes
     its share batch by batch inside the timed loop; a broken image is skipped, not counted."""
     from m9.bench.ceiling import default_session, time_group
+    from m9.model.spec import resolve_model
 
+    model = resolve_model(runtime="onnx")
     contents = [p.read_bytes() for p in sorted(SAMPLE.rglob("*.jpg"))[:19]] + [b"not an image"]
     for with_decode in (True, False):
         ((rate, msgs),) = time_group(
-            "onnx", 2, 1, [(8, default_session("onnx", 1))], contents, len(contents), with_decode=with_decode
+            model, 2, 1, [(8, default_session("onnx", 1))], contents, len(contents), with_decode=with_decode
         )
         assert rate > 0 and sorted(m.rank for m in msgs) == [0, 1]
         assert sum(m.images for m in msgs) == 19, with_decode

@@ -88,17 +88,27 @@ def test_each_stage_owns_what_it_writes():
     assert not INGEST.owns("embeddings")
 
 
-def test_embed_fingerprint_names_a_weights_change(tmp_path):
+def test_embed_fingerprint_holds_the_model_identity_and_names_a_change(tmp_path):
+    import dataclasses
+
+    from m9.model.spec import ModelSpec
+    from m9.model.weights import EXPECTED_CHECKSUM
     from m9.stages.embed import fingerprint
 
-    other = tmp_path / "other.onnx"  # identified by its sha256 (a Keras file by its arrays' checksum)
-    other.write_bytes(b"not the ImageNet weights")
     (tmp_path / "images").mkdir()
     base = EmbedConfig(input=str(tmp_path / "images"), output=str(tmp_path / "e"))
-    a = fingerprint(base, base.input)
-    b = fingerprint(EmbedConfig(input=base.input, output=base.output, weights=str(other)), base.input)
-    assert "weights c009b1f1262c" in contract.describe_change(a, b)
-    assert a == fingerprint(EmbedConfig(input=base.input, output=base.output, actors=7, batch_size=3), base.input)
+    model = ModelSpec(
+        runtime="onnx", precision="fp32", data=b"m", sha256="5" * 64, source="m.onnx", weights=EXPECTED_CHECKSUM
+    )
+    a = fingerprint(base, base.input, model)
+    assert model.identity().items() <= a.items()
+    # An .onnx file is identified by its sha256, a Keras file by its arrays' checksum.
+    other = dataclasses.replace(model, weights="sha256:" + "7" * 64)
+    assert "weights c009b1f1262c" in contract.describe_change(a, fingerprint(base, base.input, other))
+    int8 = dataclasses.replace(model, precision="int8", sha256="9" * 64)
+    assert "precision fp32 → int8" in contract.describe_change(a, fingerprint(base, base.input, int8))
+    same = EmbedConfig(input=base.input, output=base.output, actors=7, batch_size=3)
+    assert a == fingerprint(same, base.input, model)
 
 
 HOLD = """

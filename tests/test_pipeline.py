@@ -224,7 +224,7 @@ def test_a_finished_output_made_differently_is_refused_naming_the_change(pipelin
         reduce(ReduceConfig(input=pipeline["dirs"]["embed"], output=pipeline["dirs"]["reduce"], k=5))
     assert Path(pipeline["dirs"]["reduce"], "pca.csv").read_text() == before
 
-    from m9.model.embedder import load_model
+    from m9.model.keras_model import load_model
 
     model = load_model(str(weights_path))
     arrays = model.get_weights()

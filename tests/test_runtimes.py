@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from m9.config import IMAGE_EXTENSIONS
-from m9.errors import WeightsError
+from m9.errors import InputError, WeightsError
 from m9.model import ort
 from m9.model import weights as m9weights
 from m9.model.embedder import Embedder
+from m9.model.spec import ModelSpec, resolve_model
 from tests.conftest import SAMPLE
 
 TOLERANCE = 1e-4
@@ -43,14 +44,19 @@ def test_an_onnx_file_whose_bytes_changed_is_refused(tmp_path):
         m9weights.read_onnx(path)
     with pytest.raises(WeightsError, match="sha256"):
         m9weights.fetch_onnx(tmp_path)
-    # Refused before any session is built, whether the worker reads the file or is handed its bytes.
+    # Refused on the driver when the model is resolved, and by a worker handed bytes that changed since.
     with pytest.raises(WeightsError, match="sha256"):
-        Embedder(str(path), runtime="onnx")
-    with pytest.raises(WeightsError, match="handed to this worker"):
+        resolve_model(runtime="onnx", weights=str(path))
+    with pytest.raises(WeightsError, match="handed to this worker .* not the .* checked on the driver"):
         Embedder(
-            runtime="onnx",
-            model_bytes=b"tampered model",
-            expected_sha256=hashlib.sha256(b"converted model").hexdigest(),
+            ModelSpec(
+                runtime="onnx",
+                precision="fp32",
+                data=b"tampered model",
+                sha256=hashlib.sha256(b"converted model").hexdigest(),
+                source=str(path),
+                weights="sha256:" + hashlib.sha256(b"converted model").hexdigest(),
+            )
         )
 
 
@@ -64,13 +70,25 @@ def test_an_onnx_file_without_its_record_or_from_other_weights_is_refused(tmp_pa
         m9weights.read_onnx(path)
 
 
-def test_runtime_arguments_are_checked():
-    with pytest.raises(ValueError, match="unknown runtime"):
-        Embedder(runtime="tflite")
-    with pytest.raises(ValueError, match="model_bytes"):
-        Embedder(runtime="onnx", arrays=[np.zeros(1)])
-    with pytest.raises(WeightsError, match="unknown runtime"):
-        m9weights.resolve(None, "tflite")
+def test_runtime_and_precision_are_checked_where_the_model_is_resolved():
+    with pytest.raises(InputError, match="--runtime tflite: expected one of onnx, keras"):
+        resolve_model(runtime="tflite")
+    with pytest.raises(InputError, match="--precision fp8: expected one of"):
+        resolve_model(precision="fp8")
+
+
+def test_the_model_identity_names_what_changes_features():
+    spec = ModelSpec(runtime="onnx", precision="fp32", data=b"m", sha256="ab", source="m.onnx", weights="c0")
+    assert spec.identity() == {
+        "weights": "c0",
+        "runtime": "onnx",
+        "precision": "fp32",
+        "preprocess": spec.preprocess_version,
+        "decode_memory_mb": spec.decode_memory_mb,
+    }
+    same = ModelSpec(runtime="onnx", precision="fp32", data=b"other", sha256="ab", source="m.onnx", weights="c0")
+    assert spec == same  # the bytes are stood for by their sha256
+    assert "data" not in repr(spec)
 
 
 def test_session_candidates_start_with_the_defaults_and_differ():
@@ -85,6 +103,16 @@ def test_session_candidates_start_with_the_defaults_and_differ():
 @pytest.fixture(scope="module")
 def onnx_path() -> Path:
     return m9weights.fetch_onnx()
+
+
+@pytest.fixture(scope="module")
+def onnx_model() -> ModelSpec:
+    return resolve_model(runtime="onnx")
+
+
+@pytest.fixture(scope="module")
+def keras_model() -> ModelSpec:
+    return resolve_model(runtime="keras")
 
 
 def _images(paths: list[Path]) -> list[bytes]:
@@ -108,7 +136,7 @@ FLAT_IMAGES = {"one-pixel.png": 2 * TOLERANCE}
 
 
 @pytest.mark.slow
-def test_onnx_features_equal_keras_on_the_sample_and_the_odd_images(onnx_path, weights_path, tmp_path):
+def test_onnx_features_equal_keras_on_the_sample_and_the_odd_images(onnx_model, keras_model, tmp_path):
     from tests.test_robustness import write_corpus
 
     write_corpus(tmp_path)
@@ -120,8 +148,8 @@ def test_onnx_features_equal_keras_on_the_sample_and_the_odd_images(onnx_path, w
         and not any(part.startswith((".", "_")) for part in p.relative_to(tmp_path).parts)  # hidden: never ingested
     )
     files = sorted(SAMPLE.rglob("*.jpg")) + odd
-    onnx = Embedder(str(onnx_path), runtime="onnx", threads=2, batch_size=16)
-    keras = Embedder(str(weights_path), runtime="keras", threads=2, batch_size=16)
+    onnx = Embedder(onnx_model, threads=2, batch_size=16)
+    keras = Embedder(keras_model, threads=2, batch_size=16)
     got, got_errors = onnx.embed(_images(files))
     want, want_errors = keras.embed(_images(files))
     assert got_errors == want_errors
@@ -138,12 +166,12 @@ def test_a_tampered_copy_of_the_real_model_is_refused(onnx_path, tmp_path):
     copy = tmp_path / onnx_path.name
     shutil.copy(onnx_path, copy)
     shutil.copy(m9weights.sidecar(onnx_path), m9weights.sidecar(copy))
-    Embedder(str(copy), runtime="onnx", threads=1)  # the intact copy loads
+    Embedder(resolve_model(runtime="onnx", weights=str(copy)), threads=1)  # the intact copy loads
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one weight
     copy.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="sha256"):
-        Embedder(str(copy), runtime="onnx", threads=1)
+        resolve_model(runtime="onnx", weights=str(copy))
 
 
 @pytest.mark.slow
@@ -156,7 +184,7 @@ def test_a_conversion_that_differs_from_keras_is_not_cached(weights_path, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_path, ray_local, tmp_path):
+def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_model, ray_local, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -176,15 +204,14 @@ def test_a_ray_actor_running_onnx_never_imports_tensorflow(onnx_path, ray_local,
         def modules(self):
             return sorted(m for m in ("tensorflow", "keras", "onnxruntime") if m in sys.modules)
 
-    model = ray.put(m9weights.read_onnx(onnx_path))
-    probe = Probe.remote(None, 1, 8, runtime="onnx", model=model, model_sha256=m9weights.onnx_sha256(onnx_path))
+    probe = Probe.remote(ray.put(onnx_model), 1, 8)
     out = ray.get(probe.embed_item.remote(item))
     loaded = ray.get(probe.modules.remote())
     ray.kill(probe)
     assert loaded == ["onnxruntime"]
     assert list(out["image_id"]) == rows["image_id"] and list(out["shard"]) == [str(shard)] * 4
     assert list(out["error"]) == [""] * 4
-    expected = Embedder(str(onnx_path), runtime="onnx", threads=1).embed(contents)[0]
+    expected = Embedder(onnx_model, threads=1).embed(contents)[0]
     assert np.abs(out["features"] - expected).max() <= TOLERANCE
 
 

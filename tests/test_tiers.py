@@ -79,3 +79,47 @@ def test_the_engine_import_check_sees_an_engine(tmp_path: Path) -> None:
     assert not _marked_slow(module)
     module.write_text("import pytest\nimport ray\npytestmark = [pytest.mark.slow]\n")
     assert _marked_slow(module)
+
+
+#: The rooms of m9 that work without an engine: importing any module in them must not load pyspark, ray,
+#: tensorflow, keras or onnxruntime (the fast tier tests them; the engines are imported inside functions).
+ENGINE_FREE = ("m9.config", "m9.errors", "m9.io", "m9.ui", "m9.data", "m9.stages.contract", "m9.model.decode")
+
+#: What an engine-free room must not import: the engines, and ONNX Runtime (the model's runtime).
+ENGINES = (*HEAVY_MODULES, "onnxruntime")
+
+
+def _modules_of(name: str) -> list[str]:
+    path = REPO / name.replace(".", "/")
+    if not path.is_dir():
+        return [name]
+    return sorted(f"{name}.{p.stem}" if p.stem != "__init__" else name for p in path.glob("*.py"))
+
+
+def _imports_without(modules: list[str], blocked: tuple[str, ...]) -> tuple[bool, str]:
+    """Import modules in a fresh interpreter in which every top-level package of blocked is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        "            raise ImportError('engine ' + name + ' imported')\n"
+        "sys.meta_path.insert(0, Block())\n" + "".join(f"import {module}\n" for module in modules)
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("room", ENGINE_FREE)
+def test_an_engine_free_room_imports_without_an_engine(room: str) -> None:
+    ok, stderr = _imports_without(_modules_of(room), ENGINES)
+    assert ok, f"a module of {room} needs an engine to import:\n{stderr}"
+
+
+def test_the_engine_free_check_sees_an_import() -> None:
+    """The check above can fail: m9.io.storage imports pyarrow at module level, so without it it fails."""
+    assert _imports_without(["m9.io.storage"], ("pyarrow",))[0] is False
+    assert _imports_without(["m9.io.storage"], ENGINES)[0] is True

@@ -1,8 +1,20 @@
 """Bench: the same decode → preprocess → forward under each engine, timed against the bare model's ceiling."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from m9.bench.config import AGREE_TOLERANCE, ENGINES, FEATURE_ENGINES, BenchConfig
-from m9.bench.monitor import steady_rate
-from m9.bench.run import bench
-from m9.bench.scaling import scaling
+
+#: Loaded when first used, so that `m9 --help` (which reads the bench's defaults) does not import the engines'
+#: drivers.
+_LAZY = {"bench": "m9.bench.run", "scaling": "m9.bench.scaling", "steady_rate": "m9.bench.monitor"}
 
 __all__ = ["AGREE_TOLERANCE", "ENGINES", "FEATURE_ENGINES", "BenchConfig", "bench", "scaling", "steady_rate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

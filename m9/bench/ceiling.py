@@ -15,14 +15,15 @@ import pyarrow as pa
 from m9.bench.config import BenchConfig, Outcome
 from m9.bench.protocol import Timed, run_workers, span_rate
 from m9.config import FEATURE_DIM
+from m9.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to run the bare model: processes × threads each, a batch size, and on ONNX the session options
-    (whose own thread count is always `threads`)."""
+    """One way to run the bare model (a resolved ModelSpec): processes × threads each, a batch size, and on
+    ONNX the session options (whose own thread count is always `threads`)."""
 
-    runtime: str
+    model: ModelSpec
     processes: int
     threads: int
     batch_size: int
@@ -31,7 +32,8 @@ class Setting:
     def row(self) -> dict:
         """The setting as bench.json shows it."""
         return {
-            "runtime": self.runtime,
+            "runtime": self.model.runtime,
+            "precision": self.model.precision,
             "processes": self.processes,
             "threads": self.threads,
             "batch_size": self.batch_size,
@@ -61,18 +63,17 @@ def ceiling_configs(cores: int) -> list[tuple[int, int]]:
     return sorted(pairs | {(1, 1)})
 
 
-def _forwards(runtime: str, threads: int, points: list[tuple[int, object]]) -> list[Callable]:
+def _forwards(model: ModelSpec, threads: int, points: list[tuple[int, object]]) -> list[Callable]:
     """One forward function (a batch of inputs → features) per point, models built once per process."""
-    if runtime == "keras":
+    if model.runtime == "keras":
         from m9.model.embedder import Embedder
 
         # One call per slice the worker hands over: the largest batch, so forward never cuts a slice again.
-        embedder = Embedder(None, runtime="keras", threads=threads, batch_size=max(bs for bs, _ in points))
+        embedder = Embedder(model, threads=threads, batch_size=max(bs for bs, _ in points))
         return [embedder.forward for _ in points]
     from m9.model import ort
-    from m9.model import weights as m9weights
 
-    model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())
+    model_bytes = model.checked_data()
     sessions: dict = {}
     for _, settings in points:
         if settings not in sessions:
@@ -82,7 +83,7 @@ def _forwards(runtime: str, threads: int, points: list[tuple[int, object]]) -> l
 
 def _ceiling_worker(
     rank: int,
-    runtime: str,
+    model: ModelSpec,
     threads: int,
     points: list[tuple[int, object]],
     contents: list,
@@ -98,11 +99,11 @@ def _ceiling_worker(
     actor does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m9.bench.protocol import Failed
-    from m9.model.embedder import decode_many
+    from m9.model.decode import decode_many
 
     try:
-        forwards = _forwards(runtime, threads, points)
-        inputs, errors = decode_many(contents)
+        forwards = _forwards(model, threads, points)
+        inputs, errors = decode_many(contents, model.decode_memory_mb)
         part = inputs[:measure]
         for n, ((bs, _), forward) in enumerate(zip(points, forwards)):
             for i in range(0, min(2 * bs, len(inputs)), bs):  # warm-up: kernels are planned per batch shape
@@ -111,7 +112,10 @@ def _ceiling_worker(
             started, cpu = time.time(), time.process_time()
             done, feats = [], []
             for i in range(0, min(measure, len(contents)) if with_decode else len(part), bs):
-                batch = decode_many(contents[i : i + bs])[0] if with_decode else part[i : i + bs]
+                if with_decode:
+                    batch = decode_many(contents[i : i + bs], model.decode_memory_mb)[0]
+                else:
+                    batch = part[i : i + bs]
                 feats.append(np.asarray(forward(batch), dtype=np.float32))
                 done.extend([time.time()] * len(feats[-1]))
             ended, cpu_s = time.time(), time.process_time() - cpu
@@ -127,7 +131,7 @@ def _ceiling_worker(
 
 
 def time_group(
-    runtime: str,
+    model: ModelSpec,
     processes: int,
     threads: int,
     points: list[tuple[int, object]],
@@ -140,14 +144,15 @@ def time_group(
     images/s over all processes and their reports by rank. with_decode: decode in the timed loop."""
     shares = [contents[r::processes] for r in range(processes)]
     share = math.ceil(measure / processes)
-    args = [(runtime, threads, points, shares[r], share, keep, with_decode) for r in range(processes)]
-    return [(span_rate(msgs), msgs) for msgs in run_workers(_ceiling_worker, args, len(points), f"ceiling-{runtime}")]
+    args = [(model, threads, points, shares[r], share, keep, with_decode) for r in range(processes)]
+    what = f"ceiling-{model.runtime}"
+    return [(span_rate(msgs), msgs) for msgs in run_workers(_ceiling_worker, args, len(points), what)]
 
 
 def time_setting(setting: Setting, contents: list, measure: int, with_decode: bool = False) -> float:
     """Images per second of one setting over `measure` of the contents (with_decode: decode included)."""
     ((rate, _),) = time_group(
-        setting.runtime,
+        setting.model,
         setting.processes,
         setting.threads,
         [(setting.batch_size, setting.session)],
@@ -158,11 +163,11 @@ def time_setting(setting: Setting, contents: list, measure: int, with_decode: bo
     return rate
 
 
-def search(cfg: BenchConfig, runtime: str, sample: list, progress: Callable[[str], None]) -> tuple[list[dict], int]:
+def search(cfg: BenchConfig, model: ModelSpec, sample: list, progress: Callable[[str], None]) -> tuple[list[dict], int]:
     """Every (processes, threads) × batch size with m9's session options; then, on ONNX, every other session
     option at the best of those. Returns the search's rows (a setting and its images/s) and the model loads."""
     configs = list(cfg.ceiling_configs or ceiling_configs(os.cpu_count() or 1))
-    rows, loads = [], 0
+    rows, loads, runtime = [], 0, model.runtime
 
     def record(setting: Setting, rate: float | None, stage: str) -> None:
         rows.append({**setting.row(), "stage": stage, "img_per_s": None if rate is None else round(rate, 2)})
@@ -175,52 +180,52 @@ def search(cfg: BenchConfig, runtime: str, sample: list, progress: Callable[[str
 
     if len(configs) * len(cfg.ceiling_batches) == 1:  # nothing to search: the one layout is the best
         (processes, threads), bs = configs[0], cfg.ceiling_batches[0]
-        best = Setting(runtime, processes, threads, bs, default_session(runtime, threads))
+        best = Setting(model, processes, threads, bs, default_session(runtime, threads))
         record(best, None, "layout")
     else:
         for processes, threads in configs:
             loads += processes
             session = default_session(runtime, threads)
             points = [(bs, session) for bs in cfg.ceiling_batches]
-            for (bs, _), (rate, _) in zip(points, time_group(runtime, processes, threads, points, sample, len(sample))):
-                record(Setting(runtime, processes, threads, bs, session), rate, "layout")
+            for (bs, _), (rate, _) in zip(points, time_group(model, processes, threads, points, sample, len(sample))):
+                record(Setting(model, processes, threads, bs, session), rate, "layout")
         best_row = max(rows, key=lambda r: r["img_per_s"] or 0)
-        best = Setting(runtime, best_row["processes"], best_row["threads"], best_row["batch_size"])
+        best = Setting(model, best_row["processes"], best_row["threads"], best_row["batch_size"])
         best = replace(best, session=default_session(runtime, best.threads))
     if runtime == "onnx" and cfg.ceiling_sessions:
         # The default options are timed again beside the others, so the options compare within one group.
         points = [(best.batch_size, s) for s in session_candidates(best.threads)]
         loads += best.processes
-        timed = time_group(runtime, best.processes, best.threads, points, sample, len(sample))
+        timed = time_group(model, best.processes, best.threads, points, sample, len(sample))
         for (_, session), (rate, _) in zip(points, timed):
             record(replace(best, session=session), rate, "session")
     return rows, loads
 
 
-def setting_of(row: dict) -> Setting:
-    """The Setting a search row describes (its session options rebuilt from the name's candidates)."""
-    runtime, threads = row["runtime"], row["threads"]
+def setting_of(row: dict, model: ModelSpec) -> Setting:
+    """The Setting a search row of this model describes (its session options rebuilt from the candidates)."""
+    threads = row["threads"]
     session = None
-    if runtime == "onnx":
+    if model.runtime == "onnx":
         session = next(s for s in session_candidates(threads) if s.name() == row["session"])
-    return Setting(runtime, row["processes"], threads, row["batch_size"], session)
+    return Setting(model, row["processes"], threads, row["batch_size"], session)
 
 
 def run_ceiling(
-    cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Callable[[str], None], runtime: str
+    cfg: BenchConfig, input_dir: str, table: pa.Table, progress: Callable[[str], None], model: ModelSpec
 ) -> Outcome:
     """The bare model on one runtime: the best setting of the search, run once more over every image (its
     features are a reference the engines must match)."""
     contents = table.column("content").to_pylist()
     sample = contents[: max(cfg.ceiling_images, max(cfg.ceiling_batches) * 2)]
     searching = time.time()
-    rows, loads = search(cfg, runtime, sample, progress)
+    rows, loads = search(cfg, model, sample, progress)
     best_row = max(rows, key=lambda r: r["img_per_s"] or 0)
-    best = setting_of(best_row)
+    best = setting_of(best_row, model)
     search_s = time.time() - searching
     started = time.time()
     ((rate, msgs),) = time_group(
-        runtime, best.processes, best.threads, [(best.batch_size, best.session)], contents, len(contents), keep=True
+        model, best.processes, best.threads, [(best.batch_size, best.session)], contents, len(contents), keep=True
     )
     ids = table.column("image_id").to_pylist()
     shares = [ids[r :: best.processes] for r in range(best.processes)]
@@ -241,7 +246,8 @@ def run_ceiling(
         np.concatenate(feats),
         loads + best.processes,
         {
-            "runtime": runtime,
+            "runtime": model.runtime,
+            "precision": model.precision,
             "processes": best.processes,
             "threads_per_process": best.threads,
             "batch_size": best.batch_size,

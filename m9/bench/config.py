@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from m9.config import DEFAULT_ACTORS, DEFAULT_BATCH_SIZE, DEFAULT_RUNTIME
+from m9.stages import contract
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Every engine, in the order a bench runs them: the references first (decode alone, the bare model on
 #: each runtime, and `ceiling`, the better of the two, which is picked, not run), then the distributions.
@@ -31,6 +33,10 @@ FEATURE_ENGINES = tuple(e for e in ENGINES if e != "decode")
 
 #: The bare model on one runtime: the ceiling's search for that runtime. `ceiling` needs both.
 CEILINGS = {"ceiling-keras": "keras", "ceiling-onnx": "onnx"}
+
+#: What `m9 bench` runs by default: every engine, the two bare-model searches through `ceiling` (which runs
+#: both and keeps the faster).
+DEFAULT_ENGINES = tuple(e for e in ENGINES if e not in CEILINGS)
 
 #: The engine whose features the others are compared with: the bare Keras model, m9's reference runtime.
 REFERENCE_ENGINE = "ceiling-keras"
@@ -79,7 +85,7 @@ class BenchConfig:
     """What `m9 bench` measures and where it writes."""
 
     input: str | None = None
-    output: str = os.path.join("m9-out", "bench")
+    output: str = contract.default_output(contract.BENCH_DIR)
     engines: tuple[str, ...] = ENGINES
     actors: int = DEFAULT_ACTORS
     batch_size: int = DEFAULT_BATCH_SIZE

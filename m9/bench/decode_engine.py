@@ -17,7 +17,7 @@ DECODE_BATCH = 16
 
 def _decode_worker(rank: int, contents: list, barrier, queue) -> None:
     """One decode process: decode + preprocess its share, timed from the barrier's release."""
-    from m9.model.embedder import decode_many
+    from m9.model.decode import decode_many
 
     barrier.wait()
     started, cpu = time.time(), time.process_time()

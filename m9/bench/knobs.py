@@ -9,35 +9,37 @@ from collections.abc import Callable
 
 from m9.bench.ceiling import Setting, default_session, setting_of, time_setting
 from m9.bench.config import KNOBS_TOLERANCE, BenchConfig
+from m9.model.spec import ModelSpec
 
 
-def default_setting(cfg: BenchConfig, runtime: str) -> Setting:
+def default_setting(cfg: BenchConfig, model: ModelSpec) -> Setting:
     """What `m9 embed` runs on one local node of this machine: cfg.actors processes, the resource plan's
     threads each (embed.plan_resources, the one plan), cfg.batch_size, m9's session options."""
     from m9.stages.embed import plan_resources
 
     _, threads = plan_resources([float(os.cpu_count() or 1)], cfg.actors)
-    return Setting(runtime, cfg.actors, threads, cfg.batch_size, default_session(runtime, threads))
+    return Setting(model, cfg.actors, threads, cfg.batch_size, default_session(model.runtime, threads))
 
 
 def check_knobs(
-    cfg: BenchConfig, runtime: str, search: list[dict], contents: list, progress: Callable[[str], None]
+    cfg: BenchConfig, model: ModelSpec, search: list[dict], contents: list, progress: Callable[[str], None]
 ) -> dict:
     """The `knobs` section of bench.json: the default setting, the search's best, each one's images/s (the
     median of cfg.knobs_rounds alternating runs, each batch decoded before its forward pass as the actors
     run) and default / best, which should be at least 1 - tolerance; forward_only_ratio beside it."""
     measured = [r for r in search if r["img_per_s"] is not None]
-    default = default_setting(cfg, runtime)
+    runtime = model.runtime
+    default = default_setting(cfg, model)
     # With nothing measured (a search of one setting) its one setting is the best.
-    best = setting_of(max(search, key=lambda r: r["img_per_s"] or 0)) if search else default
+    best = setting_of(max(search, key=lambda r: r["img_per_s"] or 0), model) if search else default
     sample = contents[: max(cfg.ceiling_images, max(default.batch_size, best.batch_size) * 2)]
     if best == default:
         method = "the search's best setting is m9's default"
-        rate = max((r["img_per_s"] for r in measured if setting_of(r) == default), default=None)
+        rate = max((r["img_per_s"] for r in measured if setting_of(r, model) == default), default=None)
         rates = {"default": [rate], "best": [rate]}
     elif cfg.knobs_rounds < 1:
         method = "the search's own rates (no knobs rounds)"
-        found = [r["img_per_s"] for r in measured if setting_of(r) == default]
+        found = [r["img_per_s"] for r in measured if setting_of(r, model) == default]
         top = max((r["img_per_s"] for r in measured), default=None)
         rates = {"default": [max(found)] if found else [None], "best": [top]}
     else:
@@ -73,6 +75,7 @@ def check_knobs(
         )
     return {
         "runtime": runtime,
+        "precision": model.precision,
         "default": default.row(),
         "best": best.row(),
         "default_img_per_s": default_rate,
@@ -97,9 +100,8 @@ SESSION_SECONDS = 2.0
 def session_options_at_default(default: Setting, contents: list, rounds: int) -> dict:
     """m9's session options against every alternative at the default's threads and batch, in this process."""
     from m9.model import ort
-    from m9.model import weights as m9weights
-    from m9.model.embedder import decode_many
+    from m9.model.decode import decode_many
 
-    inputs, _ = decode_many(contents)
-    model_bytes = m9weights.read_onnx(m9weights.fetch_onnx())
+    inputs, _ = decode_many(contents, default.model.decode_memory_mb)
+    model_bytes = default.model.checked_data()
     return ort.defaults_vs_best(model_bytes, default.threads, inputs, default.batch_size, rounds, SESSION_SECONDS)

@@ -10,14 +10,12 @@ import pyarrow as pa
 from m9.bench.config import BenchConfig, Outcome
 from m9.config import FEATURE_DIM
 from m9.io import storage
+from m9.model.spec import ModelSpec
 
 
-def run_ray(
-    cfg: BenchConfig, input_dir: str, table: pa.Table, keep_features: bool = True, runtime: str | None = None
-) -> Outcome:
-    """`m9 embed`'s own pipeline (embed.embed_batches on a fixed actor pool), batches kept in memory;
-    on `runtime` (default: the bench's, i.e. `m9 embed`'s default path)."""
-    runtime = runtime or cfg.runtime
+def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, model: ModelSpec, keep_features: bool = True) -> Outcome:
+    """`m9 embed`'s own pipeline (embed.embed_batches on a fixed actor pool) on the resolved model, batches
+    kept in memory."""
     import ray
 
     from m9.engines import ray_pool
@@ -26,9 +24,7 @@ def run_ray(
     ids, done, feats = [], [], []
     with ray_pool.connect(None):
         counter = ray_pool.start_load_counter()
-        for batch in embed_batches(
-            storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, None, runtime=runtime
-        ):
+        for batch in embed_batches(storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, model):
             now = time.time()
             ids.extend(str(i) for i in batch["image_id"])
             done.extend([now] * len(batch["image_id"]))
@@ -43,7 +39,8 @@ def run_ray(
         np.concatenate(feats) if feats else None,
         loads,
         {
-            "runtime": runtime,
+            "runtime": model.runtime,
+            "precision": model.precision,
             "actors": cfg.actors,
             "threads_per_actor": threads,
             "actor_cpus": actor_cpus,

@@ -23,24 +23,40 @@ from m9.bench.monitor import Monitor, steady_rate
 from m9.bench.ray_engine import run_ray
 from m9.bench.report import decode_bound, targets, write_report
 from m9.bench.spark_engines import run_spark_predict, run_spark_udf
-from m9.config import RUNTIMES
 from m9.errors import InputError
+from m9.model.spec import ModelSpec, resolve_model
 from m9.stages import contract
 
 log = logging.getLogger(__name__)
 
 
-def measure(engine: str, cfg: BenchConfig, input_dir: str, table: pa.Table, progress, keep_features=True):
+class Models:
+    """The models the bench's engines run, each resolved once (resolve_model), when an engine first needs it."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg, self._specs = cfg, {}
+
+    def __call__(self, runtime: str | None = None) -> ModelSpec:
+        """The resolved model on `runtime` (default: the bench's, `m9 embed`'s default path)."""
+        runtime = runtime or self.cfg.runtime
+        if runtime not in self._specs:
+            self._specs[runtime] = resolve_model(runtime=runtime)
+        return self._specs[runtime]
+
+
+def measure(
+    engine: str, cfg: BenchConfig, input_dir: str, table: pa.Table, progress, models: Models, keep_features=True
+):
     """Run one engine under the monitor: its result row for bench.json, and its Outcome (ids, features)."""
     runners = {
-        "ray": lambda: run_ray(cfg, input_dir, table, keep_features),
-        "ray-keras": lambda: run_ray(cfg, input_dir, table, keep_features, runtime="keras"),
-        "spark-udf": lambda: run_spark_udf(cfg, input_dir, table),
-        "spark-udf-onnx": lambda: run_spark_udf(cfg, input_dir, table, runtime="onnx"),
-        "spark-udf-defaults": lambda: run_spark_udf(cfg, input_dir, table, defaults=True),
-        "spark-predict": lambda: run_spark_predict(cfg, input_dir, table),
-        "ceiling-keras": lambda: run_ceiling(cfg, input_dir, table, progress, "keras"),
-        "ceiling-onnx": lambda: run_ceiling(cfg, input_dir, table, progress, "onnx"),
+        "ray": lambda: run_ray(cfg, input_dir, table, models(), keep_features),
+        "ray-keras": lambda: run_ray(cfg, input_dir, table, models("keras"), keep_features),
+        "spark-udf": lambda: run_spark_udf(cfg, input_dir, table, models("keras")),
+        "spark-udf-onnx": lambda: run_spark_udf(cfg, input_dir, table, models("onnx")),
+        "spark-udf-defaults": lambda: run_spark_udf(cfg, input_dir, table, models("keras"), defaults=True),
+        "spark-predict": lambda: run_spark_predict(cfg, input_dir, table, models()),
+        "ceiling-keras": lambda: run_ceiling(cfg, input_dir, table, progress, models("keras")),
+        "ceiling-onnx": lambda: run_ceiling(cfg, input_dir, table, progress, models("onnx")),
         "decode": lambda: run_decode(cfg, input_dir, table),
     }
     loadavg = round(os.getloadavg()[0], 2)
@@ -99,8 +115,8 @@ def pick_ceiling(engines: dict) -> str:
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
     """Run every engine over the same rows; write bench.json, bench.md and bench.png to cfg.output."""
     order = engine_order(cfg.engines)
-    if cfg.runtime not in RUNTIMES:
-        raise InputError(f"unknown runtime {cfg.runtime}; choose from {', '.join(RUNTIMES)}")
+    models = Models(cfg)
+    models()  # the bench's own runtime resolved (and refused with one line) before any engine runs
     if cfg.repeat < 1 or cfg.actors < 1 or cfg.batch_size < 1:
         raise InputError("--repeat, --actors and --batch-size must be at least 1")
     contract.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
@@ -124,7 +140,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
                     + (f" (run {r + 1}/{cfg.repeat})" if cfg.repeat > 1 else "")
                     + " …"
                 )
-                result, outcome = measure(engine, cfg, input_dir, table, progress)
+                result, outcome = measure(engine, cfg, input_dir, table, progress, models)
                 runs.append(result)
                 if outcome.features is not None and engine not in features:
                     features[engine] = _ordered(outcome, ids)
@@ -140,7 +156,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
             if CEILINGS.get(engine) == cfg.runtime:
                 progress(f"[{n}/{len(order)}] knobs: m9's defaults against the best setting found …")
                 contents = table.column("content").to_pylist()
-                knobs = check_knobs(cfg, cfg.runtime, engines[engine]["search"], contents, progress)
+                knobs = check_knobs(cfg, models(), engines[engine]["search"], contents, progress)
                 progress(
                     f"[{n}/{len(order)}] knobs: default {knobs['default_img_per_s']} vs best "
                     f"{knobs['best_img_per_s']} images/s, ratio {knobs['ratio']}"

@@ -13,7 +13,7 @@ from pathlib import Path
 from m9.bench.config import BenchConfig
 from m9.bench.inputs import load_rows, take, write_input
 from m9.bench.machine import machine_facts
-from m9.bench.run import measure
+from m9.bench.run import Models, measure
 from m9.errors import InputError
 from m9.stages import contract
 
@@ -26,6 +26,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
         raise InputError("--scaling takes positive image counts, e.g. 1000,4000,16000")
     contract.check_not_a_file(cfg.output)
     machine = machine_facts()
+    models = Models(cfg)
     work = Path(tempfile.mkdtemp(prefix="m9-scaling-"))
     rows = []
     try:
@@ -34,7 +35,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
             part = take(table, n)
             input_dir = write_input(part, work / f"input-{n}")
             progress(f"scaling: ray engine on {n} images …")
-            result, _ = measure("ray", cfg, input_dir, part, progress, keep_features=False)
+            result, _ = measure("ray", cfg, input_dir, part, progress, models, keep_features=False)
             rows.append(
                 {
                     "images": n,

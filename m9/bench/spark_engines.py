@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ from m9.bench.config import (
     Outcome,
 )
 from m9.config import FEATURE_DIM
+from m9.model.spec import ModelSpec
 
 
 def _spark_tasks_and_threads(cfg: BenchConfig) -> tuple[int, int]:
@@ -78,9 +80,9 @@ def _embed_stamped(embedder, contents: list) -> tuple[np.ndarray, np.ndarray]:
     model in slices of the batch size; the per-slice times let the steady rate be measured even when an
     Arrow batch holds a task's every row (Spark's default of 10,000 rows).
     """
-    from m9.model.embedder import decode_many, place
+    from m9.model.embedder import place
 
-    inputs, errors = decode_many(contents)
+    inputs, errors = embedder.decode(contents)
     slices, stamps = [np.zeros((0, FEATURE_DIM), np.float32)], [np.zeros(0)]
     for features in embedder.forward_slices(inputs):
         slices.append(features)
@@ -89,7 +91,7 @@ def _embed_stamped(embedder, contents: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_spark_udf(
-    cfg: BenchConfig, input_dir: str, table: pa.Table, defaults: bool = False, runtime: str = "keras"
+    cfg: BenchConfig, input_dir: str, table: pa.Table, model: ModelSpec, defaults: bool = False
 ) -> Outcome:
     """The seed's method: weights broadcast from the driver; an iterator pandas UDF builds the model once per
     task and embeds each Arrow batch.
@@ -98,15 +100,15 @@ def run_spark_udf(
     `defaults`: then with the knobs a notebook leaves at their defaults (DEFAULT_KNOBS_*, Keras only). Python
     workers are new per Spark session, so each engine's thread setting holds unless the caller keeps one
     session for both. On Keras the driver builds the model to broadcast its arrays (model.get_weights(), as
-    the seed does); on ONNX it broadcasts the verified model file's bytes and builds nothing.
+    the seed does); on ONNX it broadcasts the resolved model (its checked bytes) and builds nothing.
     """
     import pandas as pd
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
     from m9.engines import spark as m9spark
-    from m9.model import weights as m9weights
 
+    runtime = model.runtime
     if defaults and runtime != "keras":
         raise ValueError("the seed's default knobs are Keras's; spark-udf-defaults runs on Keras only")
     tasks, threads = _spark_tasks_and_threads(cfg)
@@ -117,20 +119,22 @@ def run_spark_udf(
     with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
         sc = spark.sparkContext
         if runtime == "keras":
-            from m9.model.embedder import load_model
+            from m9.model.keras_model import load_model
 
-            weights, builds = sc.broadcast(load_model(str(m9weights.fetch())).get_weights()), 1
-            model = {"arrays": weights}
+            arrays = load_model(data=model.data, name=model.source).get_weights()
+            # The arrays travel in the broadcast; the spec beside them only names what they must be.
+            weights, builds, spec = sc.broadcast(arrays), 1, replace(model, data=b"")
         else:
-            weights, builds = sc.broadcast(m9weights.read_onnx(m9weights.fetch_onnx())), 0
-            model = {"model_bytes": weights}
+            weights, builds, spec = sc.broadcast(model), 0, None
         loads = sc.accumulator(0)
 
         def embed_udf(contents):
             from m9.model.embedder import Embedder
 
-            given = {k: v.value for k, v in model.items()}
-            embedder = Embedder(None, runtime=runtime, threads=threads, batch_size=batch_size, verify=False, **given)
+            if spec is None:
+                embedder = Embedder(weights.value, threads=threads, batch_size=batch_size)
+            else:
+                embedder = Embedder(spec, threads=threads, batch_size=batch_size, arrays=weights.value)
             loads.add(1)
             for series in contents:
                 features, done_at = _embed_stamped(embedder, list(series))
@@ -146,9 +150,9 @@ def run_spark_udf(
     return Outcome(ids, done, feats, n_loads, knobs, extra={"driver_model_builds": builds})
 
 
-def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outcome:
+def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table, model: ModelSpec) -> Outcome:
     """Spark's own predict_batch_udf on the bench's runtime; make_predict_fn builds the model on the
-    executor from the cached model file (the verified .h5, or its checked ONNX conversion)."""
+    executor from the resolved model, which travels in the function's closure."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
@@ -156,17 +160,15 @@ def run_spark_predict(cfg: BenchConfig, input_dir: str, table: pa.Table) -> Outc
 
     tasks, threads = _spark_tasks_and_threads(cfg)
     arrow_batch = ARROW_BATCH_BATCHES * cfg.batch_size
-    batch_size, runtime = cfg.batch_size, cfg.runtime
+    batch_size, runtime = cfg.batch_size, model.runtime
     out_type = StructType([StructField("features", ArrayType(FloatType())), StructField("done_at", DoubleType())])
     with m9spark.session("m9-bench") as spark, _arrow_batch(spark, arrow_batch):
         loads = spark.sparkContext.accumulator(0)
 
         def make_predict_fn():
-            from m9.model import weights as m9weights
             from m9.model.embedder import Embedder
 
-            path = m9weights.fetch() if runtime == "keras" else m9weights.fetch_onnx()
-            embedder = Embedder(str(path), runtime=runtime, threads=threads, batch_size=batch_size)
+            embedder = Embedder(model, threads=threads, batch_size=batch_size)
             loads.add(1)
 
             def predict(contents: np.ndarray) -> dict[str, np.ndarray]:

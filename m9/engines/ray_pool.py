@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 
-from m9.errors import EngineError
+from m9.errors import EngineError, first_line
 from m9.ui import quiet as m9quiet
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 LOAD_COUNTER = "m9-model-loads"
 
 #: Object store for a local Ray: 2 GB holds many batches of image bytes and features, and leaves the
-#: rest of a laptop's memory to the TensorFlow actors.
+#: rest of a laptop's memory to the embed actors and their models.
 LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
 
 
@@ -69,9 +69,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
                 )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise EngineError(
-            f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}"
+            f"cannot reach Ray at {address}: {first_line(exc)}"
             if address
-            else f"Ray could not start: {str(exc).splitlines()[0]}"
+            else f"Ray could not start: {first_line(exc)}"
         ) from None
     try:
         yield

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from m9.errors import EngineError
+from m9.errors import EngineError, first_line
 from m9.io import storage
 from m9.ui import quiet
 
@@ -25,7 +25,7 @@ MIN_JAVA = 17
 DEFAULT_MASTER = "local[*]"
 
 #: Driver memory for a local session: the PCA's 1280×1280 Gram matrix and a few batches of image bytes fit
-#: comfortably in 2 GB, which leaves most of a laptop's memory to TensorFlow.
+#: comfortably in 2 GB, which leaves most of a laptop's memory to the model.
 DEFAULT_DRIVER_MEMORY = "2g"
 
 #: s3a's retries of a failed S3 call (on top of the AWS SDK's own): Hadoop's default of 7 with a 500 ms
@@ -239,7 +239,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # py4j raises plain Exceptions when the JVM cannot start
-        raise EngineError(f"Spark could not start: {str(exc).splitlines()[0]}") from exc
+        raise EngineError(f"Spark could not start: {first_line(exc)}") from exc
     spark.sparkContext.setLogLevel(quiet.spark_log_level())
     try:
         yield spark

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from m9.errors import StorageError
+from m9.errors import StorageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> Sto
             f"cannot {action} {uri}: S3{at} answered {code or status}: "
             f"{exc.response.get('Error', {}).get('Message', '')}"
         )
-    return StorageError(f"cannot {action} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return StorageError(f"cannot {action} {uri}: {first_line(exc)}")
 
 
 def outage(exc: BaseException) -> StorageError | None:

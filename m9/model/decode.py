@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from m9.config import DEFAULT_DECODE_MEMORY, IMAGE_SIZE
+from m9.errors import first_line
 
 #: White, the background alpha is composited onto (Fruits-360 photographs fruit on white).
 BACKGROUND = (255, 255, 255)
@@ -125,8 +126,7 @@ def decode_pixels(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY)
     except MemoryError:
         raise DecodeError(f"cannot decode: MemoryError: not enough memory (--decode-memory {memory_mb})") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError …) for bad bytes
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise DecodeError(f"cannot decode: {type(exc).__name__}: {first_line}") from None
+        raise DecodeError(f"cannot decode: {first_line(exc, named=True)}") from None
     return np.asarray(im, dtype=np.uint8)
 
 

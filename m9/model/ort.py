@@ -19,12 +19,14 @@ INTER_OP_THREADS = 1
 PARALLEL_EXECUTION = False
 
 #: Graph optimisation level ("basic", "extended", "all"). "all" adds the layout transformations (NCHWc
-#: blocked convolutions) on top of the fusions (Conv+BatchNorm+Relu6); measured in ort_sweep below.
+#: blocked convolutions) on top of the fusions (Conv+BatchNorm+Relu6); timed by
+#: time_settings below (`m9 bench`'s knobs check, docs/benchmarks.md).
 GRAPH_OPTIMIZATION = "all"
 
 #: Whether idle intra-op threads spin waiting for work. Only matters with 2+ threads in one session (one
 #: thread has no pool). Off: m9 runs an actor per core beside Ray's and Spark's own processes, and a
-#: spinning pool burns the cores the other actors and the readers need; measured in ort_sweep below.
+#: spinning pool burns the cores the other actors and the readers need; timed by
+#: time_settings below (`m9 bench`'s knobs check, docs/benchmarks.md).
 ALLOW_SPINNING = False
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}

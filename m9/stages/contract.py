@@ -16,14 +16,17 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from m9 import __version__
+from m9.config import DEFAULT_WORKDIR, FEATURE_DIM
 from m9.errors import InputError
 from m9.io import storage
 
@@ -49,6 +52,37 @@ _META = [
     ("label", pa.string()),
     ("split", pa.string()),
 ]
+
+
+def vector_type(width: int) -> pa.DataType:
+    """A vector column: FixedSizeList<float32, width>. Arrow readers need no per-row lengths, Polars reads it
+    as Array(Float32, width), DuckDB over Arrow sees FLOAT[width] (array_cosine_similarity works; its own
+    Parquet reader sees FLOAT[] and takes `features::FLOAT[1280]`)."""
+    return pa.list_(pa.float32(), width)
+
+
+#: embed's features: MobileNetV2's pooled 1280 floats per image.
+FEATURES_TYPE = vector_type(FEATURE_DIM)
+
+
+def vectors(table: pa.Table, column: str) -> np.ndarray:
+    """A vector column as an (n, width) float32 matrix, from FixedSizeList or from the variable-length
+    lists earlier m9 versions wrote."""
+    values = table.column(column).combine_chunks() if table.num_rows else None
+    if values is None:
+        width = getattr(table.schema.field(column).type, "list_size", 0)
+        return np.zeros((0, max(width, 0)), np.float32)
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(table.num_rows, -1)
+
+
+def as_fixed(table: pa.Table, column: str) -> pa.Table:
+    """table with its vector column as FixedSizeList (variable-length lists of one width are cast)."""
+    kind = table.schema.field(column).type
+    if pa.types.is_fixed_size_list(kind):
+        return table
+    width = vectors(table.slice(0, 1), column).shape[1] if table.num_rows else 0
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, column, table.column(column).cast(vector_type(width)))
 
 
 @dataclass(frozen=True)
@@ -122,14 +156,16 @@ EMBED = Contract(
     reads="ingest",
     needs=("image_id", "path", "label", "split", "content"),
     writes={
-        EMBEDDINGS: pa.schema([*_META, ("features", pa.list_(pa.float32()))]),
+        EMBEDDINGS: pa.schema([*_META, ("features", FEATURES_TYPE)]),
         ERRORS: pa.schema([*_META, ("error", pa.string())]),
     },
     files=(),
-    # weights: the file's checksum goes into the fingerprint, not its path (see embed_fingerprint).
+    # The model's identity (m9.model.spec.ModelSpec.identity) stands for these in the fingerprint:
+    # weights: the weights' checksum, not the file's path.
     # runtime: ONNX Runtime and Keras agree within 1e-4, not bit for bit, so a switch makes other features.
+    # precision: another number format gives other features.
     # decode_memory_mb: which images are rejected as too large.
-    changes_output=("weights", "runtime", "decode_memory_mb"),
+    changes_output=("weights", "runtime", "precision", "decode_memory_mb"),
     # batch size, actors and threads change how fast, not what (the model is deterministic per image).
     does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
 )
@@ -142,13 +178,70 @@ REDUCE = Contract(
     folder="reduce",
     reads="embed",
     needs=("image_id", "path", "label", "split", "features"),
+    # pca is vector_type(k) as written (pca_schema); k is known only once the stage has chosen it.
     writes={PCA_DIR: pa.schema([*_META, ("pca", pa.list_(pa.float32()))])},
     files=(CSV_NAME, VARIANCE_NAME),
     changes_output=("k", "variance_target"),
     does_not_change_output=("overwrite",),
 )
 
-STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE)}
+
+def pca_schema(k: int) -> pa.Schema:
+    """reduce's pca/ schema once k is chosen: the components as FixedSizeList<float32, k>."""
+    schema = REDUCE.writes[PCA_DIR]
+    return schema.set(schema.get_field_index("pca"), pa.field("pca", vector_type(k)))
+
+
+#: The spaces `m9 evaluate` scores kNN in, in the order it reports them: reduce's PCA components, embed's
+#: full features, and the raw grey pixels of the images (the baseline).
+PCA_SPACE, FULL_SPACE, RAW_SPACE = "pca", "full", "raw"
+SPACES = (PCA_SPACE, FULL_SPACE, RAW_SPACE)
+
+#: The file `m9 evaluate` writes.
+EVALUATE_NAME = "evaluate.json"
+
+EVALUATE = Contract(
+    name="evaluate",
+    folder="evaluate",
+    # A reduce output, or an embed output (then without the PCA space).
+    reads="reduce",
+    needs=("image_id", "label", "split", "pca"),
+    writes={},
+    files=(EVALUATE_NAME,),
+    changes_output=("neighbors",),
+    does_not_change_output=("overwrite",),
+)
+
+#: The report's page, and the figures written beside it as PNGs.
+REPORT_NAME = "report.html"
+FIGURES = ("scree", "scatter", "neighbours", "evaluate")
+
+REPORT = Contract(
+    name="report",
+    folder="report",
+    reads="evaluate",
+    needs=(),
+    writes={},
+    files=(REPORT_NAME, *(f"{name}.png" for name in FIGURES)),
+    changes_output=(),
+    does_not_change_output=("overwrite",),
+)
+
+#: The record `m9 run` writes at the top of its workdir (timings, machine), read by the report.
+RUN_RECORD = "run.json"
+
+STAGES: dict[str, Contract] = {c.name: c for c in (INGEST, EMBED, REDUCE, EVALUATE, REPORT)}
+
+
+#: `m9 bench`'s folder under the default workdir (it is not a stage of `m9 run`).
+BENCH_DIR = "bench"
+
+
+def default_output(stage: Contract | str) -> str:
+    """Where a stage (or `m9 bench`, BENCH_DIR) writes when run alone with no --output: its folder under the
+    default workdir."""
+    return os.path.join(DEFAULT_WORKDIR, stage if isinstance(stage, str) else stage.folder)
+
 
 #: A column only one stage writes, to say whose output a folder looks like.
 _SIGNATURES = (("features", "m9 embed"), ("pca", "m9 reduce"), ("content", "m9 ingest"))

@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9.config import DEFAULT_DECODE_MEMORY, DEFAULT_RUNTIME, FEATURE_DIM, PREPROCESS_VERSION, RUNTIMES, EmbedConfig
+from m9.config import FEATURE_DIM, EmbedConfig
 from m9.engines import ray_pool
-from m9.errors import EngineError, InputError, TooManyRejectedError
+from m9.errors import EngineError, InputError, TooManyRejectedError, first_line
 from m9.io import lease, storage
-from m9.model import weights as m9weights
+from m9.model.spec import ModelSpec, resolve_model
 from m9.stages import contract
 from m9.stages.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.ui.progress import StageProgress
@@ -54,44 +54,18 @@ class EmbedActor:
     work items it is given straight from storage, decodes them and runs the model: what travels between
     processes is a work item's name (file, row groups) and the features that come back, not the images.
 
-    runtime "onnx": the model's bytes come from the driver (Ray's object store, `model`), which converted
-    and checked them; the actor checks their sha256 and needs neither TensorFlow nor a cache of its own.
-    runtime "keras": the weights file, or the verified cache fetched on this worker when weights_path is None.
-    s3 carries the driver's S3 settings: a Ray worker's environment is its node's, not the driver's.
+    model: the ModelSpec resolved on the driver (passed as an ObjectRef, so Ray's object store holds one
+    copy per node); the actor confirms its bytes' sha256 and needs no cache of its own, nor TensorFlow on
+    the onnx runtime. s3 carries the driver's S3 settings: a Ray worker's environment is its node's.
     """
 
-    def __init__(
-        self,
-        weights_path: str | None,
-        threads: int,
-        batch_size: int,
-        runtime: str = DEFAULT_RUNTIME,
-        model=None,
-        model_sha256: str | None = None,
-        decode_memory_mb: int = DEFAULT_DECODE_MEMORY,
-        s3: storage.S3Settings | None = None,
-    ):
+    def __init__(self, model: ModelSpec, threads: int, batch_size: int, s3: storage.S3Settings | None = None):
         import threading
 
         from m9.model.embedder import Embedder
 
-        if runtime == "onnx":
-            import ray
-
-            model_bytes = model if isinstance(model, bytes) else ray.get(model)
-            self.embedder = Embedder(
-                runtime="onnx",
-                threads=threads,
-                batch_size=batch_size,
-                model_bytes=model_bytes,
-                expected_sha256=model_sha256,
-            )
-        else:
-            path = weights_path or str(m9weights.fetch())
-            self.embedder = Embedder(
-                path, runtime="keras", threads=threads, batch_size=batch_size, verify=weights_path is None
-            )
-        self.decode_memory_mb, self.s3 = decode_memory_mb, s3
+        self.embedder = Embedder(model, threads=threads, batch_size=batch_size)
+        self.s3 = s3
         self._forward_lock = threading.Lock()  # forwards in series even when calls overlap (ACTOR_CONCURRENCY)
         ray_pool.record_model_load()
 
@@ -102,10 +76,9 @@ class EmbedActor:
     def embed_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows (EMBED.needs columns) → their metadata, features (zeros where the image failed) and error
         ("" for an embedded image)."""
-        from m9.model.decode import decode_many
         from m9.model.embedder import place
 
-        inputs, errors = decode_many(list(rows["content"]), self.decode_memory_mb)
+        inputs, errors = self.embedder.decode(list(rows["content"]))
         with self._forward_lock:
             features = self.embedder.forward(inputs)
         return {
@@ -192,9 +165,7 @@ class _ShardWriter:
         good = pa.table(
             {
                 **{k: pa.array([v for v, keep in zip(vals, ok) if keep], pa.string()) for k, vals in meta.items()},
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM).cast(
-                    pa.list_(pa.float32())
-                ),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features[ok].ravel()), FEATURE_DIM),
             },
             schema=EMBEDDINGS_SCHEMA,
         )
@@ -297,39 +268,22 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
     return {"embedded": embedded, "rejected": rejected}
 
 
-def embed_batches(
-    shards: list[str],
-    actors: int,
-    batch_size: int,
-    weights_path: str | None,
-    runtime: str = DEFAULT_RUNTIME,
-    decode_memory_mb: int = DEFAULT_DECODE_MEMORY,
-) -> Iterator[dict[str, np.ndarray]]:
+def embed_batches(shards: list[str], actors: int, batch_size: int, model: ModelSpec) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed pool of `actors` EmbedActors, each loading the model
-    once, given work items (plan_slices) as they finish the previous ones; yields each item's embedded rows
-    (EmbedActor.embed_item's columns) as it finishes. `m9 embed` writes them; `m9 bench` times them.
-
-    weights_path: for "keras" a weights file (None: the verified cache, on each worker); for "onnx" an
-    .onnx file m9 converted, or a Keras file to convert, or None for the verified conversion."""
+    (resolved once on the driver, resolve_model) once, given work items (plan_slices) as they finish the
+    previous ones; yields each item's embedded rows (EmbedActor.embed_item's columns) as it finishes.
+    `m9 embed` writes them; `m9 bench` times them."""
     import ray
 
     actor_cpus, threads = plan_resources(ray_pool.node_cpus(), actors)
-    model_kwargs: dict = {"weights_path": weights_path, "runtime": runtime}
-    if runtime == "onnx":
-        if not (weights_path and str(weights_path).endswith(".onnx")):
-            weights_path = str(m9weights.resolve(weights_path, "onnx"))
-        # Read and checked once here; the actors share one copy per node from the object store, so a
-        # worker node needs neither its own conversion (TensorFlow, tf2onnx) nor a cache.
-        model_bytes = m9weights.read_onnx(weights_path)
-        model_kwargs.update(
-            weights_path=None, model=ray.put(model_bytes), model_sha256=m9weights.onnx_sha256(weights_path)
-        )
+    # One copy per node in the object store; Ray hands each actor the value itself.
+    model_ref = ray.put(model)
     items = plan_slices(shards, SLICE_BATCHES * batch_size)
     log.info(
         "embed: %d shards (%d work items), %s, %d actors × %d threads (%.3g CPUs each), batch %d",
         len(shards),
         len(items),
-        runtime,
+        f"{model.runtime} {model.precision}",
         actors,
         threads,
         actor_cpus,
@@ -344,13 +298,7 @@ def embed_batches(
         max_task_retries=ACTOR_RESTARTS,
     )
     pool = [
-        remote.remote(
-            **model_kwargs,
-            threads=threads,
-            batch_size=batch_size,
-            decode_memory_mb=decode_memory_mb,
-            s3=storage.current_settings(),
-        )
+        remote.remote(model_ref, threads=threads, batch_size=batch_size, s3=storage.current_settings())
         for _ in range(actors)
     ]
     try:
@@ -391,35 +339,28 @@ def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]
                 alive.remove(actor)
                 log.warning("embed: an actor died and could not be restarted; %d left", len(alive))
             if not alive:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise EngineError(
-                    f"every embed actor died (last on a work item of {part_name(item['shard'])}): {first}"
+                    f"every embed actor died (last on a work item of {part_name(item['shard'])}): {first_line(exc)}"
                 ) from None
         else:
             yield result
         top_up()
 
 
-def fingerprint(cfg: EmbedConfig, src: str) -> dict:
-    """Everything that determines embed's output for cfg (see m9.stages.contract)."""
-    return contract.fingerprint(
-        EMBED,
-        cfg,
-        contract.input_identity(src),
-        weights=m9weights.identity(cfg.weights),
-        preprocess=PREPROCESS_VERSION,
-    )
+def fingerprint(cfg: EmbedConfig, src: str, model: ModelSpec) -> dict:
+    """Everything that determines embed's output for cfg and its resolved model (see m9.stages.contract):
+    the model's identity stands for the config's weights, runtime, precision and decode budget."""
+    return contract.fingerprint(EMBED, cfg, contract.input_identity(src), **model.identity())
 
 
-def embed(cfg: EmbedConfig) -> Manifest:
-    """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/."""
+def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
+    """Embed every ingested image under cfg.input into cfg.output/embeddings, failures into errors/.
+    model: the model resolved for cfg (resolve_model), or None to resolve it here, once."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     if cfg.actors < 1:
         raise InputError("--actors must be at least 1")
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    if cfg.runtime not in RUNTIMES:
-        raise InputError(f"--runtime {cfg.runtime}: expected one of {', '.join(RUNTIMES)}")
     if cfg.decode_memory_mb < 1:
         raise InputError("--decode-memory must be at least 1 (MB)")
     storage.check_access(read=src, write=out)
@@ -428,7 +369,13 @@ def embed(cfg: EmbedConfig) -> Manifest:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
     contract.check_columns(EMBED, src, shards[0])
     contract.check_not_a_file(out)
-    print_ = fingerprint(cfg, src)
+    # On the driver, before Ray starts: fail fast with one clear line if no model can be had, and convert
+    # (once per cache) what the onnx runtime needs, so the actors never need TensorFlow.
+    if model is None:
+        model = resolve_model(
+            runtime=cfg.runtime, weights=cfg.weights, precision=cfg.precision, decode_memory_mb=cfg.decode_memory_mb
+        )
+    print_ = fingerprint(cfg, src, model)
     with lease.hold(out, EMBED.name):
         # Another input's unfinished output is refused before the pending record marks it as ours.
         check = functools.partial(_prepare_resume, out, src, shards)
@@ -436,31 +383,24 @@ def embed(cfg: EmbedConfig) -> Manifest:
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)
-        return check_rejections(_run(cfg, src, out, shards, print_), cfg.max_errors, out)
+        return check_rejections(_run(cfg, src, out, shards, print_, model), cfg.max_errors, out)
 
 
-def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) -> Manifest:
+def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, model: ModelSpec) -> Manifest:
     import ray
 
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
     rows = _count_rows(shards)  # one footer read per shard, on S3 a request each
     expected = {s: rows[s] for s in pending}
     rows_in = sum(rows.values())
-    # On the driver, before Ray starts: fail fast with one clear line if no weights can be had, and convert
-    # (once per cache) what the onnx runtime needs, so the actors never need TensorFlow.
-    weights_path = str(m9weights.resolve(cfg.weights, cfg.runtime)) if cfg.weights or cfg.runtime == "onnx" else None
-    if weights_path is None:
-        m9weights.fetch()
     started = time.perf_counter()
     loads: list = []
     if pending:
         with ray_pool.connect(cfg.ray_address):
             writer = _ShardWriter(out, expected)
             counter = ray_pool.start_load_counter()
-            batches = embed_batches(
-                pending, cfg.actors, cfg.batch_size, weights_path, cfg.runtime, cfg.decode_memory_mb
-            )
-            what = f"embedding with {cfg.actors} actors ({cfg.runtime})"
+            batches = embed_batches(pending, cfg.actors, cfg.batch_size, model)
+            what = f"embedding with {cfg.actors} actors ({model.runtime}, {model.precision})"
             with StageProgress("embed", what, sum(expected.values()), counters={"shards": len(pending)}) as shown:
                 for batch in batches:
                     batch_shards = batch.pop("shard")
@@ -496,12 +436,14 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict) 
     details = {
         "actors": cfg.actors,
         "batch_size": cfg.batch_size,
-        "runtime": cfg.runtime,
-        "decode_memory_mb": cfg.decode_memory_mb,
+        "runtime": model.runtime,
+        "precision": model.precision,
+        "decode_memory_mb": model.decode_memory_mb,
         "wall_s": round(wall, 2),
+        "model": model.describe(),
     }
-    if cfg.runtime == "onnx":
-        details["onnx_sha256"] = m9weights.onnx_sha256(weights_path)
+    if model.runtime == "onnx":
+        details["onnx_sha256"] = model.sha256
     return contract.write_manifest(
         out, Manifest(stage=EMBED.name, input=src, fingerprint=print_, counts=counts, details=details)
     )

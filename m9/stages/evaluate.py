@@ -12,14 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from m9.config import DEFAULT_NEIGHBORS
 from m9.errors import InputError
 from m9.io import storage
 from m9.stages import contract
 
 log = logging.getLogger(__name__)
-
-#: Neighbours that vote: 5 is scikit-learn's default and the usual first look; odd, so two labels cannot tie.
-DEFAULT_NEIGHBORS = 5
 
 #: Side of the raw-pixel baseline's grey images: Fashion-MNIST's own 28x28, small enough that kNN on
 #: 784 numbers stays quick, large enough to keep a shape's outline.
@@ -35,12 +33,6 @@ FOLDS = 5
 
 #: Label pairs listed as most confused.
 TOP_CONFUSED = 10
-
-#: Output names under the evaluate folder.
-EVALUATE_NAME = "evaluate.json"
-
-#: The spaces compared, in the order they are reported.
-SPACES = ("pca", "full", "raw")
 
 
 @dataclass(frozen=True)
@@ -178,14 +170,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "accuracy": {},
         "spaces": {},
     }
-    for name in SPACES:
+    for name in contract.SPACES:
         if name not in spaces:
             continue
         true, pred = knn_predict(spaces[name], labels, folds, cfg.neighbors)
         result["spaces"][name] = scores(true, pred, names)
         result["accuracy"][name] = result["spaces"][name]["accuracy"]
     storage.makedirs(out)
-    storage.write_json(storage.join(out, EVALUATE_NAME), result)
+    storage.write_json(storage.join(out, contract.EVALUATE_NAME), result)
     log.info(
         "evaluate: %d-NN accuracy on %d images (%s): %s",
         cfg.neighbors,

@@ -1,22 +1,21 @@
-"""Run: ingest → embed → reduce in a row, each stage's output in its own folder under one workdir."""
+"""Run: ingest → embed → reduce → evaluate → report in a row, each stage's output in its own folder under one
+workdir."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
 from m9.errors import InputError, TooManyRejectedError
 from m9.io import storage
-from m9.stages.contract import EMBED, INGEST, REDUCE, Manifest
+from m9.stages.contract import RUN_RECORD, STAGES, Manifest
 
 log = logging.getLogger(__name__)
-
-#: The folder `m9 run` gives `m9 evaluate` under the workdir.
-EVALUATE_DIR = "evaluate"
 
 
 def sample_dir() -> str:
@@ -26,30 +25,43 @@ def sample_dir() -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """What `m9 run` reads and where it works; each stage's own options live in that stage's config.
+    """What `m9 run` reads and where it works; each stage's own settings (its config's fields other than
+    input, output and overwrite) in `settings`, by stage name.
 
-    The stage configs' input and output are filled in by stage_configs() from the workdir's layout
-    (m9.stages.contract: images/, embed/, reduce/), and overwrite from this config's.
+    Each stage's input and output come from the workdir's layout (m9.stages.contract: images/, embed/,
+    reduce/ …), and overwrite from this config's: stage_configs() builds the stage configs from them.
     """
 
     input: str
     workdir: str = DEFAULT_WORKDIR
     overwrite: bool = False
-    ingest: IngestConfig = field(default_factory=lambda: IngestConfig(input="", output=""))
-    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(input="", output=""))
-    reduce: ReduceConfig = field(default_factory=lambda: ReduceConfig(input="", output=""))
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.settings) - set(self.stage_types())
+        if unknown:
+            raise TypeError(f"RunConfig.settings: no stage {', '.join(sorted(unknown))}")
+        self.stage_configs()  # a setting no stage config has is a TypeError now, not later
+
+    @staticmethod
+    def stage_types() -> dict[str, type]:
+        """The config type of each stage `m9 run` runs with settings of its own."""
+        return {"ingest": IngestConfig, "embed": EmbedConfig, "reduce": ReduceConfig}
 
     def stage_dir(self, name: str) -> str:
-        """The folder of stage `name` (ingest, embed, reduce) under the workdir."""
-        folder = {c.name: c.folder for c in (INGEST, EMBED, REDUCE)}[name]
-        return storage.join(storage.normalize(self.workdir), folder)
+        """The folder of stage `name` (ingest, embed, reduce …) under the workdir."""
+        return storage.join(storage.normalize(self.workdir), STAGES[name].folder)
 
     def stage_configs(self) -> tuple[IngestConfig, EmbedConfig, ReduceConfig]:
         images, embedded, reduced = (self.stage_dir(n) for n in ("ingest", "embed", "reduce"))
+
+        def settings(name: str) -> dict[str, Any]:
+            return {**self.settings.get(name, {}), "overwrite": self.overwrite}
+
         return (
-            dataclasses.replace(self.ingest, input=self.input, output=images, overwrite=self.overwrite),
-            dataclasses.replace(self.embed, input=images, output=embedded, overwrite=self.overwrite),
-            dataclasses.replace(self.reduce, input=embedded, output=reduced, overwrite=self.overwrite),
+            IngestConfig(input=self.input, output=images, **settings("ingest")),
+            EmbedConfig(input=images, output=embedded, **settings("embed")),
+            ReduceConfig(input=embedded, output=reduced, **settings("reduce")),
         )
 
 
@@ -67,7 +79,7 @@ class RunResult:
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """All three stages; returns each stage's manifest and wall time.
+    """Every stage in a row; returns each stage's manifest and wall time, evaluate's result and the report.
 
     With too many rejected images (the embed config's max_errors) every stage still runs;
     TooManyRejectedError then carries the same result.
@@ -103,13 +115,13 @@ def run(cfg: RunConfig) -> RunResult:
     evaluation = None
     started = time.perf_counter()
     try:
-        evaluation = evaluate(EvaluateConfig(input=cfg.stage_dir("reduce"), output=storage.join(workdir, EVALUATE_DIR)))
+        evaluation = evaluate(EvaluateConfig(input=cfg.stage_dir("reduce"), output=cfg.stage_dir("evaluate")))
         timings["evaluate"] = round(time.perf_counter() - started, 2)
     except InputError as exc:
         log.info("evaluate skipped: %s", exc)
     # The run's own record (timings, machine) for the report; the stages' manifests hold the rest.
     storage.write_json(
-        storage.join(workdir, report.RUN_RECORD),
+        storage.join(workdir, RUN_RECORD),
         {"input": storage.normalize(cfg.input), "wall_s": timings, "machine": report.machine()},
     )
     started = time.perf_counter()

@@ -153,6 +153,7 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manif
                 spark.read.parquet(m9spark.read_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
                 preserve_index=False,
             )
+    fixed_size_pca(storage.join(out, PCA_DIR), k)
     _write_csv(storage.join(out, CSV_NAME), table, k)
     report = variance_report(fitted[:k], k, rows)
     choice = k_choice(fitted, cfg.variance_target, k) if auto else None
@@ -230,6 +231,22 @@ def _project(components: np.ndarray):
     # Real types, not this module's postponed (string) annotations: pandas_udf reads them to pick its kind.
     project.__annotations__ = {"features": pd.Series, "return": pd.Series}
     return F.pandas_udf(project, T.ArrayType(T.FloatType()))
+
+
+def fixed_size_pca(folder: str, k: int) -> None:
+    """Rewrite the Parquet files Spark wrote into pca/ with the components as FixedSizeList<float32, k>
+    (contract.pca_schema): Spark writes arrays as variable-length lists. The same floats, bit for bit."""
+    import pyarrow.parquet as pq
+
+    schema = contract.pca_schema(k)
+    for uri in storage.list_files(folder, ".parquet"):
+        fs, path = storage.filesystem(uri)
+        table = pq.read_table(path, filesystem=fs).cast(schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="snappy")
+        storage.write_bytes_atomic(uri, buf.getvalue())
+        name = uri.rsplit("/", 1)[-1]
+        storage.remove(storage.join(folder, f".{name}.crc"))  # Hadoop's checksum of the file Spark wrote
 
 
 def _write_csv(uri: str, table: pa.Table, k: int) -> None:

@@ -33,9 +33,6 @@ QUERIES, QUERY_NEIGHBORS = 6, 5
 #: Side in pixels of each thumbnail in the neighbours figure.
 THUMB_PX = 96
 
-#: The run record m9 run writes into its workdir (timings, machine), read by the report.
-RUN_RECORD = "run.json"
-
 #: Folder of the report under the workdir, and its page.
 REPORT_DIR, REPORT_NAME = "report", "report.html"
 
@@ -292,7 +289,7 @@ def report(workdir: str) -> str:
     manifests = {name: contract.read_manifest(folder) for name, folder in dirs.items() if name != "evaluate"}
     if not manifests["reduce"]:
         raise InputError(f"{work} holds no finished `m9 reduce` output (reduce/); run `m9 run` first")
-    run = storage.read_json(storage.join(work, RUN_RECORD)) or {}
+    run = storage.read_json(storage.join(work, contract.RUN_RECORD)) or {}
     variance = storage.read_json(storage.join(dirs["reduce"], "variance.json"))
     evaluation = storage.read_json(storage.join(dirs["evaluate"], "evaluate.json"))
     pca, x = read_pca(dirs["reduce"])
