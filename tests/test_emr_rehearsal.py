@@ -130,7 +130,10 @@ def rehearsal(tmp_path_factory):
             )  # fmt: skip
             return proc.returncode == 0
 
-        _wait_for("3 Ray nodes", joined, timeout=300, detail=lambda: (master / "bootstrap.log").read_text()[-3000:])
+        # 900 s: on a loaded machine the head's raylet can time out waiting for the dashboard agent and
+        # the supervisor starts it again (seen: third attempt at load 7.5 on 2 cores); that restart is
+        # production behaviour, so the rehearsal waits for it rather than failing on the first try.
+        _wait_for("3 Ray nodes", joined, timeout=900, detail=lambda: (master / "bootstrap.log").read_text()[-3000:])
         print(f"rehearsal: wheelhouse {t_build:.0f}s, bootstraps {t_install:.0f}s, Ray up {time.monotonic() - t1:.0f}s")
         yield {
             "root": root, "venv": venv, "address": address, "token": token, "master": master,
