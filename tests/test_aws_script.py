@@ -307,14 +307,22 @@ esac
     ("command", "port"), [("notebook", 8888), ("dashboard", 8265), ("spark-history", 18080), ("yarn", 8088)]
 )
 def test_dry_run_port_forwarding_opens_no_port(tmp_path: Path, command: str, port: int) -> None:
-    """Session Manager port forwarding to the master's loopback: the only way in, one command each."""
+    """Session Manager port forwarding: the only way in, one command each. Jupyter and Ray's dashboard
+    listen on the master's loopback; YARN and the History Server on its private DNS name."""
     proc = _run(tmp_path, command)
     assert proc.returncode == 0, proc.stderr
-    assert _commands(proc) == [
-        "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' "
-        "--document-name AWS-StartPortForwardingSession "
-        f'--parameters \'{{"portNumber":["{port}"],"localPortNumber":["{port}"]}}\''
-    ]
+    if command in ("yarn", "spark-history"):
+        assert _commands(proc)[-1] == (
+            "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' "
+            "--document-name AWS-StartPortForwardingSessionToRemoteHost "
+            f'--parameters \'{{"host":["<master-private-dns>"],"portNumber":["{port}"],"localPortNumber":["{port}"]}}\''
+        )
+    else:
+        assert _commands(proc) == [
+            "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' "
+            "--document-name AWS-StartPortForwardingSession "
+            f'--parameters \'{{"portNumber":["{port}"],"localPortNumber":["{port}"]}}\''
+        ]
     assert f"http://127.0.0.1:{port}" in proc.stderr
     other = _run(tmp_path, command, LOCAL_PORT="9999")
     assert '"localPortNumber":["9999"]' in _commands(other)[0]
@@ -326,3 +334,10 @@ def test_dry_run_shell_uses_the_logged_session_document(tmp_path: Path) -> None:
     assert _commands(proc) == [
         "aws ssm start-session --region eu-west-1 --target '<master-instance-id>' --document-name m9-shell"
     ]
+
+
+def test_the_ray_token_is_never_printed(tmp_path: Path) -> None:
+    """notebook/dashboard say how to read the token; they never fetch or print it (it runs code as hadoop)."""
+    text = (REPO / "infra" / "aws.sh").read_text()
+    body = text[text.index("print_token_hint() {") : text.index("cmd_notebook() {")]
+    assert "get-parameter" in body and '"$AWS" ssm get-parameter' not in body and "$token" not in body

@@ -566,7 +566,9 @@ def test_wheelhouse_is_hashed_and_installs_only_what_was_built(tmp_path: Path) -
         **os.environ,
         "PYTHON": sys.executable,
         "M9_CACHE_DIR": str(cache),
+        "M9_WHEELHOUSE_NODE": "",
         "M9_WHEELHOUSE_EXTRA": "",
+        "M9_UV_ARGS": f"--no-index --find-links {index}",
         "M9_PIP_DOWNLOAD_ARGS": f"--no-index --find-links {index}",
     }
     proc = subprocess.run(
@@ -594,3 +596,66 @@ def test_wheelhouse_is_hashed_and_installs_only_what_was_built(tmp_path: Path) -
         f.write(b"\0")
     tampered = install(tmp_path / "site2")
     assert tampered.returncode != 0 and "HASHES" in tampered.stderr.upper()
+
+
+def _wheelhouse_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wheelhouse", REPO / "bootstrap" / "wheelhouse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "fits"),
+    [
+        ("tensorflow_cpu-2.21.0-cp311-cp311-manylinux_2_27_x86_64.whl", True),  # not in pip's old --platform list
+        ("ray-2.60.0-cp311-cp311-manylinux2014_x86_64.whl", True),
+        ("numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", True),
+        ("six-1.17.0-py2.py3-none-any.whl", True),
+        ("cryptography-50.0.2-cp311-abi3-manylinux_2_34_x86_64.whl", True),
+        ("numpy-1.26.4-cp311-cp311-macosx_11_0_arm64.whl", False),  # what a Mac deployer's pip would pick
+        ("numpy-1.26.4-cp311-cp311-manylinux_2_17_aarch64.whl", False),
+        ("numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.whl", False),
+        ("foo-1.0-cp311-cp311-manylinux_2_35_x86_64.whl", False),  # newer glibc than Amazon Linux 2023's 2.34
+        ("foo-1.0-cp311-cp311-linux_x86_64.whl", False),
+    ],
+)
+def test_wheelhouse_refuses_wheels_that_do_not_fit_the_nodes(tmp_path: Path, name: str, fits: bool) -> None:
+    wheelhouse = _wheelhouse_module()
+    (tmp_path / name).write_bytes(b"")
+    assert (wheelhouse.misfits(tmp_path) == []) is fits
+
+
+def test_wheelhouse_build_refuses_without_uv(tmp_path: Path) -> None:
+    wheel = _toy_wheel(tmp_path, "m9", "0.0.1", [])
+    proc = subprocess.run(
+        ["bash", str(WHEELHOUSE_SCRIPT), str(wheel), str(tmp_path / "out"), str(REPO / "constraints.txt")],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, "UV": str(tmp_path / "no-uv")},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "uv not found" in proc.stderr and "uv==" in proc.stderr
+
+
+def test_preflight_expects_nodes_that_are_still_bootstrapping(tmp_path: Path) -> None:
+    """`--emr` asks EMR for instances still coming up too, so a late node is named, not forgotten."""
+    info = _fake_node(tmp_path, "node", master=True, provisioned=True)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "aws").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho \'["i-boot"]\'\n')
+    (stub / "aws").chmod(0o755)
+    sys.path.insert(0, str(PREFLIGHT.parent))
+    try:
+        import m9_preflight
+    finally:
+        sys.path.pop(0)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{stub}{os.pathsep}{old}"
+    try:
+        assert m9_preflight.emr_instances(str(info)) == ["i-boot"]
+    finally:
+        os.environ["PATH"] = old
+    args = (tmp_path / "args").read_text().split()
+    states = args[args.index("--instance-states") + 1 : args.index("--query")]
+    assert states == ["AWAITING_FULFILLMENT", "PROVISIONING", "BOOTSTRAPPING", "RUNNING"]
