@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, scaling, steady_rate
+from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, steady_rate
 from m9.bench.knobs import check_knobs, default_setting
 from m9.bench.report import decode_bound, targets
 from m9.bench.run import engine_order
+from m9.bench.scaling import scaling
 from m9.cli import main
 from m9.errors import InputError
 from m9.model.spec import ModelSpec

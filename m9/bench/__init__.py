@@ -9,9 +9,11 @@ from m9.bench.config import AGREE_TOLERANCE, ENGINES, FEATURE_ENGINES, BenchConf
 
 #: Loaded when first used, so that `m9 --help` (which reads the bench's defaults) does not import the engines'
 #: drivers.
-_LAZY = {"bench": "m9.bench.run", "scaling": "m9.bench.scaling", "steady_rate": "m9.bench.monitor"}
+_LAZY = {"bench": "m9.bench.run", "steady_rate": "m9.bench.monitor"}
+# The scaling driver is m9.bench.scaling.scaling: a lazy name `scaling` here would be shadowed by the
+# submodule of that name once it is imported.
 
-__all__ = ["AGREE_TOLERANCE", "ENGINES", "FEATURE_ENGINES", "BenchConfig", "bench", "scaling", "steady_rate"]
+__all__ = ["AGREE_TOLERANCE", "ENGINES", "FEATURE_ENGINES", "BenchConfig", "bench", "steady_rate"]
 
 
 def __getattr__(name: str) -> Any:

@@ -82,7 +82,7 @@ def bench(
     """
     from m9.bench import BenchConfig
     from m9.bench import bench as run_bench
-    from m9.bench import scaling as run_scaling
+    from m9.bench.scaling import scaling as run_scaling
 
     cfg = BenchConfig(
         input=input_,
