@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m9.config import DEFAULT_THRESHOLD
+from m9.config import DEFAULT_THRESHOLD  # the near-duplicate threshold; its measurement is given there
 from m9.errors import InputError
 from m9.io import lease, storage
 from m9.neighbors import features
@@ -21,9 +21,6 @@ from m9.stages import contract
 from m9.stages.contract import DUPLICATES, DUPLICATES_NAME, DUPLICATES_SUMMARY, Manifest
 
 log = logging.getLogger(__name__)
-
-#: The near-duplicate threshold (m9.config, where its measurement is given).
-DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
 
 #: IVF cells a near-duplicate search scans per image when the set is too large for exact search: a near
 #: copy (cosine ≥ 0.9) falls in its original's cell or the next; 4 found every planted copy among 1,000,000.
