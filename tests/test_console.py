@@ -147,3 +147,10 @@ def test_native_stderr_without_drops_only_the_matching_lines(monkeypatch, capfd)
         )
         os.write(2, b"a native error that matters\n")
     assert capfd.readouterr().err == "a native error that matters\n"
+
+
+def test_spark_is_given_a_log4j_file_that_exists():
+    """Spark's JVM reads its logging settings from the file m9 ships; a wrong path means Spark's own lines."""
+    from m9.engines.spark import LOG4J_CONFIG
+
+    assert LOG4J_CONFIG.is_file() and "m9.spark.console.level" in LOG4J_CONFIG.read_text()

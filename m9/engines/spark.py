@@ -18,6 +18,9 @@ from m9.ui import quiet
 
 log = logging.getLogger(__name__)
 
+#: Spark's JVM logging settings, shipped at the top of the m9 package (package data in setup.cfg).
+LOG4J_CONFIG = Path(__file__).resolve().parent.parent / "log4j2.properties"
+
 #: Spark 3.5 runs on Java 8/11/17; m9 asks for 17, the oldest release still maintained by its vendors.
 MIN_JAVA = 17
 
@@ -219,7 +222,7 @@ def session(app_name: str = "m9", master: str | None = None, conf: dict | None =
     )
     if not _on_emr():  # on EMR, memory, UI and Java options (GC, logging) stay as the cluster set them
         log4j = (
-            f"-Dlog4j2.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG.as_uri()}"
             f" -Dm9.spark.console.level={quiet.spark_log_level().lower()}"
         )
         builder = (
