@@ -44,7 +44,7 @@ def test_near_pairs_finds_planted_copies_exactly_and_through_the_ivf(monkeypatch
     want = set(zip(copies.tolist(), (copies + 1).tolist()))
     i, j, s = dup.near_pairs(x, 0.9)
     assert set(zip(i.tolist(), j.tolist())) == want and (s >= 0.9).all()
-    monkeypatch.setattr(m9index, "EXACT_MAX", 100)  # the same search past the exact size: an IVF range search
+    monkeypatch.setattr(m9index, "EXACT_MAX", 100)  # the same search past the exact size: within k-means cells
     i, j, _ = dup.near_pairs(x, 0.9)
     assert set(zip(i.tolist(), j.tolist())) == want
 

@@ -22,12 +22,15 @@ from m9.stages.contract import DUPLICATES, DUPLICATES_NAME, DUPLICATES_SUMMARY, 
 
 log = logging.getLogger(__name__)
 
-#: IVF cells a near-duplicate search scans per image when the set is too large for exact search: a near
-#: copy (cosine ≥ 0.9) falls in its original's cell or the next; 4 found every planted copy among 1,000,000.
-DUPLICATE_NPROBE = 4
+#: Past m9index.EXACT_MAX images, the near-duplicate search splits the set into k-means cells (as many as the
+#: index has) and compares each image with the images of its own cell in one matrix product per cell; an
+#: image is also compared within the DUPLICATE_CELLS − 1 cells next nearest to it, so a near copy whose
+#: nearest centroid differs from its original's is still found. Measured in docs/neighbors.md.
+DUPLICATE_CELLS = 2
 
-#: Images per block of the exact search (a block × n similarity matrix at a time).
+#: Images per block of the exact search (a block × n similarity matrix at a time), and per product within a cell.
 BLOCK = 4096
+CELL_BLOCK = 1024
 
 #: Groups drawn in the report, largest first; groups whose medoid is computed (past it, the first member).
 LARGEST_GROUPS, MEDOID_MAX = 6, 2000
@@ -47,18 +50,14 @@ class DuplicatesConfig:
 
 def near_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity) of every pair i < j of unit rows whose cosine similarity is at least threshold:
-    exact search up to m9index.EXACT_MAX rows, else an IVF range search over DUPLICATE_NPROBE cells."""
+    exact search up to m9index.EXACT_MAX rows, else a search within k-means cells (_pairs_in_cells)."""
     import faiss
 
     n = len(x)
-    if n <= m9index.EXACT_MAX:
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x)
-    else:
-        cells = m9index.cells_for(n)
-        index = m9index.new_index("ivf", x.shape[1], m9index.training_sample(x, cells), cells)
-        m9index.add(index, x, np.arange(n, dtype=np.int64))
-        index.nprobe = DUPLICATE_NPROBE
+    if n > m9index.EXACT_MAX:
+        return _pairs_in_cells(x, threshold)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
     found_i, found_j, found_s = [], [], []
     for start in range(0, n, BLOCK):
         lims, sims, ids = index.range_search(np.ascontiguousarray(x[start : start + BLOCK]), float(threshold))
@@ -67,9 +66,57 @@ def near_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray,
         found_i.append(rows[keep])
         found_j.append(ids[keep])
         found_s.append(sims[keep])
-    if not found_i:
+    return _joined(found_i, found_j, found_s)
+
+
+def _pairs_in_cells(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """near_pairs past the exact size: each image is a query in its nearest k-means cell and a candidate in
+    its DUPLICATE_CELLS nearest; within a cell, queries × candidates is one matrix product (BLAS) per
+    CELL_BLOCK queries. A pair is found when one image's nearest cell is among the other's nearest cells."""
+    n = len(x)
+    cells = m9index.cells_for(n)
+    trained = m9index.new_index("ivf", x.shape[1], m9index.training_sample(x, cells), cells)
+    quantizer = trained.quantizer  # owned by `trained`, which must outlive it
+    nearest = np.empty((n, DUPLICATE_CELLS), np.int64)
+    for start in range(0, n, m9index.ADD_CHUNK):
+        _, nearest[start : start + m9index.ADD_CHUNK] = quantizer.search(
+            np.ascontiguousarray(x[start : start + m9index.ADD_CHUNK]), DUPLICATE_CELLS
+        )
+    queries = _members(nearest[:, 0], cells)
+    candidates = _members(nearest.ravel(), cells, per_row=DUPLICATE_CELLS)
+    found_i, found_j, found_s = [], [], []
+    for cell in range(cells):
+        cand = candidates[cell]
+        if len(cand) < 2:
+            continue
+        xc = x[cand]
+        for start in range(0, len(queries[cell]), CELL_BLOCK):
+            q = queries[cell][start : start + CELL_BLOCK]
+            sims = x[q] @ xc.T
+            qi, ci = np.nonzero(sims >= threshold)
+            a, b = q[qi], cand[ci]
+            keep = a != b
+            found_i.append(np.minimum(a, b)[keep])
+            found_j.append(np.maximum(a, b)[keep])
+            found_s.append(sims[qi, ci][keep])
+    i, j, s = _joined(found_i, found_j, found_s)
+    # Both images of a pair may be queries where the other is a candidate: keep each pair once.
+    _, first = np.unique(i * n + j, return_index=True)
+    return i[first], j[first], s[first]
+
+
+def _members(cell_of: np.ndarray, cells: int, per_row: int = 1) -> list[np.ndarray]:
+    """The rows in each cell, given each row's cell (per_row cells per row, flattened row by row)."""
+    order = np.argsort(cell_of, kind="stable")
+    bounds = np.searchsorted(cell_of[order], np.arange(cells + 1))
+    rows = order // per_row
+    return [rows[bounds[c] : bounds[c + 1]] for c in range(cells)]
+
+
+def _joined(i: list, j: list, s: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
+    return np.concatenate(i).astype(np.int64), np.concatenate(j).astype(np.int64), np.concatenate(s)
 
 
 def exact_pairs(hashes: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
