@@ -799,6 +799,21 @@ data "aws_iam_policy_document" "emr_ec2" {
     ])
   }
 
+  # Checking that a prefix exists HEADs its own key: pyarrow asks for `inputs` before it lists
+  # inputs/, and EMRFS asks for every parent of a path it creates or lists (`runs`, then its
+  # `runs_$folder$` marker). S3 answers 404 only to a caller allowed to GetObject that key, and 403
+  # otherwise, which both clients take as an error. These keys are never written by the stack.
+  statement {
+    sid     = "CheckPrefixKeys"
+    actions = ["s3:GetObject"]
+    resources = flatten([
+      for prefix in ["inputs", "runs", "tmp"] : [
+        "${local.bucket_arn}/${prefix}",
+        "${local.bucket_arn}/${prefix}_$folder$",
+      ]
+    ])
+  }
+
   statement {
     sid = "ReadWriteRunsAndTmp"
     actions = [

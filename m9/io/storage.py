@@ -134,13 +134,26 @@ def filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem,
     return _s3_filesystem(s3 or current_settings()), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
+def _refused(exc: OSError) -> bool:
+    """True for pyarrow's report of an S3 request answered 403 (AccessDenied)."""
+    return "ACCESS_DENIED" in str(exc) or "HTTP response code: 403" in str(exc)
+
+
 def exists(uri: str) -> bool:
     """True when a file or a non-empty folder exists at uri."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        # pyarrow first HEADs the prefix's own key (`inputs` for s3://bucket/inputs), which needs
+        # s3:GetObject on that key; a policy granting only `inputs/*` gets 403 there although it may list
+        # below it. Listing then answers the question.
+        if not (is_s3(uri) and _refused(exc)):
+            raise
+        info = None
+    if info is not None and info.type == pafs.FileType.File:
         return True
-    if info.type == pafs.FileType.Directory or is_s3(uri):
+    if info is None or info.type == pafs.FileType.Directory or is_s3(uri):
         try:
             return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
         except (FileNotFoundError, OSError):
