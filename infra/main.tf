@@ -40,6 +40,9 @@ locals {
   # AmazonEMRServicePolicy_v2 only acts on network resources carrying this tag.
   emr_managed_tag = { "for-use-with-amazon-emr-managed-policies" = "true" }
 
+  # Tag of the cluster (EMR copies it to the instances) that the operator policy's sessions are limited to.
+  stack_tag_key = "m9-stack"
+
   venv_python = "${var.m9_venv}/bin/python"
 
   interface_endpoints = ["ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"]
@@ -1086,11 +1089,11 @@ data "aws_iam_policy_document" "operator" {
       values   = ["true"]
     }
 
-    # EMR tags each instance with its cluster's id.
+    # EMR copies the cluster's tags to its instances.
     condition {
       test     = "StringEquals"
-      variable = "ssm:resourceTag/aws:elasticmapreduce:job-flow-id"
-      values   = [aws_emr_cluster.main.id]
+      variable = "ssm:resourceTag/${local.stack_tag_key}"
+      values   = [var.name]
     }
   }
 
@@ -1127,7 +1130,7 @@ data "aws_iam_policy_document" "operator" {
   statement {
     sid       = "FindTheMaster"
     actions   = ["elasticmapreduce:ListInstances", "elasticmapreduce:DescribeCluster"]
-    resources = [aws_emr_cluster.main.arn]
+    resources = ["arn:${data.aws_partition.current.partition}:elasticmapreduce:${var.region}:${local.account_id}:cluster/*"]
   }
 }
 
@@ -1381,7 +1384,7 @@ resource "aws_emr_cluster" "main" {
     idle_timeout = var.idle_timeout_seconds
   }
 
-  tags = local.emr_managed_tag
+  tags = merge(local.emr_managed_tag, { (local.stack_tag_key) = var.name })
 
   depends_on = [
     aws_s3_object.bootstrap_script,

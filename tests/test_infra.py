@@ -697,7 +697,8 @@ def test_start_session_is_limited_to_the_approved_documents(plan: dict) -> None:
     assert used == {"AWS-StartPortForwardingSession", "AWS-StartPortForwardingSessionToRemoteHost"}
     # Only this cluster's nodes.
     (nodes,) = [s for s in starts if s["sid"] == "StartSessionsOnThisClustersNodes"]
-    assert any(c["variable"] == "ssm:resourceTag/aws:elasticmapreduce:job-flow-id" for c in nodes["condition"])
+    assert {"test": "StringEquals", "variable": "ssm:resourceTag/m9-stack", "values": ["m9"]} in nodes["condition"]
+    assert _one(plan, "aws_emr_cluster", "main")["tags"]["m9-stack"] == "m9"
     assert "operator_policy_arn" in plan["configuration"]["root_module"]["outputs"]
 
 

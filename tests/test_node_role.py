@@ -329,3 +329,25 @@ def test_m9_run_on_s3_with_the_node_policy(node_user: dict, spark, ray_local, we
     s3 = _as_user(node_user)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=PLAN_BUCKET, Prefix="runs/r1/")["Contents"]}
     assert {"runs/r1/images/_m9.json", "runs/r1/embed/_m9.json", "runs/r1/reduce/_m9.json"} <= keys
+
+
+@needs_terraform
+def test_exists_lists_when_the_prefix_key_may_not_be_read(node_user: dict) -> None:
+    """`bootstrap` is a prefix the nodes may list but whose own key they may not read: HeadObject is refused
+    (403) and storage.exists answers from the listing instead of failing."""
+    from botocore.exceptions import ClientError
+
+    from m9.io import storage
+
+    with pytest.raises(ClientError) as info:
+        _as_user(node_user).head_object(Bucket=PLAN_BUCKET, Key="bootstrap")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    settings = storage.S3Settings(
+        endpoint=node_user["endpoint"],
+        region=REGION,
+        access_key=node_user["access_key"],
+        secret_key=node_user["secret_key"],
+    )
+    with storage.using(settings):
+        assert storage.exists(f"s3://{PLAN_BUCKET}/bootstrap")
+        assert not storage.exists(f"s3://{PLAN_BUCKET}/nothing-here")
