@@ -305,8 +305,8 @@ def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> Sto
 
 
 def outage(exc: BaseException) -> StorageError | None:
-    """A StorageError for an S3 request that kept failing past S3_MAX_ATTEMPTS in the middle of a stage, or
-    None when exc is something else.
+    """A StorageError for an S3 request that kept failing past S3_MAX_ATTEMPTS in the middle of a stage (or
+    was refused, 403, which no retry changes), or None when exc is something else.
 
     pyarrow reports those as OSError("… AWS Error …"), in the driver or inside a Ray task (which Ray
     re-raises as a RayTaskError that is also an OSError, the task's exception in `.cause`).
@@ -318,6 +318,11 @@ def outage(exc: BaseException) -> StorageError | None:
             line = next((ln.strip() for ln in str(exc).splitlines() if "AWS Error" in ln), None)
             if line:
                 line = line.removeprefix("OSError: ").rstrip(".")
+                if "ACCESS_DENIED" in line:  # a missing right, not a busy store: retrying cannot help
+                    return StorageError(
+                        f"S3 refused a request: {line}; the credentials in use lack a right on that key "
+                        f"(their IAM policy, the bucket's policy or a VPC endpoint's policy)"
+                    )
                 return StorageError(
                     f"S3 kept failing after {S3_MAX_ATTEMPTS} attempts: {line}; everything committed before "
                     f"it is kept, so run the same command again to resume once the store answers"
