@@ -150,10 +150,15 @@ def exists(uri: str) -> bool:
         # below it. Listing then answers the question.
         if not (is_s3(uri) and _refused(exc)):
             raise
-        info = None
-    if info is not None and info.type == pafs.FileType.File:
+        try:
+            return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            raise exc from None  # listing is refused too: the HEAD's error says what is missing
+    if info.type == pafs.FileType.File:
         return True
-    if info is None or info.type == pafs.FileType.Directory or is_s3(uri):
+    if info.type == pafs.FileType.Directory or is_s3(uri):
         try:
             return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
         except (FileNotFoundError, OSError):
