@@ -40,6 +40,9 @@ locals {
   # AmazonEMRServicePolicy_v2 only acts on network resources carrying this tag.
   emr_managed_tag = { "for-use-with-amazon-emr-managed-policies" = "true" }
 
+  # Tag of the cluster (EMR copies it to the instances) that the operator policy's sessions are limited to.
+  stack_tag_key = "m9-stack"
+
   venv_python = "${var.m9_venv}/bin/python"
 
   interface_endpoints = ["ssm", "ssmmessages", "ec2messages", "elasticmapreduce", "kms", "sts"]
@@ -421,12 +424,93 @@ resource "aws_route_table_association" "private" {
   route_table_id = aws_route_table.private.id
 }
 
+# What the nodes may reach in S3 at all, whatever their role allows: this bucket, and the buckets
+# EMR needs from a private subnet as AWS lists them in "Sample policies for private subnets that
+# access Amazon S3" (EMR Management Guide): the Amazon Linux 2023 repository (EMR 7), EMR's
+# repository and instance-data buckets (the latter from EMR 8 on), EMR's system log bucket, the
+# persistent application UI bucket, and EMR's regional bucket (script-runner and other helpers).
+data "aws_iam_policy_document" "s3_endpoint" {
+  statement {
+    sid = "ThisBucket"
+    actions = [
+      "s3:GetObject",
+      "s3:PutObject",
+      "s3:DeleteObject",
+      "s3:AbortMultipartUpload",
+      "s3:ListMultipartUploadParts",
+      "s3:ListBucket",
+      "s3:GetBucketLocation",
+      "s3:ListBucketMultipartUploads",
+      "s3:GetEncryptionConfiguration",
+    ]
+    resources = [local.bucket_arn, "${local.bucket_arn}/*"]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+
+  statement {
+    sid       = "AmazonLinux2023AMIRepositoryAccess"
+    actions   = ["s3:GetObject"]
+    resources = ["arn:${data.aws_partition.current.partition}:s3:::al2023-repos-${var.region}-de612dc2/*"]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+
+  statement {
+    sid     = "EmrRepositoryAccess"
+    actions = ["s3:GetObject"]
+    resources = compact([
+      "arn:${data.aws_partition.current.partition}:s3:::repo.${var.region}.emr.amazonaws.com/*",
+      "arn:${data.aws_partition.current.partition}:s3:::aws157-instance-data-0-prod-${var.region}/*",
+      "arn:${data.aws_partition.current.partition}:s3:::aws157-instance-data-1-prod-${var.region}/*",
+      "arn:${data.aws_partition.current.partition}:s3:::${var.region}.elasticmapreduce/*",
+      local.in_transit_cert_arn,
+    ])
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+
+  statement {
+    sid     = "EnableClusterLogs"
+    actions = ["s3:Put*"]
+    resources = [
+      "arn:${data.aws_partition.current.partition}:s3:::aws157-logs-prod${var.region == "us-east-1" ? "" : "-${var.region}"}/*",
+    ]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+
+  statement {
+    sid       = "EnableApplicationHistory"
+    actions   = ["s3:Put*", "s3:Get*", "s3:Create*", "s3:Abort*", "s3:List*"]
+    resources = ["arn:${data.aws_partition.current.partition}:s3:::prod.${var.region}.appinfo.src/*"]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+  }
+}
+
 # S3 (data, logs, the wheelhouse, EMR's own artifacts) through the route table.
 resource "aws_vpc_endpoint" "s3" {
   vpc_id            = aws_vpc.main.id
   service_name      = "com.amazonaws.${var.region}.s3"
   vpc_endpoint_type = "Gateway"
   route_table_ids   = [aws_route_table.private.id]
+  policy            = data.aws_iam_policy_document.s3_endpoint.json
 }
 
 resource "aws_security_group" "endpoints" {
@@ -799,6 +883,21 @@ data "aws_iam_policy_document" "emr_ec2" {
     ])
   }
 
+  # Checking that a prefix exists HEADs its own key: pyarrow asks for `inputs` before it lists
+  # inputs/, and EMRFS asks for every parent of a path it creates or lists (`runs`, then its
+  # `runs_$folder$` marker). S3 answers 404 only to a caller allowed to GetObject that key, and 403
+  # otherwise, which both clients take as an error. These keys are never written by the stack.
+  statement {
+    sid     = "CheckPrefixKeys"
+    actions = ["s3:GetObject"]
+    resources = flatten([
+      for prefix in ["inputs", "runs", "tmp"] : [
+        "${local.bucket_arn}/${prefix}",
+        "${local.bucket_arn}/${prefix}_$folder$",
+      ]
+    ])
+  }
+
   statement {
     sid = "ReadWriteRunsAndTmp"
     actions = [
@@ -939,6 +1038,106 @@ resource "aws_ssm_document" "session" {
       idleSessionTimeout  = "20"
     }
   })
+}
+
+# Session Manager's preferences for this account and region: `aws ssm start-session` without
+# --document-name runs SSM-SessionManagerRunShell, which records nothing until it is set. With it
+# every shell is recorded like the one above. It is one per account and region: where it already
+# exists, import it (terraform import 'aws_ssm_document.session_preferences[0]'
+# SSM-SessionManagerRunShell) or set manage_session_preferences = false.
+resource "aws_ssm_document" "session_preferences" {
+  count = var.manage_session_preferences ? 1 : 0
+
+  name            = "SSM-SessionManagerRunShell"
+  document_type   = "Session"
+  document_format = "JSON"
+
+  content = jsonencode({
+    schemaVersion = "1.0"
+    description   = "Session Manager preferences: shells are recorded, encrypted, to ${local.bucket_name}/logs/ssm"
+    sessionType   = "Standard_Stream"
+    inputs = {
+      s3BucketName                = local.bucket_name
+      s3KeyPrefix                 = "logs/ssm"
+      s3EncryptionEnabled         = true
+      cloudWatchLogGroupName      = ""
+      cloudWatchEncryptionEnabled = true
+      cloudWatchStreamingEnabled  = false
+      kmsKeyId                    = aws_kms_key.data.arn
+      runAsEnabled                = false
+      runAsDefaultUser            = ""
+      idleSessionTimeout          = "20"
+      shellProfile                = { linux = "", windows = "" }
+    }
+  })
+}
+
+# What an operator needs to reach the nodes through Session Manager (infra/aws.sh shell, jupyter,
+# dashboard, yarn, spark-ui), to attach to their user or role. StartSession is allowed only with
+# the documents listed: ssm:SessionDocumentAccessCheck makes Session Manager check that the
+# document asked for (or SSM-SessionManagerRunShell, when none is) is among them, so no session
+# can pick an unrecorded shell document.
+data "aws_iam_policy_document" "operator" {
+  statement {
+    sid       = "StartSessionsOnThisClustersNodes"
+    actions   = ["ssm:StartSession"]
+    resources = ["arn:${data.aws_partition.current.partition}:ec2:${var.region}:${local.account_id}:instance/*"]
+
+    condition {
+      test     = "BoolIfExists"
+      variable = "ssm:SessionDocumentAccessCheck"
+      values   = ["true"]
+    }
+
+    # EMR copies the cluster's tags to its instances.
+    condition {
+      test     = "StringEquals"
+      variable = "ssm:resourceTag/${local.stack_tag_key}"
+      values   = [var.name]
+    }
+  }
+
+  statement {
+    sid     = "StartSessionsWithApprovedDocuments"
+    actions = ["ssm:StartSession"]
+    resources = [
+      aws_ssm_document.session.arn,
+      "arn:${data.aws_partition.current.partition}:ssm:${var.region}:${local.account_id}:document/SSM-SessionManagerRunShell",
+      "arn:${data.aws_partition.current.partition}:ssm:${var.region}::document/AWS-StartPortForwardingSession",
+      "arn:${data.aws_partition.current.partition}:ssm:${var.region}::document/AWS-StartPortForwardingSessionToRemoteHost",
+    ]
+
+    condition {
+      test     = "BoolIfExists"
+      variable = "ssm:SessionDocumentAccessCheck"
+      values   = ["true"]
+    }
+  }
+
+  statement {
+    sid       = "EndOwnSessions"
+    actions   = ["ssm:TerminateSession", "ssm:ResumeSession"]
+    resources = ["arn:${data.aws_partition.current.partition}:ssm:${var.region}:${local.account_id}:session/$${aws:userid}-*"]
+  }
+
+  # Session data is encrypted with the stack's key (kmsKeyId in both session documents).
+  statement {
+    sid       = "EncryptSessionData"
+    actions   = ["kms:GenerateDataKey"]
+    resources = [aws_kms_key.data.arn]
+  }
+
+  statement {
+    sid       = "FindTheMaster"
+    actions   = ["elasticmapreduce:ListInstances", "elasticmapreduce:DescribeCluster"]
+    resources = ["arn:${data.aws_partition.current.partition}:elasticmapreduce:${var.region}:${local.account_id}:cluster/*"]
+  }
+}
+
+resource "aws_iam_policy" "operator" {
+  name        = "${var.name}-operator"
+  description = "Session Manager access to the ${var.name} nodes, only with recorded shell or port-forwarding documents"
+  policy      = data.aws_iam_policy_document.operator.json
 }
 
 # ===========================================================================
@@ -1185,7 +1384,7 @@ resource "aws_emr_cluster" "main" {
     idle_timeout = var.idle_timeout_seconds
   }
 
-  tags = local.emr_managed_tag
+  tags = merge(local.emr_managed_tag, { (local.stack_tag_key) = var.name })
 
   depends_on = [
     aws_s3_object.bootstrap_script,

@@ -71,3 +71,8 @@ output "session_document" {
   description = "Session Manager document for logged shell sessions on the nodes (infra/aws.sh shell uses it)."
   value       = aws_ssm_document.session.name
 }
+
+output "operator_policy_arn" {
+  description = "IAM policy to attach to whoever operates the cluster: Session Manager sessions on its nodes, only with the recorded shell document or AWS's port-forwarding documents."
+  value       = aws_iam_policy.operator.arn
+}

@@ -338,3 +338,9 @@ variable "pca_k" {
   description = "--k used in the example `m9 run` step (PCA components)."
   default     = 50
 }
+
+variable "manage_session_preferences" {
+  description = "Manage SSM-SessionManagerRunShell, Session Manager's preferences for the whole account and region, so that sessions started without a document are recorded to this bucket like the stack's own shell document. One per account and region: import an existing one, or set false where another stack owns it."
+  type        = bool
+  default     = true
+}

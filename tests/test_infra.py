@@ -607,6 +607,101 @@ def test_small_iam_things(plan: dict) -> None:
     assert "destroy -var m9_dist=${var.m9_dist}" in (INFRA / "outputs.tf").read_text()
 
 
+@needs_terraform
+def test_s3_endpoint_reaches_only_this_bucket_and_emrs(plan: dict) -> None:
+    """The gateway endpoint's policy: this bucket, and the buckets AWS lists for EMR in a private subnet."""
+    endpoint = _one(plan, "aws_vpc_endpoint", "s3")
+    assert "data.aws_iam_policy_document.s3_endpoint" in _config(plan, "aws_vpc_endpoint.s3")["policy"]["references"]
+    # Fully known at plan time, the document is read then (prior state), and the endpoint carries it.
+    (document,) = [
+        r["values"]
+        for r in plan["prior_state"]["values"]["root_module"]["resources"]
+        if r["address"] == "data.aws_iam_policy_document.s3_endpoint"
+    ]
+    assert json.loads(document["json"]) == json.loads(endpoint["policy"])
+    statements = {s["Sid"]: s for s in json.loads(document["json"])["Statement"]}
+    assert set(statements["ThisBucket"]["Resource"]) == {PLAN_BUCKET_ARN, f"{PLAN_BUCKET_ARN}/*"}
+    resources = {
+        r for s in statements.values() for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])
+    }
+    assert resources == {
+        PLAN_BUCKET_ARN,
+        f"{PLAN_BUCKET_ARN}/*",
+        "arn:aws:s3:::al2023-repos-eu-west-1-de612dc2/*",
+        "arn:aws:s3:::repo.eu-west-1.emr.amazonaws.com/*",
+        "arn:aws:s3:::aws157-instance-data-0-prod-eu-west-1/*",
+        "arn:aws:s3:::aws157-instance-data-1-prod-eu-west-1/*",
+        "arn:aws:s3:::eu-west-1.elasticmapreduce/*",
+        "arn:aws:s3:::aws157-logs-prod-eu-west-1/*",
+        "arn:aws:s3:::prod.eu-west-1.appinfo.src/*",
+    }
+    assert all(s["Effect"] == "Allow" for s in statements.values())
+    # Only reads from AWS's buckets, except EMR's own log and application-history buckets.
+    for sid, s in statements.items():
+        if sid not in ("ThisBucket", "EnableClusterLogs", "EnableApplicationHistory"):
+            assert s["Action"] in ("s3:GetObject", ["s3:GetObject"]), sid
+
+
+@needs_terraform
+def test_node_role_may_check_the_prefix_keys(plan: dict) -> None:
+    """HeadObject on `inputs` (pyarrow) and `runs`, `runs_$folder$` (EMRFS) needs GetObject on those keys."""
+    statements = _one(plan, "aws_iam_policy_document", "emr_ec2")["statement"]
+    reads = {
+        r.removeprefix(PLAN_BUCKET_ARN) for s in statements if "s3:GetObject" in s["actions"] for r in s["resources"]
+    }
+    for prefix in ("inputs", "runs", "tmp"):
+        assert {f"/{prefix}", f"/{prefix}_$folder$", f"/{prefix}/*"} <= reads, prefix
+    (listing,) = [s for s in statements if "s3:ListBucket" in s["actions"]]
+    assert listing["resources"] == [PLAN_BUCKET_ARN]
+
+
+@needs_terraform
+def test_sessions_without_a_document_are_recorded(plan: dict) -> None:
+    """SSM-SessionManagerRunShell (the region's preferences, used when start-session names no document)."""
+    preferences = _one(plan, "aws_ssm_document", "session_preferences")
+    assert preferences["name"] == "SSM-SessionManagerRunShell" and preferences["document_type"] == "Session"
+    # The content embeds the key's ARN (session encryption), known only after apply: read its source.
+    assert "aws_kms_key.data.arn" in _config(plan, "aws_ssm_document.session_preferences")["content"]["references"]
+    block = re.search(
+        r'^resource "aws_ssm_document" "session_preferences" \{\n(.*?)^\}', (INFRA / "main.tf").read_text(), re.S | re.M
+    ).group(1)
+    inputs = dict(re.findall(r"^      (\w+)\s+= (.+)$", block, re.M))
+    assert inputs["s3BucketName"] == "local.bucket_name" and inputs["s3KeyPrefix"] == '"logs/ssm"'
+    assert inputs["s3EncryptionEnabled"] == "true" and inputs["kmsKeyId"] == "aws_kms_key.data.arn"
+    assert inputs["runAsEnabled"] == "false"
+    assert '"Standard_Stream"' in block
+
+
+@needs_terraform
+def test_start_session_is_limited_to_the_approved_documents(plan: dict) -> None:
+    statements = _one(plan, "aws_iam_policy_document", "operator")["statement"]
+    starts = [s for s in statements if "ssm:StartSession" in s["actions"]]
+    assert len(starts) == 2
+    for s in starts:
+        assert {"test": "BoolIfExists", "variable": "ssm:SessionDocumentAccessCheck", "values": ["true"]} in (
+            s["condition"]
+        ), s["sid"]
+    (documents,) = [s for s in starts if s["sid"] == "StartSessionsWithApprovedDocuments"]
+    refs = _config(plan, "data.aws_iam_policy_document.operator")["statement"]
+    (documents_cfg,) = [s for s in refs if s["sid"]["constant_value"] == "StartSessionsWithApprovedDocuments"]
+    assert "aws_ssm_document.session.arn" in documents_cfg["resources"]["references"]
+    text = (INFRA / "main.tf").read_text()
+    for name in (
+        "SSM-SessionManagerRunShell",
+        "AWS-StartPortForwardingSession",
+        "AWS-StartPortForwardingSessionToRemoteHost",
+    ):
+        assert f'document/{name}"' in text, name
+    # The documents named in infra/aws.sh are all approved.
+    used = set(re.findall(r"--document-name (AWS-[A-Za-z]+)", (INFRA / "aws.sh").read_text()))
+    assert used == {"AWS-StartPortForwardingSession", "AWS-StartPortForwardingSessionToRemoteHost"}
+    # Only this cluster's nodes.
+    (nodes,) = [s for s in starts if s["sid"] == "StartSessionsOnThisClustersNodes"]
+    assert {"test": "StringEquals", "variable": "ssm:resourceTag/m9-stack", "values": ["m9"]} in nodes["condition"]
+    assert _one(plan, "aws_emr_cluster", "main")["tags"]["m9-stack"] == "m9"
+    assert "operator_policy_arn" in plan["configuration"]["root_module"]["outputs"]
+
+
 # --- linters ----------------------------------------------------------------------
 
 

@@ -32,3 +32,16 @@ def test_the_s3_endpoint_option_leaves_the_environment_alone(monkeypatch):
     assert changed <= {"TF_CPP_MIN_LOG_LEVEL"}  # TensorFlow takes its log level only from the environment
     assert storage.S3_ENDPOINT_ENV not in os.environ
     assert storage.current_settings().endpoint != "http://127.0.0.1:9"
+
+
+def test_a_refused_request_is_not_called_an_outage():
+    """pyarrow's report of a 403 names the missing right, not S3 failing after m9's retries."""
+    refused = OSError(
+        "When getting information for key 'inputs' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject "
+        "operation: No response body."
+    )
+    error = storage.outage(refused)
+    assert "S3 refused a request" in str(error) and "lack a right on that key" in str(error)
+    assert "kept failing" not in str(error)
+    busy = OSError("When reading 'b/k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate.")
+    assert "kept failing after 10 attempts" in str(storage.outage(busy))

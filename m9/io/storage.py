@@ -134,10 +134,28 @@ def filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem,
     return _s3_filesystem(s3 or current_settings()), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
+def _refused(exc: OSError) -> bool:
+    """True for pyarrow's report of an S3 request answered 403 (AccessDenied)."""
+    return "ACCESS_DENIED" in str(exc) or "HTTP response code: 403" in str(exc)
+
+
 def exists(uri: str) -> bool:
     """True when a file or a non-empty folder exists at uri."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        # pyarrow first HEADs the prefix's own key (`inputs` for s3://bucket/inputs), which needs
+        # s3:GetObject on that key; a policy granting only `inputs/*` gets 403 there although it may list
+        # below it. Listing then answers the question.
+        if not (is_s3(uri) and _refused(exc)):
+            raise
+        try:
+            return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            raise exc from None  # listing is refused too: the HEAD's error says what is missing
     if info.type == pafs.FileType.File:
         return True
     if info.type == pafs.FileType.Directory or is_s3(uri):
@@ -292,8 +310,8 @@ def _explain(exc: Exception, uri: str, action: str, settings: S3Settings) -> Sto
 
 
 def outage(exc: BaseException) -> StorageError | None:
-    """A StorageError for an S3 request that kept failing past S3_MAX_ATTEMPTS in the middle of a stage, or
-    None when exc is something else.
+    """A StorageError for an S3 request that kept failing past S3_MAX_ATTEMPTS in the middle of a stage (or
+    was refused, 403, which no retry changes), or None when exc is something else.
 
     pyarrow reports those as OSError("… AWS Error …"), in the driver or inside a Ray task (which Ray
     re-raises as a RayTaskError that is also an OSError, the task's exception in `.cause`).
@@ -305,6 +323,11 @@ def outage(exc: BaseException) -> StorageError | None:
             line = next((ln.strip() for ln in str(exc).splitlines() if "AWS Error" in ln), None)
             if line:
                 line = line.removeprefix("OSError: ").rstrip(".")
+                if "ACCESS_DENIED" in line:  # a missing right, not a busy store: retrying cannot help
+                    return StorageError(
+                        f"S3 refused a request: {line}; the credentials in use lack a right on that key "
+                        f"(their IAM policy, the bucket's policy or a VPC endpoint's policy)"
+                    )
                 return StorageError(
                     f"S3 kept failing after {S3_MAX_ATTEMPTS} attempts: {line}; everything committed before "
                     f"it is kept, so run the same command again to resume once the store answers"
