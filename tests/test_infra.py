@@ -848,12 +848,30 @@ provider "aws" {{
 """
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(proc: subprocess.Popen, port: int, log: Path) -> None:
+    """Wait up to 60 s for the server `proc` to accept connections on 127.0.0.1:port; fail with its log."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "moto server did not start"
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+
+
 @pytest.fixture
 def moto_server(tmp_path: Path) -> Iterator[str]:
     """moto's server on 127.0.0.1 with TLS and AWS's managed IAM policies loaded; yields its endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "moto.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), "-s"],
@@ -863,15 +881,7 @@ def moto_server(tmp_path: Path) -> Iterator[str]:
     )
     endpoint = f"https://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                assert proc.poll() is None, (tmp_path / "moto.log").read_text()
-                time.sleep(0.3)
+        wait_for_server(proc, port, tmp_path / "moto.log")
         yield endpoint
     finally:
         proc.terminate()

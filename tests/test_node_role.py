@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from click.testing import CliRunner
 
 from m9.cli import main
 from tests.conftest import SAMPLE, point_aws_at
-from tests.test_infra import PLAN_BUCKET, needs_terraform, plan, tf_workdir  # noqa: F401 (fixtures)
+from tests.test_infra import PLAN_BUCKET, free_port, needs_terraform, plan, tf_workdir, wait_for_server  # noqa: F401 (fixtures)
 
 REGION = "us-east-1"
 USER = "m9-node"
@@ -109,15 +107,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _moto_enforcing(tmp_path: Path, unauthenticated: int) -> Iterator[str]:
     """moto's server (all services) on loopback enforcing IAM after `unauthenticated` requests."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "moto.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-c", MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
@@ -126,15 +118,7 @@ def _moto_enforcing(tmp_path: Path, unauthenticated: int) -> Iterator[str]:
         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(unauthenticated)},
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                assert proc.poll() is None, (tmp_path / "moto.log").read_text()
-                time.sleep(0.3)
+        wait_for_server(proc, port, tmp_path / "moto.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
