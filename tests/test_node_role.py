@@ -31,6 +31,9 @@ MOTO_DOLLAR = "moto reads `$` in a policy Resource as a regex anchor"
 
 #: Classes of the bundled sample the run here uses (each has Training and Test images): enough for
 #: every stage, few enough that the run stays short on a loaded machine.
+#: A prefix the nodes' policy lets them list but not read.
+UNREADABLE = "logs/strays/apple/"
+
 CLASSES = ("almond", "apple_fuji", "apricot", "avocado", "banana", "cherry")
 
 
@@ -163,6 +166,11 @@ def node_user(plan: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             for p in images
         ],
         *[(lambda k=k, v=v: s3().put_object(Bucket=PLAN_BUCKET, Key=k, Body=v)) for k, v in bootstrap.items()],
+        # Images where the nodes may list but not read (logs/ is append-only for them).
+        *[
+            (lambda p=p: s3().put_object(Bucket=PLAN_BUCKET, Key=f"{UNREADABLE}{p.name}", Body=p.read_bytes()))
+            for p in images[:2]
+        ],
     ]
 
     def s3():
@@ -335,3 +343,21 @@ def test_exists_lists_when_the_prefix_key_may_not_be_read(node_user: dict) -> No
     with storage.using(settings):
         assert storage.exists(f"s3://{PLAN_BUCKET}/bootstrap")
         assert not storage.exists(f"s3://{PLAN_BUCKET}/nothing-here")
+
+
+@needs_terraform
+@pytest.mark.slow
+def test_images_that_may_be_listed_but_not_read_are_one_error_line(node_user: dict, spark) -> None:
+    """Spark's s3a reader is refused (403) on images the credentials may list but not read: the user sees one
+    `Error:` line naming the missing right, not Spark's Java stack."""
+    with pytest.MonkeyPatch.context() as mp:
+        point_aws_at(mp, node_user["endpoint"], node_user["access_key"], node_user["secret_key"])
+        result = CliRunner().invoke(
+            main,
+            ["ingest", "--input", f"s3://{PLAN_BUCKET}/{UNREADABLE}", "--output", f"s3://{PLAN_BUCKET}/runs/r2/images"],
+        )
+    assert isinstance(result.exception, SystemExit), repr(result.exception)[:6000]
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output[:4000]
+    assert "s3:GetObject" in lines[0] and UNREADABLE.split("/")[0] in lines[0], lines[0]

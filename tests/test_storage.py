@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from m9.cli import main
 from m9.io import storage
+from m9.ui import quiet
 
 
 def test_using_scopes_the_settings_and_restores_them(monkeypatch):
@@ -29,7 +30,8 @@ def test_the_s3_endpoint_option_leaves_the_environment_alone(monkeypatch):
     result = CliRunner().invoke(main, ["--s3-endpoint", "http://127.0.0.1:9", "ingest", "--help"])
     assert result.exit_code == 0, result.output
     changed = {k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)}
-    assert changed <= {"TF_CPP_MIN_LOG_LEVEL"}  # TensorFlow takes its log level only from the environment
+    # The engines' native log levels (TensorFlow and Ray read them only from the environment) are set once.
+    assert changed <= set(quiet.QUIET_ENV)
     assert storage.S3_ENDPOINT_ENV not in os.environ
     assert storage.current_settings().endpoint != "http://127.0.0.1:9"
 
@@ -45,3 +47,21 @@ def test_a_refused_request_is_not_called_an_outage():
     assert "kept failing" not in str(error)
     busy = OSError("When reading 'b/k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate.")
     assert "kept failing after 10 attempts" in str(storage.outage(busy))
+
+
+class Py4JJavaError(Exception):
+    """Stands in for py4j's class, which storage recognises by name (it does not import Spark)."""
+
+
+def test_a_refused_s3a_request_names_the_key_and_the_right():
+    """Spark's Java error for a 403 from s3a (as Hadoop 3.3 words it) becomes one line: the key, the right."""
+    java = Py4JJavaError(
+        "An error occurred while calling o102.load.\n: java.nio.file.AccessDeniedException: s3a://b/logs/x: "
+        "getFileStatus on s3a://b/logs/x: com.amazonaws.services.s3.model.AmazonS3Exception: Forbidden "
+        "(Service: Amazon S3; Status Code: 403; Error Code: 403 Forbidden)\n\tat org.apache.hadoop.fs.s3a.S3AUtils"
+    )
+    error = storage.outage(RuntimeError("wrapped")) or storage.outage(java)
+    assert str(error).startswith("S3 refused Spark's getFileStatus of s3://b/logs/x (403)")
+    assert "s3:GetObject" in str(error) and "\n" not in str(error)
+    other = Py4JJavaError("An error occurred while calling o1.load.\n: java.lang.OutOfMemoryError: Java heap space")
+    assert storage.outage(other) is None

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +320,9 @@ def outage(exc: BaseException) -> StorageError | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        refused = _s3a_refusal(str(exc)) if type(exc).__name__ == "Py4JJavaError" else None
+        if refused:
+            return refused
         if isinstance(exc, OSError):
             line = next((ln.strip() for ln in str(exc).splitlines() if "AWS Error" in ln), None)
             if line:
@@ -334,6 +338,27 @@ def outage(exc: BaseException) -> StorageError | None:
                 )
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
+
+
+#: Hadoop's s3a names a refused request `java.nio.file.AccessDeniedException: <uri>: <operation> on <uri>: …`.
+_S3A_DENIED = re.compile(r"AccessDeniedException: (s3a?://[^\s:]+): (\w+)")
+
+#: The right each s3a operation needs on the key it names (getFileStatus HEADs the key, also a folder's own key).
+_S3A_RIGHTS = {"getFileStatus": "s3:GetObject", "open": "s3:GetObject", "read": "s3:GetObject"}
+
+
+def _s3a_refusal(java_text: str) -> StorageError | None:
+    """A StorageError for Spark's s3a reader or writer refused by S3 (403), from the Java error's text."""
+    match = _S3A_DENIED.search(java_text)
+    if not match:
+        return None
+    uri, operation = match.group(1), match.group(2)
+    right = _S3A_RIGHTS.get(operation, "the right that operation needs")
+    return StorageError(
+        f"S3 refused Spark's {operation} of {uri.replace('s3a://', 's3://', 1)} (403): the credentials in use need "
+        f"{right} on that key (a folder's own key too: s3a reads it before listing below it); check their IAM "
+        f"policy, the bucket's policy and any VPC endpoint's policy"
+    )
 
 
 def check_access(read: str | None = None, write: str | None = None) -> None:
