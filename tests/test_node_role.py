@@ -31,10 +31,43 @@ MOTO_DOLLAR = "moto reads `$` in a policy Resource as a regex anchor"
 
 #: Classes of the bundled sample the run here uses (each has Training and Test images): enough for
 #: every stage, few enough that the run stays short on a loaded machine.
+#: Ray's token as the test stores it, and a parameter of another application in the same account.
+TOKEN = "0123456789abcdef" * 4
+OTHER_PARAMETER = "/another-app/db-password"
+
 #: A prefix the nodes' policy lets them list but not read.
 UNREADABLE = "logs/strays/apple/"
 
 CLASSES = ("almond", "apple_fuji", "apricot", "avocado", "banana", "cherry")
+
+
+#: The nodes' statement that lets the bootstrap read Ray's token from SSM (bootstrap.sh fetch_ray_token).
+TOKEN_SID = "ReadRayToken"
+#: moto's account id, in the ARNs it matches policies against.
+MOTO_ACCOUNT = "123456789012"
+
+
+def token_parameter(planned: dict) -> str:
+    """The name of the SSM parameter holding Ray's token, as planned (known before apply)."""
+    (after,) = [
+        rc["change"]["after"] for rc in planned["resource_changes"] if rc["address"] == "aws_ssm_parameter.ray_token"
+    ]
+    return after["name"]
+
+
+def token_arn(planned: dict) -> str:
+    return f"arn:aws:ssm:{REGION}:{MOTO_ACCOUNT}:parameter{token_parameter(planned)}"
+
+
+def _references(planned: dict, sid: str) -> list[str]:
+    """What a statement of the nodes' policy names as its resources, in the plan's configuration."""
+    (policy,) = [
+        r
+        for r in planned["configuration"]["root_module"]["resources"]
+        if r["address"] == "data.aws_iam_policy_document.emr_ec2"
+    ]
+    (statement,) = [st for st in policy["expressions"]["statement"] if st.get("sid", {}).get("constant_value") == sid]
+    return statement["resources"]["references"]
 
 
 def node_policy(planned: dict) -> dict:
@@ -48,6 +81,14 @@ def node_policy(planned: dict) -> dict:
     for i, block in enumerate(doc["after"]["statement"]):
         unknown = (doc["after_unknown"].get("statement") or [{}] * (i + 1))[i]
         resources_unknown = unknown.get("resources")
+        if block["sid"] == TOKEN_SID:
+            # Known only after apply: the parameter's ARN, rendered here as AWS forms it (moto's account).
+            assert block["actions"] == ["ssm:GetParameter"], block
+            assert _references(planned, TOKEN_SID) == ["aws_ssm_parameter.ray_token.arn", "aws_ssm_parameter.ray_token"]
+            statements.append(
+                {"Sid": TOKEN_SID, "Effect": "Allow", "Action": block["actions"], "Resource": [token_arn(planned)]}
+            )
+            continue
         if resources_unknown is True or any(resources_unknown or []) or block["resources"] is None:
             assert not any(a.startswith("s3:") for a in block["actions"]), block["sid"]
             continue
@@ -71,7 +112,9 @@ def node_policy(planned: dict) -> dict:
 #:    never signs User-Agent; the AWS SDK for Java 1 in hadoop-aws does, so moto would answer every s3a
 #:    request 403 SignatureDoesNotMatch before looking at the policy at all;
 #:  - DeleteObjects (s3a's commit and cleanup) is allowed key by key, by s3:DeleteObject on each key; moto
-#:    asks for s3:DeleteObject on the bucket's own ARN, which a policy scoped to prefixes never grants.
+#:    asks for s3:DeleteObject on the bucket's own ARN, which a policy scoped to prefixes never grants;
+#:  - an SSM request naming a parameter is authorised against that parameter's ARN, as IAM does; moto asks
+#:    for Resource "*", which a policy scoped to one parameter never grants.
 MOTO_SERVER = """
 import sys
 
@@ -79,6 +122,7 @@ import xmltodict
 from botocore.auth import S3SigV4Auth
 from moto.iam import access_control
 from moto.s3.responses import S3Response
+from moto.ssm.responses import SimpleSystemManagerResponse
 from moto.server import main
 
 
@@ -101,6 +145,14 @@ def delete_objects_per_key(self, bucket_name=None, key_name=None):
     return authorize(self, bucket_name=bucket_name, key_name=key_name)
 
 
+def parameter_arn(self):
+    name = self._get_param("Name")
+    if not name:
+        return "*"
+    return f"arn:aws:ssm:{self.region}:{self.current_account}:parameter/{name.lstrip('/')}"
+
+
+SimpleSystemManagerResponse._determine_resource = parameter_arn
 access_control.S3IAMRequest._create_auth = lambda self, credentials: SignedAsSent(
     credentials, self._service, self._region
 )
@@ -157,6 +209,8 @@ def node_user(plan: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         lambda: iam().create_user(UserName=USER),
         lambda: iam().put_user_policy(UserName=USER, PolicyName="m9-node", PolicyDocument=json.dumps(policy)),
         lambda: created.update(iam().create_access_key(UserName=USER)["AccessKey"]),
+        lambda: ssm().put_parameter(Name=token_parameter(plan), Type="SecureString", Value=TOKEN),
+        lambda: ssm().put_parameter(Name=OTHER_PARAMETER, Type="SecureString", Value="not for the nodes"),
         *[
             (
                 lambda p=p: s3().put_object(
@@ -179,6 +233,9 @@ def node_user(plan: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     def iam():
         return boto3.client("iam", **admin)
 
+    def ssm():
+        return boto3.client("ssm", **admin)
+
     for endpoint in _moto_enforcing(tmp_path_factory.mktemp("moto"), len(setup)):
         admin["endpoint_url"] = endpoint
         for call in setup:
@@ -190,6 +247,7 @@ def node_user(plan: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "policy": policy,
             "images": len(images),
             "bootstrap": sorted(bootstrap),
+            "token_parameter": token_parameter(plan),
         }
 
 
@@ -292,6 +350,35 @@ def test_bootstrap_s3_calls_work_with_the_node_policy(node_user: dict, tmp_path:
     shipped = _as_user(node_user).list_objects_v2(Bucket=PLAN_BUCKET, Prefix="logs/m9/")["Contents"]
     assert sorted(o["Key"] for o in shipped) == [f"{dest[len(f's3://{PLAN_BUCKET}/') :]}/{n}"
                                                  for n in ("bootstrap.log", "ray/raylet.out")]  # fmt: skip
+
+
+@needs_terraform
+def test_the_bootstrap_reads_rays_token_and_nothing_else(node_user: dict) -> None:
+    """bootstrap.sh's `aws ssm get-parameter` for Ray's token, with the CLI, as the nodes' user; another
+    parameter in the account is refused. (moto does not check the KMS grant SecureString decryption needs;
+    the policy's UseDataKey statement covers it on AWS.)"""
+    bootstrap_text = (Path(__file__).resolve().parents[1] / "bootstrap" / "bootstrap.sh").read_text()
+    command = ["ssm", "get-parameter", "--with-decryption", "--query", "Parameter.Value", "--output", "text"]
+    spelled = 'aws ssm get-parameter --name "$TOKEN_PARAMETER" --with-decryption \\\n      --query Parameter.Value'
+    assert f"{spelled} --output text" in bootstrap_text  # the same call as the bootstrap's (a change shows here)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID=node_user["access_key"],
+        AWS_SECRET_ACCESS_KEY=node_user["secret_key"],
+        AWS_DEFAULT_REGION=REGION,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+
+    def get(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["aws", "--endpoint-url", node_user["endpoint"], *command, "--name", name],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    token = get(node_user["token_parameter"])
+    assert token.returncode == 0 and token.stdout.strip() == TOKEN, token.stderr
+    other = get(OTHER_PARAMETER)
+    assert other.returncode != 0 and "AccessDenied" in other.stderr, (other.stdout, other.stderr)
 
 
 @needs_terraform
