@@ -41,6 +41,30 @@ def test_manifest_round_trip_and_old_manifests():
     assert old.fingerprint == {} and old.details == {"k": 50}
 
 
+def test_manifests_name_a_sibling_input_relative_to_themselves(tmp_path):
+    """A moved or copied workdir finds its stages' outputs: `../embed`, resolved against the manifest."""
+    assert contract.stored_input(str(tmp_path / "w/reduce"), str(tmp_path / "w/embed")) == "../embed"
+    assert contract.stored_input("s3://b/runs/w/reduce", "s3://b/runs/w/embed") == "../embed"
+    assert contract.stored_input("s3://b/w/reduce", "s3://other/w/embed") == "s3://other/w/embed"
+    assert contract.stored_input(str(tmp_path / "w/reduce"), "/elsewhere/embed") == "/elsewhere/embed"
+    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "../embed") == str(tmp_path / "moved/embed")
+    assert contract.resolve_input("s3://b/moved/reduce", "../embed") == "s3://b/moved/embed"
+    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "/old/w/embed") == "/old/w/embed"  # as written
+    assert contract.resolve_input("s3://b/moved/reduce", "s3://b/w/embed") == "s3://b/w/embed"
+
+    work = tmp_path / "w"
+    (work / "reduce").mkdir(parents=True)
+    written = Manifest(stage="reduce", input=str(work / "embed"), fingerprint={"k": 5}, counts={})
+    contract.write_manifest(str(work / "reduce"), written)
+    assert json.loads((work / "reduce" / contract.MANIFEST).read_text())["input"] == "../embed"
+    (work / "images").mkdir()
+    contract.write_manifest(str(work / "images"), Manifest(stage="ingest", input="/photos", fingerprint={}, counts={}))
+    assert json.loads((work / "images" / contract.MANIFEST).read_text())["input"] == "/photos"  # an image tree
+    moved = tmp_path / "moved"
+    work.rename(moved)
+    assert contract.read_manifest(str(moved / "reduce")).input == str(moved / "embed")
+
+
 def test_describe_change_names_what_changed():
     assert contract.describe_change({"k": 50, "input": "a"}, {"k": 10, "input": "b"}) == "the input changed, k 50 → 10"
     assert "earlier m9" in contract.describe_change({}, {"k": 10})

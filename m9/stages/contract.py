@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,18 +344,70 @@ class Manifest:
         )
 
 
+def _split(uri: str) -> tuple[str, str]:
+    """(bucket or "" for a local path, the path inside it)."""
+    uri = storage.normalize(uri)
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return bucket, "/" + key
+    return "", uri
+
+
+def stored_input(output: str, src: str) -> str:
+    """How output's manifest names its input src: relative to output (`../embed`) when src lies beside it
+    or below its parent on the same filesystem (bucket), so a moved or copied workdir still finds its
+    stages' outputs; else src itself (an input elsewhere stays where it was)."""
+    (out_root, out_path), (src_root, src_path) = _split(output), _split(src)
+    if out_root != src_root:
+        return src
+    relative = posixpath.relpath(src_path, out_path)
+    parts = relative.split("/")
+    return relative if parts[0] == ".." and ".." not in parts[1:] and len(parts) > 1 else src
+
+
+def resolve_input(output: str, stored: str) -> str:
+    """A manifest's input as an absolute path or URI: a relative one against the manifest's own folder
+    (output); an absolute one (what earlier m9 versions wrote, or an input elsewhere) as it is."""
+    if not stored or storage.is_s3(stored) or posixpath.isabs(stored) or os.path.isabs(stored):
+        return stored
+    root, path = _split(output)
+    joined = posixpath.normpath(posixpath.join(path, stored))
+    return f"s3://{root}{joined}" if root else storage.normalize(joined)
+
+
 def read_manifest(output: str) -> Manifest | None:
-    """The manifest of a finished stage output, or None."""
+    """The manifest of a finished stage output, or None; its input resolved to an absolute path or URI."""
     data = storage.read_json(storage.join(output, MANIFEST))
-    return None if data is None else Manifest.from_json(data)
+    if data is None:
+        return None
+    manifest = Manifest.from_json(data)
+    return dataclasses.replace(manifest, input=resolve_input(output, manifest.input))
 
 
 def write_manifest(output: str, manifest: Manifest) -> Manifest:
-    """Mark output as finished (last write of a stage) and drop its pending record."""
+    """Mark output as finished (last write of a stage) and drop its pending record. An input that is
+    another stage's output is stored relative to output (stored_input); an image tree as it is."""
     done = dataclasses.replace(manifest, finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    storage.write_json(storage.join(output, MANIFEST), done.to_json())
+    data = done.to_json()
+    if manifest.stage in STAGES and STAGES[manifest.stage].reads is not None:
+        data["input"] = stored_input(output, done.input)
+    storage.write_json(storage.join(output, MANIFEST), data)
     storage.remove(storage.join(output, PENDING))
     return done
+
+
+def upstream(src: str) -> dict[str, str]:
+    """The stage outputs behind src, src included, by stage name: each finished manifest's input followed
+    while it is another stage's output (evaluate → reduce → embed → ingest)."""
+    found: dict[str, str] = {}
+    folder: str | None = storage.normalize(src)
+    while folder and folder not in found.values():
+        manifest = read_manifest(folder)
+        if manifest is None or manifest.stage not in STAGES:
+            break
+        found[manifest.stage] = folder
+        folder = manifest.input if STAGES[manifest.stage].reads is not None else None
+    return found
 
 
 def digest(value: Any) -> str:
