@@ -41,6 +41,39 @@ def test_manifest_round_trip_and_old_manifests():
     assert old.fingerprint == {} and old.details == {"k": 50}
 
 
+def test_manifests_name_a_sibling_input_relative_to_themselves(tmp_path):
+    """A moved or copied workdir finds its stages' outputs: `../embed`, resolved against the manifest."""
+    assert contract.stored_input(str(tmp_path / "w/reduce"), str(tmp_path / "w/embed")) == "../embed"
+    assert contract.stored_input("s3://b/runs/w/reduce", "s3://b/runs/w/embed") == "../embed"
+    assert contract.stored_input("s3://b/w/reduce", "s3://other/w/embed") == "s3://other/w/embed"
+    assert contract.stored_input(str(tmp_path / "w/reduce"), "/elsewhere/embed") == "/elsewhere/embed"
+    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "../embed") == str(tmp_path / "moved/embed")
+    assert contract.resolve_input("s3://b/moved/reduce", "../embed") == "s3://b/moved/embed"
+    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "/old/w/embed") == "/old/w/embed"  # as written
+    assert contract.resolve_input("s3://b/moved/reduce", "s3://b/w/embed") == "s3://b/w/embed"
+
+    work = tmp_path / "w"
+    (work / "reduce").mkdir(parents=True)
+    written = Manifest(stage="reduce", input=str(work / "embed"), fingerprint={"k": 5}, counts={})
+    contract.write_manifest(str(work / "reduce"), written)
+    assert json.loads((work / "reduce" / contract.MANIFEST).read_text())["input"] == "../embed"
+    (work / "images").mkdir()
+    contract.write_manifest(str(work / "images"), Manifest(stage="ingest", input="/photos", fingerprint={}, counts={}))
+    assert json.loads((work / "images" / contract.MANIFEST).read_text())["input"] == "/photos"  # an image tree
+    moved = tmp_path / "moved"
+    work.rename(moved)
+    assert contract.read_manifest(str(moved / "reduce")).input == str(moved / "embed")
+    # An earlier m9's absolute input, moved since: the chain finds the folder of that name beside it.
+    (moved / "embed").mkdir()
+    old = {"stage": "embed", "input": str(work / "images"), "fingerprint": {}, "counts": {}}
+    (moved / "embed" / contract.MANIFEST).write_text(json.dumps(old))
+    assert contract.upstream(str(moved / "reduce")) == {
+        "reduce": str(moved / "reduce"),
+        "embed": str(moved / "embed"),
+        "ingest": str(moved / "images"),
+    }
+
+
 def test_describe_change_names_what_changed():
     assert contract.describe_change({"k": 50, "input": "a"}, {"k": 10, "input": "b"}) == "the input changed, k 50 → 10"
     assert "earlier m9" in contract.describe_change({}, {"k": 10})
@@ -197,3 +230,42 @@ def test_s3_lease_is_renewed_while_held(moto_s3):
         first = moto_s3.head_object(Bucket="lease", Key=key)["LastModified"]
         time.sleep(2.2)  # LastModified has whole seconds
         assert moto_s3.head_object(Bucket="lease", Key=key)["LastModified"] > first
+
+
+def _contract_names() -> tuple[set[str], set[str]]:
+    """(file names, folder names) a workdir's layout has, as contract.py states them."""
+    files = {contract.MANIFEST, contract.PENDING, contract.LEASE, contract.RUN_RECORD}
+    folders = {contract.BENCH_DIR, contract.EMBEDDINGS, contract.ERRORS, contract.PCA_DIR}
+    for stage in contract.STAGES.values():
+        folders.add(stage.folder)
+        files.update(name for name in stage.files if "*" not in name)
+        files.update(name for name in stage.writes if name and "*" not in name and "." in name)
+    return files, folders
+
+
+#: Modules that build paths into a workdir (or name its spaces) and must ask contract.py for the names.
+_CALLERS = ("m9/stages/report.py", "m9/stages/evaluate.py", "m9/stages/pipeline.py", "m9/bench/config.py")
+
+
+def test_a_workdirs_names_are_spelled_only_in_contract_py():
+    """A file name of the layout anywhere in m9/, or a folder name joined into a path or listed with
+    another, or a space name of evaluate, outside contract.py, is a second spelling that can drift."""
+    import re
+
+    files, folders = _contract_names()
+    quoted = r"[\"']({})[\"']"
+    file_re = re.compile(quoted.format("|".join(map(re.escape, sorted(files)))))
+    folder = quoted.format("|".join(map(re.escape, sorted(folders))))
+    path_re = re.compile(rf"(join|Path|output_dir)\([^)]*{folder}|\(\s*{folder}\s*,\s*{folder}")
+    space_re = re.compile(quoted.format("|".join(contract.SPACES)))
+    found = []
+    for path in sorted((REPO / "m9").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "m9/stages/contract.py":
+            continue
+        callers = rel in _CALLERS or rel.startswith("m9/cli/")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if file_re.search(code) or (callers and (path_re.search(code) or space_re.search(code))):
+                found.append(f"{rel}:{number}: {line.strip()}")
+    assert found == []

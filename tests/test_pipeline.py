@@ -263,3 +263,24 @@ def test_a_second_writer_of_the_same_output_is_refused(pipeline, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {out} is being written by `m9 embed` (pid {first.pid} on ")
     assert result.output.count("\n") == 1 and not list(out.glob("embeddings/*"))
+
+
+def test_a_moved_or_copied_workdir_reuses_every_stage(pipeline, images_tree, tmp_path, ray_local):
+    """The manifests name their inputs relative to themselves (`../embed`): a workdir moved after a run
+    reruns without a traceback (it was FileNotFoundError: …/w/embed/embeddings) and recomputes nothing."""
+    import shutil
+
+    from m9.stages.pipeline import RunConfig, run
+
+    work = tmp_path / "w"
+    for folder in pipeline["dirs"].values():
+        shutil.copytree(folder, work / Path(folder).name)  # a copied workdir
+    settings = {"ingest": {"images_per_file": 100}, "embed": {"actors": 2, "batch_size": 8}, "reduce": {"k": TEST_K}}
+    first = run(RunConfig(input=str(images_tree), workdir=str(work), settings=settings))
+    assert all(first.stages[name].skipped for name in ("ingest", "embed", "reduce"))
+    moved = tmp_path / "moved"
+    work.rename(moved)
+    again = run(RunConfig(input=str(images_tree), workdir=str(moved), settings=settings))
+    assert {name: m.skipped for name, m in again.stages.items()} == dict.fromkeys(again.stages, True)
+    assert again.evaluation["accuracy"] == first.evaluation["accuracy"]
+    assert Path(again.report).parent.parent == moved

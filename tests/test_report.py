@@ -40,12 +40,14 @@ def test_protocol_uses_the_split_else_stratified_folds():
     assert sorted(scored) == list(range(12))  # every image scored once
 
 
-def test_grey_pixels_are_28x28_in_unit_range():
+def test_grey_pixels_are_28x28_in_unit_range_and_nan_where_they_do_not_decode():
     buf = io.BytesIO()
     Image.fromarray(np.full((100, 100, 3), 255, np.uint8)).save(buf, "JPEG")
-    pixels = grey_pixels([buf.getvalue(), b"not an image"])
-    assert pixels.shape == (2, 784)
-    assert pixels[0].min() > 0.95 and not pixels[1].any()
+    large = io.BytesIO()
+    Image.new("RGB", (1200, 1200), "white").save(large, "PNG")  # 5.5 MB to decode: above a 1 MB budget
+    pixels = grey_pixels([buf.getvalue(), b"not an image", large.getvalue()], memory_mb=1)
+    assert pixels.shape == (3, 784)
+    assert pixels[0].min() > 0.95 and np.isnan(pixels[1:]).all()
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,7 @@ def workdir(pipeline, tmp_path_factory) -> Path:
 
     work = tmp_path_factory.mktemp("report") / "work"
     for name, folder in pipeline["dirs"].items():
-        shutil.copytree(folder, work / name)
-    for name in ("reduce", "embed"):  # the manifests' inputs must point into the copy
-        manifest = work / name / "_m9.json"
-        text = manifest.read_text()
-        for stage_name, folder in pipeline["dirs"].items():
-            text = text.replace(json.dumps(folder), json.dumps(str(work / stage_name)))
-        manifest.write_text(text)
+        shutil.copytree(folder, work / name)  # the manifests name their inputs relative to themselves
     evaluate(EvaluateConfig(input=str(work / "reduce"), output=str(work / "evaluate")))
     return work
 
@@ -71,6 +67,7 @@ def test_evaluate_scores_every_space_on_the_test_split(workdir):
     result = json.loads((workdir / "evaluate" / "evaluate.json").read_text())
     assert result["protocol"] == "trained on Training, scored on Test"
     assert result["counts"] == {"images": 240, "labels": 48, "train": 144, "scored": 96}
+    assert result["raw_left_out"] == 0
     assert result["dims"] == {"full": 1280, "pca": 12, "raw": 784}
     assert set(result["accuracy"]) == {"pca", "full", "raw"}
     # MobileNetV2's features tell 48 fruits apart far better than 28x28 grey pixels do.
@@ -90,9 +87,9 @@ def test_the_pca_space_keeps_the_full_spaces_accuracy(workdir):
 def test_evaluate_an_embed_output_has_no_pca_space(workdir, tmp_path):
     from m9.stages.evaluate import EvaluateConfig, evaluate
 
-    result = evaluate(EvaluateConfig(input=str(workdir / "embed"), output=str(tmp_path), neighbors=3))
-    assert set(result["accuracy"]) == {"full", "raw"}
-    assert result["neighbors"] == 3
+    done = evaluate(EvaluateConfig(input=str(workdir / "embed"), output=str(tmp_path), neighbors=3))
+    assert set(done.details["accuracy"]) == {"full", "raw"}
+    assert done.details["neighbors"] == 3 and done.counts["raw_left_out"] == 0
 
 
 def _check_in_chromium(page: Path, tmp_path: Path) -> dict:
@@ -139,9 +136,10 @@ def _check_in_chromium(page: Path, tmp_path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make tools installs Debian's chromium)")
 def test_report_opens_in_a_browser_offline_with_every_image(workdir, tmp_path):
-    from m9.stages.report import report
+    from m9.stages.report import page, report
 
-    page = Path(report(str(workdir)))
+    assert not report(str(workdir)).skipped
+    page = Path(page(str(workdir)))
     assert page == workdir / "report" / "report.html"
     text = page.read_text()
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing to fetch: it must open offline
@@ -169,3 +167,18 @@ def test_report_opens_in_a_browser_offline_with_every_image(workdir, tmp_path):
     )
     grey = np.asarray(Image.open(shot).convert("L"))
     assert grey.std() > 20 and (grey < 200).mean() > 0.02  # text and figures, not a blank page
+
+
+@pytest.mark.slow
+def test_report_is_reused_until_its_inputs_change_and_redone_with_overwrite(workdir):
+    from m9.stages import contract
+    from m9.stages.report import report
+
+    report(str(workdir))
+    assert report(str(workdir)).skipped
+    (workdir / contract.RUN_RECORD).write_text(json.dumps({"wall_s": {"ingest": 1.0}}))  # another run's record
+    assert not report(str(workdir)).skipped  # written again: it has no settings to refuse a change of
+    assert report(str(workdir)).skipped
+    assert not report(str(workdir), overwrite=True).skipped
+    (workdir / contract.RUN_RECORD).unlink()
+    assert not report(str(workdir)).skipped

@@ -65,3 +65,35 @@ def test_a_refused_s3a_request_names_the_key_and_the_right():
     assert "s3:GetObject" in str(error) and "\n" not in str(error)
     other = Py4JJavaError("An error occurred while calling o1.load.\n: java.lang.OutOfMemoryError: Java heap space")
     assert storage.outage(other) is None
+
+
+def test_check_access_asks_s3_once_per_uri_and_settings_in_a_process(monkeypatch):
+    """`m9 run` and each stage check the same prefixes: a write check (a PUT and a DELETE) is made once.
+    Counted at m9's client factory, each request made through the real client against moto."""
+    import pytest
+
+    from tests.conftest import moto_server, point_aws_at
+
+    with moto_server() as port:
+        point_aws_at(monkeypatch, f"http://127.0.0.1:{port}", "k", "s")
+        storage.s3_client().create_bucket(Bucket="checked")
+        calls = []
+        real = storage._s3_client
+
+        def counting(settings):
+            calls.append(settings)
+            return real(settings)
+
+        monkeypatch.setattr(storage, "_s3_client", counting)
+        for _ in range(3):
+            storage.check_access(read="s3://checked/in", write="s3://checked/w")
+        assert len(calls) == 2  # one read check, one write check
+        storage.check_access(read="s3://checked/other")
+        assert len(calls) == 3
+        for _ in range(2):  # a refusal is asked again each time (the bucket may be made meanwhile)
+            with pytest.raises(storage.StorageError):
+                storage.check_access(read="s3://missing/in")
+        assert len(calls) == 5
+        point_aws_at(monkeypatch, f"http://127.0.0.1:{port}", "k2", "s2")  # other credentials: asked again
+        storage.check_access(read="s3://checked/in")
+        assert len(calls) == 6

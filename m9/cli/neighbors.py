@@ -6,6 +6,7 @@ import click
 
 from m9.cli.options import overwrite_opt, user_errors
 from m9.config import DEFAULT_THRESHOLD, DEFAULT_TOP, DEFAULT_WORKDIR, INDEX_KINDS
+from m9.stages import contract
 
 
 def duplicates_line(c: dict) -> str:
@@ -20,8 +21,10 @@ def without_leaked(result: dict) -> list[str]:
     honest = result.get("without_leaked")
     if not honest:
         return []
-    names = {"pca": f"PCA-{result['dims'].get('pca')}", "full": f"full {result['dims']['full']}-d", "raw": "raw pixels"}
-    accuracy = ", ".join(f"{names[n]} {100 * a:.1f} %" for n, a in honest["accuracy"].items())
+    pca, full, raw = contract.SPACES
+    names = {pca: f"PCA-{result['dims'].get(pca)}", full: f"full {result['dims'][full]}-d", raw: "raw pixels"}
+    scored = honest["accuracy"]
+    accuracy = ", ".join(f"{names[n]} {100 * scored[n]:.1f} %" for n in contract.SPACES if n in scored)
     return [f"  without leaked    {accuracy}  ({honest['leaked_test_images']} leaked Test images left out)"]
 
 
@@ -58,7 +61,7 @@ def duplicates(workdir, output, threshold, overwrite):
     from m9.neighbors.duplicates import duplicates as run_duplicates
     from m9.neighbors.search import output_dir
 
-    out = output or output_dir(workdir, "duplicates")
+    out = output or output_dir(workdir, contract.DUPLICATES.folder)
     result = run_duplicates(DuplicatesConfig(input=workdir, output=out, threshold=threshold, overwrite=overwrite))
     click.echo(_duplicates_summary(result.counts, out) + (" — already done" if result.skipped else ""))
 
@@ -94,7 +97,7 @@ def index(workdir, output, kind, overwrite):
     from m9.neighbors.index import index as run_index
     from m9.neighbors.search import output_dir
 
-    out = output or output_dir(workdir, "index")
+    out = output or output_dir(workdir, contract.INDEX.folder)
     result = run_index(IndexConfig(input=workdir, output=out, kind=kind, overwrite=overwrite))
     c, d = result.counts, result.details
     cells = f", {d['cells']} cells" if d.get("cells") else ""

@@ -9,6 +9,7 @@ from m9.cli.options import (
     INGEST_OPTIONS,
     REDUCE_OPTIONS,
     config_fields,
+    decode_memory_opt,
     images_per_file_opt,
     input_opt,
     neighbors_opt,
@@ -48,7 +49,8 @@ def evaluate_summary(result: dict) -> str:
         contract.FULL_SPACE: f"full {dims[contract.FULL_SPACE]}-d",
         contract.RAW_SPACE: "raw pixels",
     }
-    return ", ".join(f"{names[n]} {100 * a:.1f} %" for n, a in result["accuracy"].items())
+    accuracy = result["accuracy"]
+    return ", ".join(f"{names[n]} {100 * accuracy[n]:.1f} %" for n in contract.SPACES if n in accuracy)
 
 
 @click.command()
@@ -137,20 +139,27 @@ def reduce(input_, output, overwrite, **settings):
 )
 @output_opt(default=contract.default_output(contract.EVALUATE), show_default=True, help="Folder for evaluate.json.")
 @neighbors_opt
+@decode_memory_opt
+@overwrite_opt
 @user_errors
-def evaluate(input_, output, neighbors):
+def evaluate(input_, output, neighbors, decode_memory_mb, overwrite):
     """Are the features any good? kNN classification of the label in the PCA space, the full feature space
     and raw 28x28 grey pixels of the same images (Training → Test, or stratified folds without a split).
 
     Example: m9 evaluate --input m9-out/reduce --neighbors 5
     """
-    from m9.stages.evaluate import EvaluateConfig
-    from m9.stages.evaluate import evaluate as run_evaluate
+    from m9.stages import evaluate as stage
 
-    result = run_evaluate(EvaluateConfig(input=input_, output=output, neighbors=neighbors))
+    cfg = stage.EvaluateConfig(
+        input=input_, output=output, neighbors=neighbors, decode_memory_mb=decode_memory_mb, overwrite=overwrite
+    )
+    done = stage.evaluate(cfg)
+    result = stage.result(output)
+    left_out = f", {result['raw_left_out']} images left out of raw pixels" if result.get("raw_left_out") else ""
     click.echo(
         f"evaluate: {neighbors}-NN accuracy of the label on {result['counts']['scored']} images "
-        f"({result['protocol']}): {evaluate_summary(result)}; details in {output}/{contract.EVALUATE_NAME}"
+        f"({result['protocol']}): {evaluate_summary(result)}{left_out}; details in "
+        f"{output}/{contract.EVALUATE_NAME}{' — already done' if done.skipped else ''}"
     )
     from m9.cli.neighbors import without_leaked
 
@@ -163,16 +172,18 @@ _READ = [f"{c.folder}/" for c in (contract.INGEST, contract.EMBED, contract.REDU
 
 @click.command()
 @workdir_opt(help=f"The folder `m9 run` worked in (its {', '.join(_READ[:-1])} and {_READ[-1]}).")
+@overwrite_opt
 @user_errors
-def report(workdir):
+def report(workdir, overwrite):
     """Write WORKDIR/report/report.html: run summary, variance, PC1 x PC2, nearest neighbours, evaluate
     figures, all inlined (it opens anywhere, offline); the figures also as PNGs beside it.
 
     Example: m9 report --workdir m9-out
     """
-    from m9.stages.report import report as write_report
+    from m9.stages import report as stage
 
-    click.echo(f"report: {write_report(workdir)}")
+    done = stage.report(workdir, overwrite=overwrite)
+    click.echo(f"report: {stage.page(workdir)}{' — already done' if done.skipped else ''}")
 
 
 COMMANDS = (ingest, embed, reduce, evaluate, report)

@@ -361,10 +361,16 @@ def _s3a_refusal(java_text: str) -> StorageError | None:
     )
 
 
+#: (URI, read or write, settings) check_access found allowed in this process: `m9 run` and each of its
+#: stages check the same prefixes, and a write check is a PUT and a DELETE, so each is asked once.
+_allowed: set[tuple[str, str, S3Settings]] = set()
+
+
 def check_access(read: str | None = None, write: str | None = None) -> None:
     """Fail with one actionable StorageError unless read can be listed and write can be written (S3 only).
 
     Stages call this first, so a missing bucket or refused credentials show before any engine starts.
+    What was allowed once is not asked again in this process (with the same settings); a refusal is.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -372,6 +378,8 @@ def check_access(read: str | None = None, write: str | None = None) -> None:
         if not uri or not is_s3(uri):
             continue
         settings = current_settings()
+        if (uri, action, settings) in _allowed:
+            continue
         parsed = urlparse(uri)
         bucket, key = parsed.netloc, parsed.path.strip("/")
         try:
@@ -384,3 +392,4 @@ def check_access(read: str | None = None, write: str | None = None) -> None:
                 client.delete_object(Bucket=bucket, Key=probe)
         except (BotoCoreError, ClientError) as exc:
             raise _explain(exc, uri, action, settings) from None
+        _allowed.add((uri, action, settings))

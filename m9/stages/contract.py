@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +171,9 @@ EMBED = Contract(
     does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
 )
 
-#: Outputs of the reduce stage.
+#: Outputs of the reduce stage, and the column of pca/ holding the components.
 PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
+PCA_COLUMN = "pca"
 
 REDUCE = Contract(
     name="reduce",
@@ -179,7 +181,7 @@ REDUCE = Contract(
     reads="embed",
     needs=("image_id", "path", "label", "split", "features"),
     # pca is vector_type(k) as written (pca_schema); k is known only once the stage has chosen it.
-    writes={PCA_DIR: pa.schema([*_META, ("pca", pa.list_(pa.float32()))])},
+    writes={PCA_DIR: pa.schema([*_META, (PCA_COLUMN, pa.list_(pa.float32()))])},
     files=(CSV_NAME, VARIANCE_NAME),
     changes_output=("k", "variance_target"),
     does_not_change_output=("overwrite",),
@@ -189,7 +191,7 @@ REDUCE = Contract(
 def pca_schema(k: int) -> pa.Schema:
     """reduce's pca/ schema once k is chosen: the components as FixedSizeList<float32, k>."""
     schema = REDUCE.writes[PCA_DIR]
-    return schema.set(schema.get_field_index("pca"), pa.field("pca", vector_type(k)))
+    return schema.set(schema.get_field_index(PCA_COLUMN), pa.field(PCA_COLUMN, vector_type(k)))
 
 
 #: Outputs of the duplicates stage.
@@ -244,25 +246,34 @@ EVALUATE = Contract(
     folder="evaluate",
     # A reduce output, or an embed output (then without the PCA space).
     reads="reduce",
-    needs=("image_id", "label", "split", "pca"),
+    needs=("image_id", "label", "split", PCA_COLUMN),
     writes={},
     files=(EVALUATE_NAME,),
-    changes_output=("neighbors",),
+    # decode_memory_mb: which images the raw-pixel baseline leaves out as too large to decode.
+    changes_output=("neighbors", "decode_memory_mb"),
     does_not_change_output=("overwrite",),
 )
 
-#: The report's page, and the figures written beside it as PNGs.
+#: The report's page, and the figures written beside it as PNGs (figure_name() names their files).
 REPORT_NAME = "report.html"
 FIGURES = ("scree", "scatter", "neighbours", "evaluate")
+#: The largest groups of duplicates, when the workdir has a duplicates output.
+DUPLICATES_FIGURE = "duplicates"
+
+
+def figure_name(figure: str) -> str:
+    """The file of one of the report's figures (FIGURES, DUPLICATES_FIGURE)."""
+    return f"{figure}.png"
+
 
 REPORT = Contract(
     name="report",
     folder="report",
+    # The workdir: evaluate's output and the chain behind it (m9.stages.report.inputs).
     reads="evaluate",
     needs=(),
     writes={},
-    # duplicates.png: the largest groups of duplicates, when the workdir has a duplicates output.
-    files=(REPORT_NAME, *(f"{name}.png" for name in FIGURES), "duplicates.png"),
+    files=(REPORT_NAME, *(figure_name(name) for name in (*FIGURES, DUPLICATES_FIGURE))),
     changes_output=(),
     does_not_change_output=("overwrite",),
 )
@@ -343,18 +354,79 @@ class Manifest:
         )
 
 
+def _split(uri: str) -> tuple[str, str]:
+    """(bucket or "" for a local path, the path inside it)."""
+    uri = storage.normalize(uri)
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return bucket, "/" + key
+    return "", uri
+
+
+def stored_input(output: str, src: str) -> str:
+    """How output's manifest names its input src: relative to output (`../embed`) when src lies beside it
+    or below its parent on the same filesystem (bucket), so a moved or copied workdir still finds its
+    stages' outputs; else src itself (an input elsewhere stays where it was)."""
+    (out_root, out_path), (src_root, src_path) = _split(output), _split(src)
+    if out_root != src_root:
+        return src
+    relative = posixpath.relpath(src_path, out_path)
+    parts = relative.split("/")
+    return relative if parts[0] == ".." and ".." not in parts[1:] else src
+
+
+def resolve_input(output: str, stored: str) -> str:
+    """A manifest's input as an absolute path or URI: a relative one against the manifest's own folder
+    (output); an absolute one (what earlier m9 versions wrote, or an input elsewhere) as it is."""
+    if not stored or storage.is_s3(stored) or posixpath.isabs(stored) or os.path.isabs(stored):
+        return stored
+    root, path = _split(output)
+    joined = posixpath.normpath(posixpath.join(path, stored))
+    return f"s3://{root}{joined}" if root else storage.normalize(joined)
+
+
 def read_manifest(output: str) -> Manifest | None:
-    """The manifest of a finished stage output, or None."""
+    """The manifest of a finished stage output, or None; its input resolved to an absolute path or URI."""
     data = storage.read_json(storage.join(output, MANIFEST))
-    return None if data is None else Manifest.from_json(data)
+    if data is None:
+        return None
+    manifest = Manifest.from_json(data)
+    return dataclasses.replace(manifest, input=resolve_input(output, manifest.input))
 
 
 def write_manifest(output: str, manifest: Manifest) -> Manifest:
-    """Mark output as finished (last write of a stage) and drop its pending record."""
+    """Mark output as finished (last write of a stage) and drop its pending record. An input that is
+    another stage's output is stored relative to output (stored_input); an image tree as it is."""
     done = dataclasses.replace(manifest, finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    storage.write_json(storage.join(output, MANIFEST), done.to_json())
+    data = done.to_json()
+    if manifest.stage in STAGES and STAGES[manifest.stage].reads is not None:
+        data["input"] = stored_input(output, done.input)
+    storage.write_json(storage.join(output, MANIFEST), data)
     storage.remove(storage.join(output, PENDING))
     return done
+
+
+def upstream(src: str) -> dict[str, str]:
+    """The stage outputs behind src, src included, by stage name: each finished manifest's input followed
+    while it is another stage's output (evaluate → reduce → embed → ingest)."""
+    found: dict[str, str] = {}
+    folder: str | None = storage.normalize(src)
+    below: str | None = None
+    while folder and folder not in found.values():
+        manifest = read_manifest(folder)
+        if manifest is None and below is not None:
+            # An earlier m9 wrote absolute inputs: after a move, the folder of that name beside this one.
+            beside = storage.join(_parent(below), folder.rstrip("/").rsplit("/", 1)[-1])
+            manifest, folder = read_manifest(beside), beside
+        if manifest is None or manifest.stage not in STAGES:
+            break
+        found[manifest.stage] = below = folder
+        folder = manifest.input if STAGES[manifest.stage].reads is not None else None
+    return found
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def digest(value: Any) -> str:

@@ -78,6 +78,23 @@ class RunResult:
     report: str | None = None
 
 
+def _record(cfg: RunConfig, workdir: str, results: dict[str, Manifest], timings: dict[str, float]) -> None:
+    """Write the run's own record (timings, machine) for the report; the stages' manifests hold the rest.
+    A stage reused from an earlier run keeps the wall time the record gave it then (the time its output
+    took); when every stage was reused the earlier record stays as it is, so the report is reused too."""
+    uri = storage.join(workdir, RUN_RECORD)
+    earlier = storage.read_json(uri)
+    reused = {name for name, manifest in results.items() if manifest.skipped}
+    if earlier is not None and reused == set(results):
+        return
+    before = (earlier or {}).get("wall_s", {})
+    wall = {name: before.get(name, t) if name in reused else t for name, t in timings.items()}
+    record = {"input": storage.normalize(cfg.input), "wall_s": wall, "reused": sorted(reused)}
+    from m9.stages.report import machine
+
+    storage.write_json(uri, {**record, "machine": machine()})
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Every stage in a row; returns each stage's manifest and wall time, evaluate's result and the report.
 
@@ -116,25 +133,29 @@ def run(cfg: RunConfig) -> RunResult:
     )
     timings["duplicates"] = round(time.perf_counter() - started, 2)
     # Evaluate when the folders give labels to score (it says why not otherwise); no Spark needed.
+    from m9.stages import evaluate as evaluate_stage
     from m9.stages import report
-    from m9.stages.evaluate import EvaluateConfig, evaluate
 
     workdir = storage.normalize(cfg.workdir)
     evaluation = None
     started = time.perf_counter()
     try:
-        evaluation = evaluate(EvaluateConfig(input=cfg.stage_dir("reduce"), output=cfg.stage_dir("evaluate")))
+        evaluate_cfg = evaluate_stage.EvaluateConfig(
+            input=cfg.stage_dir("reduce"),
+            output=cfg.stage_dir("evaluate"),
+            decode_memory_mb=embed_cfg.decode_memory_mb,  # the raw-pixel baseline decodes within embed's budget
+            overwrite=cfg.overwrite,
+        )
+        results["evaluate"] = evaluate_stage.evaluate(evaluate_cfg)
+        evaluation = evaluate_stage.result(evaluate_cfg.output)
         timings["evaluate"] = round(time.perf_counter() - started, 2)
     except InputError as exc:
         log.info("evaluate skipped: %s", exc)
-    # The run's own record (timings, machine) for the report; the stages' manifests hold the rest.
-    storage.write_json(
-        storage.join(workdir, RUN_RECORD),
-        {"input": storage.normalize(cfg.input), "wall_s": timings, "machine": report.machine()},
-    )
+    _record(cfg, workdir, results, timings)
     started = time.perf_counter()
-    page = report.report(workdir)
-    log.info("report written in %.1f s", time.perf_counter() - started)
+    results["report"] = report.report(workdir, overwrite=cfg.overwrite)
+    timings["report"] = round(time.perf_counter() - started, 2)
+    page = report.page(workdir)
     result = RunResult(workdir=workdir, stages=results, wall_s=timings, evaluation=evaluation, report=page)
     if too_many is not None:
         raise TooManyRejectedError(str(too_many), result)

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import platform
+import time
 from collections import Counter
 
 import numpy as np
@@ -18,8 +19,9 @@ import pyarrow.parquet as pq
 
 from m9 import __version__
 from m9.errors import InputError
-from m9.io import storage
+from m9.io import lease, storage
 from m9.stages import contract
+from m9.stages.contract import REPORT, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ QUERIES, QUERY_NEIGHBORS = 6, 5
 #: Side in pixels of each thumbnail in the neighbours figure.
 THUMB_PX = 96
 
-#: Folder of the report under the workdir, and its page.
-REPORT_DIR, REPORT_NAME = "report", "report.html"
+#: The report's figures (each also a PNG beside the page: contract.figure_name).
+SCREE, SCATTER, NEIGHBOURS, EVALUATION = contract.FIGURES
 
 #: Labels given their own legend entry in the scatter; past this a legend hides the points.
 LEGEND_MAX_LABELS = 20
@@ -56,11 +58,12 @@ def machine() -> dict:
 
 def read_pca(reduce_dir: str):
     """reduce's pca/ as (a frame of image_id, label, split; the components as an (n, k) float32 matrix)."""
-    fs, path = storage.filesystem(storage.join(reduce_dir, "pca"))
-    table = pq.read_table(path, filesystem=fs, columns=["image_id", "label", "split", "pca"])
-    values = table.column("pca").combine_chunks().flatten().to_numpy().astype(np.float32)
+    fs, path = storage.filesystem(storage.join(reduce_dir, contract.PCA_DIR))
+    column = contract.PCA_COLUMN
+    table = pq.read_table(path, filesystem=fs, columns=["image_id", "label", "split", column])
+    values = table.column(column).combine_chunks().flatten().to_numpy().astype(np.float32)
     x = values.reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
-    return table.drop_columns(["pca"]).to_pandas(), x
+    return table.drop_columns([column]).to_pandas(), x
 
 
 def _read(folder: str, columns: list[str]):
@@ -69,8 +72,11 @@ def _read(folder: str, columns: list[str]):
 
 
 def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)  # pyplot keeps every figure it made until closed
     return buf.getvalue()
 
 
@@ -168,12 +174,13 @@ def neighbours_figure(rows: list[dict]) -> bytes:
 
 def evaluate_figure(result: dict) -> bytes:
     """kNN accuracy per space, and recall per label in the PCA (else full) space."""
-    names = {"pca": f"PCA-{result['dims'].get('pca')}", "full": f"full {result['dims']['full']}-d", "raw": "raw 28x28"}
-    space = "pca" if "pca" in result["spaces"] else "full"
+    pca, full, raw = contract.SPACES
+    names = {pca: f"PCA-{result['dims'].get(pca)}", full: f"full {result['dims'][full]}-d", raw: "raw 28x28"}
+    space = pca if pca in result["spaces"] else full
     recall = result["spaces"][space]["recall"]
     fig = _figure(figsize=(10, min(12, max(3.5, 0.13 * len(recall)))))
     ax = fig.add_subplot(1, 3, 1)
-    spaces = [s for s in ("pca", "full", "raw") if s in result["accuracy"]]
+    spaces = [s for s in contract.SPACES if s in result["accuracy"]]
     bars = ax.bar([names[s] for s in spaces], [result["accuracy"][s] for s in spaces], color="#55a868")
     ax.bar_label(bars, labels=[f"{100 * result['accuracy'][s]:.1f} %" for s in spaces], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -191,10 +198,10 @@ def evaluate_figure(result: dict) -> bytes:
 
 def _rejections(embed_dir: str) -> dict[str, int]:
     """Rejected images per reason (the reason's words before the first ':')."""
-    files = storage.list_files(storage.join(embed_dir, "errors"), ".parquet")
+    files = storage.list_files(storage.join(embed_dir, contract.ERRORS), ".parquet")
     if not files:
         return {}
-    errors = _read(storage.join(embed_dir, "errors"), ["error"])
+    errors = _read(storage.join(embed_dir, contract.ERRORS), ["error"])
     return dict(Counter(e.split(":", 1)[0] for e in errors["error"]).most_common())
 
 
@@ -259,15 +266,14 @@ def _neighbour_rows(pca, x: np.ndarray, images_dir: str | None) -> list[dict]:
     return rows
 
 
-def duplicates_section(work: str, images_dir: str | None, out: str) -> list[str]:
-    """The report's Duplicates section from the workdir's `m9 duplicates` output: groups, images, groups
-    crossing the Training/Test split per label, and thumbnails of the largest groups (also duplicates.png);
+def duplicates_section(folder: str | None, images_dir: str | None, out: str) -> list[str]:
+    """The report's Duplicates section from the workdir's `m9 duplicates` output (folder): groups, images,
+    groups crossing the Training/Test split per label, and thumbnails of the largest groups (also as a PNG);
     nothing when there is no such output."""
     from m9.neighbors import duplicates as dup
 
-    folder = storage.join(work, contract.DUPLICATES.folder)
-    summary = storage.read_json(storage.join(folder, contract.DUPLICATES_SUMMARY))
-    if summary is None or contract.read_manifest(folder) is None:
+    summary = storage.read_json(storage.join(folder, contract.DUPLICATES_SUMMARY)) if folder else None
+    if summary is None:
         return []
     parts = ["<h2>Duplicates and Training/Test leakage (m9 duplicates)</h2>"]
     parts.append(
@@ -314,7 +320,7 @@ def duplicates_section(work: str, images_dir: str | None, out: str) -> list[str]
         for members in shown.values()
     ]
     png = _groups_figure(figure_rows, per_row)
-    storage.write_bytes_atomic(storage.join(out, "duplicates.png"), png)
+    storage.write_bytes_atomic(storage.join(out, contract.figure_name(contract.DUPLICATES_FIGURE)), png)
     parts.append("<h3>The largest groups</h3>")
     parts.append(
         "<p class=note>One row per group, its representative first (black frame); each image's split and "
@@ -370,50 +376,101 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def report(workdir: str) -> str:
-    """Write workdir/report/report.html and its figures as PNGs; return the page's path."""
+def inputs(work: str) -> dict[str, str]:
+    """The finished stage outputs the report of workdir `work` reads, by stage name: evaluate's output and
+    the chain of manifests behind it (reduce, embed, ingest), reduce's chain when there is no evaluation of
+    a reduce output, and the duplicates output made from the same embed output."""
+    from m9.neighbors import duplicates
+
+    found = contract.upstream(storage.join(work, contract.EVALUATE.folder))
+    if contract.REDUCE.name not in found:
+        found = {**contract.upstream(storage.join(work, contract.REDUCE.folder)), **found}
+    embed_dir = found.get(contract.EMBED.name)
+    duplicates_dir = duplicates.for_embed(embed_dir) if embed_dir else None
+    if duplicates_dir:
+        found[contract.DUPLICATES.name] = duplicates_dir
+    return found
+
+
+def page(workdir: str) -> str:
+    """Where the report of workdir is (report/report.html)."""
+    return storage.join(storage.normalize(workdir), contract.REPORT.folder, contract.REPORT_NAME)
+
+
+def report(workdir: str, overwrite: bool = False) -> Manifest:
+    """Write workdir/report/report.html (page()) and its figures as PNGs, and its manifest. A finished
+    report of the same stage outputs and run record is reused; one of others is replaced."""
     work = storage.normalize(workdir)
-    dirs = {name: storage.join(work, name) for name in ("images", "embed", "reduce", "evaluate")}
-    manifests = {name: contract.read_manifest(folder) for name, folder in dirs.items() if name != "evaluate"}
-    if not manifests["reduce"]:
-        raise InputError(f"{work} holds no finished `m9 reduce` output (reduce/); run `m9 run` first")
-    run = storage.read_json(storage.join(work, contract.RUN_RECORD)) or {}
-    variance = storage.read_json(storage.join(dirs["reduce"], "variance.json"))
-    evaluation = storage.read_json(storage.join(dirs["evaluate"], "evaluate.json"))
-    pca, x = read_pca(dirs["reduce"])
-    out = storage.join(work, REPORT_DIR)
+    found = inputs(work)
+    if contract.REDUCE.name not in found:
+        raise InputError(f"{work} holds no finished `m9 reduce` output ({contract.REDUCE.folder}/); run `m9 run` first")
+    out = storage.join(work, contract.REPORT.folder)
+    storage.check_access(read=work, write=out)
+    run = storage.read_json(storage.join(work, contract.RUN_RECORD))
+    identity = "+".join(contract.input_identity(found[name]) for name in sorted(found))
+    print_ = contract.fingerprint(REPORT, None, f"{identity}+run:{contract.digest(run)}")
+    with lease.hold(out, REPORT.name):
+        # The report is a view of the workdir with no settings of its own: when the stage outputs or the
+        # run record behind it changed, it is written again rather than refused.
+        earlier = contract.read_manifest(out)
+        stale = earlier is not None and earlier.stage == REPORT.name and earlier.fingerprint != print_
+        if stale:
+            log.info("report: %s (%s); writing it again", out, contract.describe_change(earlier.fingerprint, print_))
+        done = contract.prepare(REPORT, out, print_, overwrite or stale)
+        if done is not None:
+            log.info("report: %s already holds the report of these outputs; skipping", out)
+            return done
+        started = time.perf_counter()
+        figures = _write(work, found, run or {}, out)
+        details = {"wall_s": round(time.perf_counter() - started, 2)}
+        manifest = Manifest(
+            stage=REPORT.name, input=work, fingerprint=print_, counts={"figures": figures}, details=details
+        )
+        return contract.write_manifest(out, manifest)
+
+
+def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
+    """The page and its PNGs into out; returns how many figures it drew."""
+    manifests = {name: contract.read_manifest(folder) for name, folder in found.items()}
+    reduce_dir = found[contract.REDUCE.name]
+    embed_dir, images_dir = found.get(contract.EMBED.name), found.get(contract.INGEST.name)
+    images_dir = images_dir if images_dir and storage.exists(images_dir) else None
+    variance = storage.read_json(storage.join(reduce_dir, contract.VARIANCE_NAME))
+    evaluate_dir = found.get(contract.EVALUATE.name)
+    evaluation = storage.read_json(storage.join(evaluate_dir, contract.EVALUATE_NAME)) if evaluate_dir else None
+    pca, x = read_pca(reduce_dir)
     storage.makedirs(out)
 
     figures: dict[str, tuple[bytes, str]] = {}
-    figures["scree"] = (scree_figure(variance), "explained variance per component and cumulative")
+    figures[SCREE] = (scree_figure(variance), "explained variance per component and cumulative")
     sampled = len(pca) > SCATTER_MAX_POINTS
     shown = np.sort(np.random.default_rng(0).choice(len(pca), SCATTER_MAX_POINTS, replace=False)) if sampled else None
     if variance["k"] >= 2:
         labels = pca["label"].to_numpy(object)
-        figures["scatter"] = (
+        figures[SCATTER] = (
             scatter_figure(x[shown, :2] if sampled else x[:, :2], labels[shown] if sampled else labels, sampled),
             "PC1 x PC2 coloured by label",
         )
-    figures["neighbours"] = (neighbours_figure(_neighbour_rows(pca, x, dirs["images"])), "nearest neighbours")
+    figures[NEIGHBOURS] = (neighbours_figure(_neighbour_rows(pca, x, images_dir)), "nearest neighbours")
     if evaluation:
-        figures["evaluate"] = (evaluate_figure(evaluation), "kNN accuracy and recall per label")
+        figures[EVALUATION] = (evaluate_figure(evaluation), "kNN accuracy and recall per label")
     for name, (png, _) in figures.items():
-        storage.write_bytes_atomic(storage.join(out, f"{name}.png"), png)
+        storage.write_bytes_atomic(storage.join(out, contract.figure_name(name)), png)
 
-    ingest_c = manifests["images"].counts if manifests["images"] else {}
-    embed_c = manifests["embed"].counts if manifests["embed"] else {}
+    ingest, embed, reduce = (contract.INGEST.name, contract.EMBED.name, contract.REDUCE.name)
+    ingest_c = manifests[ingest].counts if ingest in manifests else {}
+    embed_c = manifests[embed].counts if embed in manifests else {}
     wall = dict(run.get("wall_s", {}))
-    for name in ("ingest", "embed", "reduce"):  # stages run one by one: their manifests' own wall times
-        m = manifests["images" if name == "ingest" else name]
+    for name, m in manifests.items():  # stages run one by one: their manifests' own wall times
         if name not in wall and m and m.details.get("wall_s"):
             wall[name] = m.details["wall_s"]
-    images_in = {"ingest": ingest_c.get("files_found"), "embed": embed_c.get("rows_in"), "reduce": len(pca)}
-    order = ["spark_startup", "ingest", "embed", "reduce", "evaluate"]  # run.json's keys come back sorted
+    images_in = {ingest: ingest_c.get("files_found"), embed: embed_c.get("rows_in"), reduce: len(pca)}
+    order = ["spark_startup", *contract.STAGES]  # run.json's keys come back sorted
     timing_rows = [
         (name, wall[name], f"{images_in[name] / wall[name]:.1f}" if images_in.get(name) and wall[name] else "")
         for name in sorted(wall, key=lambda n: order.index(n) if n in order else len(order))
     ]
-    rejections = _rejections(dirs["embed"]) if manifests["embed"] else {}
+    rejections = _rejections(embed_dir) if embed_dir else {}
     k_choice = variance.get("k_choice")
     reached = ", ".join(f"{t} at k={k}" for t, k in variance["smallest_k_reaching"].items() if k) or "none within k"
     host = run.get("machine") or {**machine(), "note": "of the machine writing this report (no run.json)"}
@@ -452,11 +509,11 @@ def report(workdir: str) -> str:
     parts.append("<h3>Machine</h3>")
     parts.append(_table([(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in host.items()]))
     parts.append("<h2>Variance</h2>")
-    parts.append(_img(figures["scree"][0], figures["scree"][1]))
+    parts.append(_img(figures[SCREE][0], figures[SCREE][1]))
     parts.append(f"<p class=note>Thresholds reached: {html.escape(reached)}.</p>")
-    if "scatter" in figures:
+    if SCATTER in figures:
         parts.append("<h2>PC1 x PC2</h2>")
-        parts.append(_img(*figures["scatter"]))
+        parts.append(_img(*figures[SCATTER]))
         note = (
             f"A random sample of {SCATTER_MAX_POINTS:,} of the {len(pca):,} images is drawn."
             if sampled
@@ -471,8 +528,8 @@ def report(workdir: str) -> str:
         "<p class=note>Each row: a query image, then its 5 nearest neighbours in the PCA space "
         "(Euclidean distance: label); green frame = same label as the query, red = another.</p>"
     )
-    parts.append(_img(*figures["neighbours"]))
-    parts += duplicates_section(work, dirs["images"], out)
+    parts.append(_img(*figures[NEIGHBOURS]))
+    parts += duplicates_section(found.get(contract.DUPLICATES.name), images_dir, out)
     if evaluation:
         parts.append("<h2>Are the features any good? (m9 evaluate)</h2>")
         parts.append(
@@ -483,14 +540,20 @@ def report(workdir: str) -> str:
             _table(
                 [
                     (s, evaluation["dims"][s], f"{100 * evaluation['accuracy'][s]:.1f} %")
-                    for s in ("pca", "full", "raw")
+                    for s in contract.SPACES
                     if s in evaluation["accuracy"]
                 ],
                 ("space", "dimensions", "accuracy"),
             )
         )
-        parts.append(_img(*figures["evaluate"]))
-        space = "pca" if "pca" in evaluation["spaces"] else "full"
+        left_out = evaluation.get("raw_left_out", 0)
+        if left_out:
+            parts.append(
+                f"<p class=note>{left_out} images left out of the raw-pixel baseline: they do not decode within "
+                "--decode-memory, so that space is scored on the others.</p>"
+            )
+        parts.append(_img(*figures[EVALUATION]))
+        space = contract.PCA_SPACE if contract.PCA_SPACE in evaluation["spaces"] else contract.FULL_SPACE
         pairs = evaluation["spaces"][space]["most_confused"]
         if pairs:
             parts.append(f"<h3>Most confused labels ({space})</h3>")
@@ -498,7 +561,7 @@ def report(workdir: str) -> str:
                 _table([(p["true"], p["predicted"], p["count"]) for p in pairs], ("true", "predicted", "images"))
             )
     parts.append("</body></html>")
-    page = storage.join(out, REPORT_NAME)
-    storage.write_bytes_atomic(page, "\n".join(parts).encode())
-    log.info("report: %s", page)
-    return page
+    written = storage.join(out, contract.REPORT_NAME)
+    storage.write_bytes_atomic(written, "\n".join(parts).encode())
+    log.info("report: %s", written)
+    return len(figures) + int(any(part.startswith("<h3>The largest groups") for part in parts))
