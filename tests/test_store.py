@@ -293,3 +293,67 @@ def test_embed_twice_with_one_store_computes_each_image_once(ingested, ray_local
     scratch = _embed(ingested, tmp_path / "none", "none")
     assert "42 computed, 0 reused" in scratch
     _same_output(tmp_path / "one", tmp_path / "none")
+
+
+@pytest.fixture(scope="module")
+def ingested_many(spark, tmp_path_factory) -> str:
+    """720 images of distinct bytes (the sample's 240, each also with 1 and 2 zero bytes after its end,
+    which decoders ignore) in files of 100: enough work that a kill lands in the middle of an embed."""
+    from m9.config import IngestConfig
+    from m9.stages.ingest import ingest
+
+    root = tmp_path_factory.mktemp("store-many")
+    for n, image in enumerate(sorted(SAMPLE.rglob("*.jpg"))):
+        for pad in range(3):
+            target = root / f"v{pad}" / image.parent.name / f"{n}-{image.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(image.read_bytes() + b"\0" * pad)
+    out = str(root.parent / "store-many-images")
+    ingest(IngestConfig(input=str(root), output=out, images_per_file=100))
+    return out
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Processes of session sid: what `m9 embed` started (its Ray) and outlives a kill of the command."""
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_embed_then_the_same_command_completes_it(ingested_many, ray_local, weights_path, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    command = ["embed", "--input", ingested_many, "--output", str(out), "--store", str(store), "--actors", "2"]
+    log = (tmp_path / "killed.log").open("w")
+    # Its own session, so the kill takes the command and the local Ray it started, as a kill -9 of a job does.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m9.cli", *command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not list((out / "embeddings").glob("*.parquet")):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for pid in _session_processes(proc.pid):
+        os.kill(pid, 9)
+    proc.wait()
+    done = len(list((out / "embeddings").glob("*.parquet")))
+    assert 1 <= done < 8, f"the kill came after {done} of 8 files: nothing left to resume"
+
+    again = CliRunner().invoke(main, command)
+    assert again.exit_code == 0, again.output
+    assert "720 embedded, 0 rejected (of 720)" in again.output
+    _embed(ingested_many, tmp_path / "scratch", "none")
+    _same_output(out, tmp_path / "scratch")
+    # The store is consistent: every image once, its features those of the output.
+    [entries] = FeatureStore(str(store)).show()
+    assert (entries.entries, entries.rejections) == (720, 0)
+    images = pq.read_table(ingested_many, columns=["image_id", "sha256"])
+    sha_of = dict(zip(images.column("image_id").to_pylist(), images.column("sha256").to_pylist()))
+    embedded = _table(out, "embeddings")
+    found = FeatureStore(str(store)).model(json.loads((store / entries.digest / "identity.json").read_text()))
+    found = found.lookup(sha_of.values())
+    row_of = {s: i for i, s in enumerate(found.column("sha256").to_pylist())}
+    stored = np.stack(found.column("features").to_numpy(zero_copy_only=False))
+    ours = np.stack(embedded.column("features").to_numpy(zero_copy_only=False))
+    order = [row_of[sha_of[i]] for i in embedded.column("image_id").to_pylist()]
+    np.testing.assert_allclose(stored[order], ours, atol=1e-5, rtol=0)

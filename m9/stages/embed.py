@@ -371,8 +371,8 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
     if cfg.decode_memory_mb < 1:
         raise InputError("--decode-memory must be at least 1 (MB)")
     storage.check_access(read=src, write=out)
-    if cfg.store and storage.is_s3(cfg.store):
-        storage.check_access(write=storage.normalize(cfg.store))
+    store = reuse.resolve_store(cfg.store, out)
+    storage.check_access(read=store, write=store)  # the store may be under another prefix's rights
     shards = storage.list_files(src, ".parquet")
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
