@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -83,25 +85,36 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100_000)
     args = parser.parse_args()
     results = [case(os.path.join(tempfile.mkdtemp(prefix="m9-store-bench-"), "store"), args.entries)]
+    print(json.dumps(results[0]), flush=True)
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
+    # moto in its own process: in this one it shares the GIL with the reader and starves its large GETs.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         M9_S3_ENDPOINT=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1"
     )
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
     try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         results.append(case("s3://bench/store", args.entries))
     finally:
-        server.stop()
-    print(json.dumps(results, indent=2))
+        server.terminate()
+        server.wait()
+    print(json.dumps(results, indent=2), flush=True)
 
 
 if __name__ == "__main__":
