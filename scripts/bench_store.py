@@ -68,9 +68,11 @@ def lookups(uri: str, entries: int) -> dict:
     return out
 
 
-def case(uri: str, entries: int) -> dict:
+def case(uri: str, entries: int, compact: bool = True) -> dict:
     result = {"uri": uri, "entries": entries, "fill_s": round(fill(uri, entries), 1)}
     result["parts_1000_rows"] = lookups(uri, entries)
+    if not compact:
+        return result
     started = time.perf_counter()
     FeatureStore(uri).model(IDENTITY).compact()
     result["compact_s"] = round(time.perf_counter() - started, 1)
@@ -83,9 +85,12 @@ def case(uri: str, entries: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--s3-only", action="store_true", help="Skip the local store.")
     args = parser.parse_args()
-    results = [case(os.path.join(tempfile.mkdtemp(prefix="m9-store-bench-"), "store"), args.entries)]
-    print(json.dumps(results[0]), flush=True)
+    results = []
+    if not args.s3_only:
+        results.append(case(os.path.join(tempfile.mkdtemp(prefix="m9-store-bench-"), "store"), args.entries))
+        print(json.dumps(results[0]), flush=True)
 
     import boto3
 
@@ -110,7 +115,9 @@ def main() -> None:
             except OSError:
                 time.sleep(0.2)
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-        results.append(case("s3://bench/store", args.entries))
+        # No compact on moto: its server did not answer range reads of the 580 MB merged part within
+        # pyarrow's low-speed limit (less than 1 byte/s for 3 s), a limit of moto's server, not of S3.
+        results.append(case("s3://bench/store", args.entries, compact=False))
     finally:
         server.terminate()
         server.wait()

@@ -337,23 +337,28 @@ def test_kill_9_during_an_embed_then_the_same_command_completes_it(ingested_many
         os.kill(pid, 9)
     proc.wait()
     done = len(list((out / "embeddings").glob("*.parquet")))
-    assert 1 <= done < 8, f"the kill came after {done} of 8 files: nothing left to resume"
+    shards = len(list(Path(ingested_many).glob("*.parquet")))
+    assert 1 <= done < shards, f"the kill came after {done} of {shards} files: nothing left to resume"
 
     again = CliRunner().invoke(main, command)
     assert again.exit_code == 0, again.output
     assert "720 embedded, 0 rejected (of 720)" in again.output
     _embed(ingested_many, tmp_path / "scratch", "none")
     _same_output(out, tmp_path / "scratch")
-    # The store is consistent: every image once, its features those of the output.
+    # The store is consistent: each image at most once, its features those of the output. It holds at least
+    # what the second run computed (the killed run's rows reach it FLUSH_ROWS at a time; its output kept them).
+    killed_rows = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "scratch" / "embeddings").glob("*"))
     [entries] = FeatureStore(str(store)).show()
-    assert (entries.entries, entries.rejections) == (720, 0)
+    assert entries.rejections == 0 and entries.entries <= killed_rows == 720
     images = pq.read_table(ingested_many, columns=["image_id", "sha256"])
     sha_of = dict(zip(images.column("image_id").to_pylist(), images.column("sha256").to_pylist()))
     embedded = _table(out, "embeddings")
-    found = FeatureStore(str(store)).model(json.loads((store / entries.digest / "identity.json").read_text()))
-    found = found.lookup(sha_of.values())
+    identity = json.loads((store / entries.digest / "identity.json").read_text())
+    found = FeatureStore(str(store)).model(identity).lookup(sha_of.values())
+    assert found.num_rows == entries.entries >= 720 - 100 * done
     row_of = {s: i for i, s in enumerate(found.column("sha256").to_pylist())}
     stored = np.stack(found.column("features").to_numpy(zero_copy_only=False))
     ours = np.stack(embedded.column("features").to_numpy(zero_copy_only=False))
-    order = [row_of[sha_of[i]] for i in embedded.column("image_id").to_pylist()]
-    np.testing.assert_allclose(stored[order], ours, atol=1e-5, rtol=0)
+    keep = [j for j, i in enumerate(embedded.column("image_id").to_pylist()) if sha_of[i] in row_of]
+    order = [row_of[sha_of[i]] for i in embedded.column("image_id").to_pylist() if sha_of[i] in row_of]
+    np.testing.assert_allclose(stored[order], ours[keep], atol=1e-5, rtol=0)
