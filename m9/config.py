@@ -158,6 +158,9 @@ class EmbedConfig:
     precision: str = PRECISIONS[0]
     #: MB one image's decode may take; a larger image is rejected with a reason (changes the output).
     decode_memory_mb: int = DEFAULT_DECODE_MEMORY
+    #: Feature store (m9.store) asked before the model runs and given what it computes: "auto" (m9.stages.reuse),
+    #: a folder or s3:// URI, or "none". Not part of the output (the features are the same either way).
+    store: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

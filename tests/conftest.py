@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The suite's stages run without a feature store unless a test names one (--store, EmbedConfig.store): a
+# test's embed then computes what it exercises instead of finding an earlier test's features in the cache.
+os.environ["M9_STORE"] = "none"
 
 SAMPLE = Path(__file__).resolve().parent.parent / "m9" / "sample"
 

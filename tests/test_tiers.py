@@ -83,7 +83,16 @@ def test_the_engine_import_check_sees_an_engine(tmp_path: Path) -> None:
 
 #: The rooms of m9 that work without an engine: importing any module in them must not load pyspark, ray,
 #: tensorflow, keras or onnxruntime (the fast tier tests them; the engines are imported inside functions).
-ENGINE_FREE = ("m9.config", "m9.errors", "m9.io", "m9.ui", "m9.data", "m9.stages.contract", "m9.model.decode")
+ENGINE_FREE = (
+    "m9.config",
+    "m9.errors",
+    "m9.io",
+    "m9.store",
+    "m9.ui",
+    "m9.data",
+    "m9.stages.contract",
+    "m9.model.decode",
+)
 
 #: What an engine-free room must not import: the engines, and ONNX Runtime (the model's runtime).
 ENGINES = (*HEAVY_MODULES, "onnxruntime")

@@ -2,7 +2,7 @@
 
 `main` is the group (the global options); the commands live by role in options.py (what they share),
 stages.py (one stage each), neighbors.py (duplicates, index, search), run.py (`m9 run`), assets.py
-(weights, jars, data) and bench.py.
+(weights, jars, data), bench.py and store.py (`m9 store`).
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
 
 
 def _add_commands() -> None:
-    from m9.cli import assets, bench, neighbors, run, stages
+    from m9.cli import assets, bench, neighbors, run, stages, store
 
-    for module in (stages, neighbors, run, assets, bench):
+    for module in (stages, neighbors, run, assets, bench, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -238,6 +238,15 @@ decode_memory_opt = click.option(
     help="Most memory one image's decode may take, estimated from its header; a larger image is rejected "
     "with a reason naming this option (the default embeds a 13,000×13,000 drawing).",
 )
+store_opt = click.option(
+    "--store",
+    default="auto",
+    show_default=True,
+    metavar="auto|URI|none",
+    help="Feature store asked by sha256 before the model runs, so an image's bytes are embedded once per "
+    "model, ever: auto ($M9_STORE if set, else ~/.cache/m9/store for a local output, s3://BUCKET/store for "
+    "an s3:// one), a folder or s3:// URI, or none. The output is the same either way.",
+)
 
 # --- reduce -------------------------------------------------------------------------------------------------
 
@@ -263,6 +272,15 @@ neighbors_opt = click.option(
 #: Each stage's options that `m9 run` takes too (the stage's command may take more: where it reads and
 #: writes, and ingest's --images-per-file), in the order `--help` lists them.
 INGEST_OPTIONS = (bytes_per_file_opt, extensions_opt)
-EMBED_OPTIONS = (actors_opt, batch_opt, ray_opt, weights_opt, runtime_opt, max_errors_opt, decode_memory_opt)
+EMBED_OPTIONS = (
+    actors_opt,
+    batch_opt,
+    ray_opt,
+    weights_opt,
+    runtime_opt,
+    max_errors_opt,
+    decode_memory_opt,
+    store_opt,
+)
 REDUCE_OPTIONS = (k_opt,)
 RUN_OPTIONS = (*INGEST_OPTIONS, *EMBED_OPTIONS, *REDUCE_OPTIONS)

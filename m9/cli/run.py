@@ -47,7 +47,7 @@ def run(input_, workdir, overwrite, **settings):
     lines = [
         "m9 run finished",
         f"  images found      {st['ingest'].counts['files_found']} ({ignored(st['ingest'])})",
-        f"  embedded          {emb['embedded']}",
+        f"  embedded          {emb['embedded']}  ({emb.get('computed', 0)} computed, {emb.get('reused', 0)} reused)",
         f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/{contract.ERRORS})",
         f"  model loads       {emb['model_loads']}",
         f"  variance          {100 * red['total_explained']:.1f} % by {k_summary(red)}  "

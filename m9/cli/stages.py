@@ -101,6 +101,7 @@ def embed(input_, output, overwrite, **settings):
     c = result.counts
     click.echo(
         f"embed: {c['embedded']} embedded, {c['rejected']} rejected (of {c['rows_in']}), "
+        f"{c.get('computed', 0)} computed, {c.get('reused', 0)} reused, "
         f"{c['model_loads']} model loads, output at {output}"
         f"{' — already done' if result.skipped else ''}"
     )

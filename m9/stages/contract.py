@@ -168,7 +168,8 @@ EMBED = Contract(
     # decode_memory_mb: which images are rejected as too large.
     changes_output=("weights", "runtime", "precision", "decode_memory_mb"),
     # batch size, actors and threads change how fast, not what (the model is deterministic per image).
-    does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors"),
+    # store: what the store holds was computed by the same model identity, so the features are the same.
+    does_not_change_output=("actors", "batch_size", "ray_address", "overwrite", "max_errors", "store"),
 )
 
 #: Outputs of the reduce stage, and the column of pca/ holding the components.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -20,7 +21,7 @@ from m9.engines import ray_pool
 from m9.errors import EngineError, InputError, TooManyRejectedError, first_line
 from m9.io import lease, storage
 from m9.model.spec import ModelSpec, resolve_model
-from m9.stages import contract
+from m9.stages import contract, reuse
 from m9.stages.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
 from m9.ui.progress import StageProgress
 
@@ -70,8 +71,12 @@ class EmbedActor:
         ray_pool.record_model_load()
 
     def embed_item(self, item: dict) -> dict[str, np.ndarray]:
-        """Read a work item's rows (plan_slices), decode and embed them: embed_rows's columns."""
-        return self.embed_rows(self._read(item)) | {"shard": np.full(item["stop"] - item["start"], item["shard"])}
+        """Read a work item's rows (plan_slices), decode and embed them: embed_rows's columns. An item with
+        `rows` (indices inside it: those a feature store lacks, m9.stages.reuse) embeds only those."""
+        rows = self._read(item)
+        if "rows" in item:
+            rows = {name: column[item["rows"]] for name, column in rows.items()}
+        return self.embed_rows(rows) | {"shard": np.full(len(rows["image_id"]), item["shard"])}
 
     def embed_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows (EMBED.needs columns) → their metadata, features (zeros where the image failed) and error
@@ -268,17 +273,19 @@ def _summarize(out: str, shards: list[str]) -> dict[str, int]:
     return {"embedded": embedded, "rejected": rejected}
 
 
-def embed_batches(shards: list[str], actors: int, batch_size: int, model: ModelSpec) -> Iterator[dict[str, np.ndarray]]:
+def embed_batches(
+    shards: list[str], actors: int, batch_size: int, model: ModelSpec, items: list[dict] | None = None
+) -> Iterator[dict[str, np.ndarray]]:
     """The embed pipeline on the connected Ray: a fixed pool of `actors` EmbedActors, each loading the model
-    (resolved once on the driver, resolve_model) once, given work items (plan_slices) as they finish the
-    previous ones; yields each item's embedded rows (EmbedActor.embed_item's columns) as it finishes.
-    `m9 embed` writes them; `m9 bench` times them."""
+    (resolved once on the driver, resolve_model) once, given work items (plan_slices of the shards, unless
+    given) as they finish the previous ones; yields each item's embedded rows (EmbedActor.embed_item's
+    columns) as it finishes. `m9 embed` writes them; `m9 bench` times them."""
     import ray
 
     actor_cpus, threads = plan_resources(ray_pool.node_cpus(), actors)
     # One copy per node in the object store; Ray hands each actor the value itself.
     model_ref = ray.put(model)
-    items = plan_slices(shards, SLICE_BATCHES * batch_size)
+    items = plan_slices(shards, SLICE_BATCHES * batch_size) if items is None else items
     log.info(
         "embed: %d shards (%d work items), %s, %d actors × %d threads (%.3g CPUs each), batch %d",
         len(shards),
@@ -364,6 +371,8 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
     if cfg.decode_memory_mb < 1:
         raise InputError("--decode-memory must be at least 1 (MB)")
     storage.check_access(read=src, write=out)
+    store = reuse.resolve_store(cfg.store, out)
+    storage.check_access(read=store, write=store)  # the store may be under another prefix's rights
     shards = storage.list_files(src, ".parquet")
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
@@ -395,11 +404,18 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, 
     rows_in = sum(rows.values())
     started = time.perf_counter()
     loads: list = []
+    store = reuse.open_store(reuse.resolve_store(cfg.store, out), model.identity())
+    computed = reused = 0
     if pending:
-        with ray_pool.connect(cfg.ray_address):
+        items = plan_slices(pending, SLICE_BATCHES * cfg.batch_size)
+        plan = reuse.Reuse(store, pending, items) if store else None
+        to_run = plan.items if plan else items
+        # Everything found in the store: no Ray, no model loads.
+        with ray_pool.connect(cfg.ray_address) if to_run else contextlib.nullcontext():
             writer = _ShardWriter(out, expected)
-            counter = ray_pool.start_load_counter()
-            batches = embed_batches(pending, cfg.actors, cfg.batch_size, model)
+            counter = ray_pool.start_load_counter() if to_run else None
+            batches = embed_batches(pending, cfg.actors, cfg.batch_size, model, to_run) if to_run else iter(())
+            batches = plan.batches(batches) if plan else batches
             what = f"embedding with {cfg.actors} actors ({model.runtime}, {model.precision})"
             with StageProgress("embed", what, sum(expected.values()), counters={"shards": len(pending)}) as shown:
                 for batch in batches:
@@ -407,12 +423,14 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, 
                     for shard in np.unique(batch_shards):
                         writer.add(str(shard), batch, np.flatnonzero(batch_shards == shard))
                     shown.update(len(batch_shards), shards=len(writer.committed))
-            loads = ray.get(counter.get.remote())
+            loads = ray.get(counter.get.remote()) if counter else []
             if writer.duplicates:
                 log.info("embed: %d re-delivered rows (from retried tasks) dropped", writer.duplicates)
             if writer.rows:
                 missing = {part_name(s): expected[s] - writer.seen[s] for s in writer.rows}
                 raise RuntimeError(f"embed finished with incomplete shards: {missing}")
+        computed = plan.computed if plan else sum(expected.values())
+        reused = sum(expected.values()) - computed
     counts = _summarize(out, shards)
     counts.update(
         rows_in=rows_in,
@@ -420,6 +438,8 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, 
         shards_skipped=len(shards) - len(pending),
         model_loads=len(loads),
         model_load_nodes=len({node for node, _ in loads}),
+        computed=computed,
+        reused=reused,
     )
     if counts["embedded"] + counts["rejected"] != rows_in:
         raise RuntimeError(
@@ -441,6 +461,7 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, 
         "decode_memory_mb": model.decode_memory_mb,
         "wall_s": round(wall, 2),
         "model": model.describe(),
+        "store": {"uri": store.folder, "identity": store.digest} if store else None,
     }
     if model.runtime == "onnx":
         details["onnx_sha256"] = model.sha256
