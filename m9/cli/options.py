@@ -26,6 +26,7 @@ from m9.config import (
     DEFAULT_RUNTIME,
     DEFAULT_WORKDIR,
     IMAGE_EXTENSIONS,
+    PRECISIONS,
     RUNTIMES,
 )
 from m9.errors import M9Error, TooManyRejectedError
@@ -221,6 +222,14 @@ runtime_opt = click.option(
     help="What runs the forward pass: onnx (ONNX Runtime on the checked conversion; no TensorFlow in the "
     "actors) or keras (TensorFlow, the reference). Features agree within 1e-4 on photographs.",
 )
+precision_opt = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=PRECISIONS[0],
+    show_default=True,
+    help="Number format of the model: fp32, or int8 (onnx only; made once per cache and kept only if its "
+    "features are within cosine 0.98 of fp32's; faster on CPUs with VNNI, docs/model.md).",
+)
 max_errors_opt = click.option(
     "--max-errors",
     type=MaxErrors(),
@@ -263,6 +272,15 @@ neighbors_opt = click.option(
 #: Each stage's options that `m9 run` takes too (the stage's command may take more: where it reads and
 #: writes, and ingest's --images-per-file), in the order `--help` lists them.
 INGEST_OPTIONS = (bytes_per_file_opt, extensions_opt)
-EMBED_OPTIONS = (actors_opt, batch_opt, ray_opt, weights_opt, runtime_opt, max_errors_opt, decode_memory_opt)
+EMBED_OPTIONS = (
+    actors_opt,
+    batch_opt,
+    ray_opt,
+    weights_opt,
+    runtime_opt,
+    precision_opt,
+    max_errors_opt,
+    decode_memory_opt,
+)
 REDUCE_OPTIONS = (k_opt,)
 RUN_OPTIONS = (*INGEST_OPTIONS, *EMBED_OPTIONS, *REDUCE_OPTIONS)

@@ -150,7 +150,8 @@ def evaluate(input_, output, neighbors):
     result = run_evaluate(EvaluateConfig(input=input_, output=output, neighbors=neighbors))
     click.echo(
         f"evaluate: {neighbors}-NN accuracy of the label on {result['counts']['scored']} images "
-        f"({result['protocol']}): {evaluate_summary(result)}; details in {output}/{contract.EVALUATE_NAME}"
+        f"({result['protocol']}{', ' + result['model'] if result.get('model') else ''}): "
+        f"{evaluate_summary(result)}; details in {output}/{contract.EVALUATE_NAME}"
     )
     from m9.cli.neighbors import without_leaked
 

@@ -152,6 +152,13 @@ def _without_leaked(embed_dir: str, frame, spaces: dict, labels: np.ndarray, fol
     return honest
 
 
+def model_name(embed_details: dict) -> str | None:
+    """`onnx int8`: the runtime and precision an embed manifest's details record (None if they record none)."""
+    if not embed_details.get("runtime"):
+        return None
+    return f"{embed_details['runtime']} {embed_details.get('precision', 'fp32')}"
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """kNN accuracy of the label in each space; writes evaluate.json under cfg.output and returns it."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
@@ -175,8 +182,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         spaces["raw"] = grey_pixels(list(images.loc[frame["image_id"], "content"]))
     protocol, folds = _protocol(frame["split"].to_numpy(object), labels)
     names = sorted(counts)
+    embed_manifest = contract.read_manifest(folders["embed"])
     result = {
         "input": src,
+        # The model whose features are scored, as embed's manifest records it ("onnx fp32", "onnx int8").
+        "model": model_name(embed_manifest.details if embed_manifest else {}),
         "neighbors": cfg.neighbors,
         "protocol": protocol,
         "metric": "euclidean",

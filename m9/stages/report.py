@@ -20,6 +20,7 @@ from m9 import __version__
 from m9.errors import InputError
 from m9.io import storage
 from m9.stages import contract
+from m9.stages.evaluate import model_name
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,7 @@ def report(workdir: str) -> str:
                 ("hidden files ignored", ingest_c.get("hidden_files", "")),
                 ("embedded", embed_c.get("embedded", "")),
                 ("rejected", embed_c.get("rejected", "")),
+                ("model", model_name(manifests["embed"].details if manifests["embed"] else {}) or ""),
                 ("model loads", embed_c.get("model_loads", "")),
                 ("principal components kept", variance["k"]),
                 ("variance explained", f"{100 * variance['total_explained']:.1f} %"),
