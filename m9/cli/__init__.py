@@ -70,9 +70,9 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
 
 
 def _add_commands() -> None:
-    from m9.cli import assets, bench, neighbors, run, stages
+    from m9.cli import assets, bench, neighbors, precision, run, stages
 
-    for module in (stages, neighbors, run, assets, bench):
+    for module in (stages, neighbors, run, assets, bench, precision):
         for command in module.COMMANDS:
             main.add_command(command)
 
