@@ -49,8 +49,10 @@ RUNTIMES = ("onnx", "keras")
 DEFAULT_RUNTIME = "onnx"
 
 #: Number formats the model can run in, the default first. "fp32": the weights as trained, on every
-#: runtime (the features every runtime agrees on within 1e-4).
-PRECISIONS = ("fp32",)
+#: runtime (the features every runtime agrees on within 1e-4). "int8": the FP32 ONNX model statically
+#: quantised (m9.model.quantize; onnx runtime only), kept only if its features are within cosine 0.98 (mean)
+#: and 0.95 (1st percentile) of FP32's on its check sets (docs/model.md gives quality and speed).
+PRECISIONS = ("fp32", "int8")
 
 #: Components kept by `m9 reduce`: the seed's choice. It keeps 83.7 % of the variance on the bundled sample
 #: (240 images) and 67.3 % on 10,000 Fashion-MNIST images, not 90 %; variance.json names the smallest k that

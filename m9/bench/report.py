@@ -41,13 +41,32 @@ def decode_bound(result: dict) -> dict | None:
     the decode every engine pays and the ceiling does not). None without both numbers."""
     knobs, ray = result.get("knobs") or {}, result["engines"].get("ray")
     rate = knobs.get("default_img_per_s") if knobs.get("forward_only_ratio") is not None else None
-    if not (ray and rate) or knobs.get("runtime") != (ray.get("knobs") or {}).get("runtime"):
+    ray_knobs = (ray or {}).get("knobs") or {}
+    if not (ray and rate) or knobs.get("runtime") != ray_knobs.get("runtime"):
+        return None
+    if knobs.get("precision", "fp32") != ray_knobs.get("precision", "fp32"):
         return None
     return {
         "img_per_s": rate,
         "ray_over_bound": round(ray["steady_img_per_s"] / rate, 3),
         "what": "m9's default layout, bare model, each batch decoded just before its forward pass",
     }
+
+
+def int8_speed(result: dict) -> dict | None:
+    """The int8 model's speed-ups measured by this bench: ray-int8 over ray (beside INT8_TARGET's bar) and
+    ceiling-int8 over ceiling-onnx (the bare models); None unless one pair ran."""
+    from m9.bench.config import INT8_TARGET
+
+    eng, out = result["engines"], {}
+    fast, slow, bar = INT8_TARGET
+    for a, b in ((fast, slow), ("ceiling-int8", "ceiling-onnx")):
+        if a in eng and b in eng and eng[b]["steady_img_per_s"]:
+            if b == "ray" and (eng[b].get("knobs") or {}).get("precision", "fp32") != "fp32":
+                continue
+            ratio = round(eng[a]["steady_img_per_s"] / eng[b]["steady_img_per_s"], 3)
+            out[f"{a}_over_{b}"] = {"ratio": ratio, **({"at_least": bar, "met": ratio >= bar} if a == fast else {})}
+    return out or None
 
 
 def _session(s: dict) -> str:
@@ -98,6 +117,30 @@ def markdown(result: dict) -> str:
             )
             + ".",
         ]
+    int8 = result.get("int8_cosine_by_engine") or {}
+    if int8:
+        lines += [
+            "",
+            "int8 engines against the reference (cosine per image; bar: mean ≥ 0.98, p1 ≥ 0.95): "
+            + "; ".join(
+                f"{n} mean {q['cosine_mean']:.4f}, p1 {q['cosine_p1']:.4f}, min {q['cosine_min']:.4f} "
+                f"({'at' if q['at_bar'] else 'BELOW'} the bar)"
+                for n, q in int8.items()
+            )
+            + ".",
+        ]
+    speed = result.get("int8_speed") or {}
+    if speed:
+        lines += [
+            "",
+            "int8 speed: "
+            + "; ".join(
+                f"{k.replace('_over_', ' / ')} = **{v['ratio']:.2f}**"
+                + (f" (≥ {v['at_least']:g}: {'met' if v['met'] else 'NOT met'})" if "at_least" in v else "")
+                for k, v in speed.items()
+            )
+            + ".",
+        ]
     bound = result.get("decode_bound")
     if bound:
         lines += [
@@ -128,7 +171,7 @@ def markdown(result: dict) -> str:
                 f"Session options at the default's {sess['threads']} thread(s), batch {sess['batch_size']}, in one "
                 f"process: {rates} images/s; default / best ({sess['best']}) = **{sess['default_over_best']}**.",
             ]
-    for name in ("ceiling-onnx", "ceiling-keras"):
+    for name in ("ceiling-onnx", "ceiling-int8", "ceiling-keras"):
         search = [s for s in eng.get(name, {}).get("search", []) if s["img_per_s"] is not None]
         if search:
             lines += [

@@ -14,14 +14,22 @@ import numpy as np
 import pyarrow as pa
 
 from m9.bench.ceiling import run_ceiling
-from m9.bench.config import AGREE_TOLERANCE, CEILINGS, ENGINES, REFERENCE_ENGINE, BenchConfig, Outcome
+from m9.bench.config import (
+    AGREE_TOLERANCE,
+    CEILINGS,
+    ENGINES,
+    INT8_ENGINES,
+    REFERENCE_ENGINE,
+    BenchConfig,
+    Outcome,
+)
 from m9.bench.decode_engine import run_decode
 from m9.bench.inputs import load_rows, take, write_input
 from m9.bench.knobs import check_knobs
 from m9.bench.machine import machine_facts
 from m9.bench.monitor import Monitor, steady_rate
 from m9.bench.ray_engine import run_ray
-from m9.bench.report import decode_bound, targets, write_report
+from m9.bench.report import decode_bound, int8_speed, targets, write_report
 from m9.bench.spark_engines import run_spark_predict, run_spark_udf
 from m9.errors import InputError
 from m9.model.spec import ModelSpec, resolve_model
@@ -36,12 +44,28 @@ class Models:
     def __init__(self, cfg: BenchConfig):
         self.cfg, self._specs = cfg, {}
 
-    def __call__(self, runtime: str | None = None) -> ModelSpec:
-        """The resolved model on `runtime` (default: the bench's, `m9 embed`'s default path)."""
-        runtime = runtime or self.cfg.runtime
-        if runtime not in self._specs:
-            self._specs[runtime] = resolve_model(runtime=runtime)
-        return self._specs[runtime]
+    def __call__(self, runtime: str | None = None, precision: str = "fp32") -> ModelSpec:
+        """The resolved model on `runtime` (default: the bench's, `m9 embed`'s default path) at `precision`."""
+        key = (runtime or self.cfg.runtime, precision)
+        if key not in self._specs:
+            self._specs[key] = resolve_model(runtime=key[0], precision=precision)
+        return self._specs[key]
+
+
+def int8_engines(cfg: BenchConfig) -> set[str]:
+    """The engines whose features come from the int8 model: INT8_ENGINES, and `ray` at --precision int8."""
+    return set(INT8_ENGINES) | ({"ray"} if cfg.precision == "int8" else set())
+
+
+def int8_quality(features: dict, ref: np.ndarray, engines: set[str]) -> dict:
+    """Per int8 engine: the cosine of its features to the reference's (mean, p1, min) and whether at the bar."""
+    from m9.model import quantize
+
+    out = {}
+    for name in sorted(engines & set(features)):
+        summary = quantize.cosine_summary(quantize.cosines(features[name], ref))
+        out[name] = {**summary, "at_bar": not quantize.below_bar({name: summary})}
+    return out
 
 
 def measure(
@@ -49,7 +73,8 @@ def measure(
 ):
     """Run one engine under the monitor: its result row for bench.json, and its Outcome (ids, features)."""
     runners = {
-        "ray": lambda: run_ray(cfg, input_dir, table, models(), keep_features),
+        "ray": lambda: run_ray(cfg, input_dir, table, models(precision=cfg.precision), keep_features),
+        "ray-int8": lambda: run_ray(cfg, input_dir, table, models("onnx", "int8"), keep_features),
         "ray-keras": lambda: run_ray(cfg, input_dir, table, models("keras"), keep_features),
         "spark-udf": lambda: run_spark_udf(cfg, input_dir, table, models("keras")),
         "spark-udf-onnx": lambda: run_spark_udf(cfg, input_dir, table, models("onnx")),
@@ -57,6 +82,7 @@ def measure(
         "spark-predict": lambda: run_spark_predict(cfg, input_dir, table, models()),
         "ceiling-keras": lambda: run_ceiling(cfg, input_dir, table, progress, models("keras")),
         "ceiling-onnx": lambda: run_ceiling(cfg, input_dir, table, progress, models("onnx")),
+        "ceiling-int8": lambda: run_ceiling(cfg, input_dir, table, progress, models("onnx", "int8")),
         "decode": lambda: run_decode(cfg, input_dir, table),
     }
     loadavg = round(os.getloadavg()[0], 2)
@@ -116,7 +142,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
     """Run every engine over the same rows; write bench.json, bench.md and bench.png to cfg.output."""
     order = engine_order(cfg.engines)
     models = Models(cfg)
-    models()  # the bench's own runtime resolved (and refused with one line) before any engine runs
+    models(precision=cfg.precision)  # the bench's own model resolved (refused with one line) before any engine runs
     if cfg.repeat < 1 or cfg.actors < 1 or cfg.batch_size < 1:
         raise InputError("--repeat, --actors and --batch-size must be at least 1")
     contract.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
@@ -163,22 +189,26 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    diffs, ref_name = {}, None
-    if features:
-        ref_name = REFERENCE_ENGINE if REFERENCE_ENGINE in features else next(iter(features))
+    diffs, ref_name, int8 = {}, None, {}
+    low = int8_engines(cfg)
+    full = [e for e in features if e not in low]
+    if full:
+        ref_name = REFERENCE_ENGINE if REFERENCE_ENGINE in features else full[0]
         ref = features[ref_name]
-        diffs = {e: float(np.max(np.abs(f - ref))) if len(f) else 0.0 for e, f in features.items()}
+        diffs = {e: float(np.max(np.abs(features[e] - ref))) if len(ref) else 0.0 for e in full}
+        int8 = int8_quality(features, ref, low)
     max_diff = max(diffs.values(), default=0.0)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
         "machine": machine,
         "images": table.num_rows,
         "engines": engines,
-        "agree": bool(max_diff <= AGREE_TOLERANCE),
+        "agree": bool(max_diff <= AGREE_TOLERANCE) and all(q["at_bar"] for q in int8.values()),
         "max_abs_diff": max_diff,
         "max_abs_diff_by_engine": diffs,
         "reference": ref_name,
         "tolerance": AGREE_TOLERANCE,
+        "int8_cosine_by_engine": int8,
         "knobs": knobs,
         "targets": None,
         "decode_bound": None,
@@ -186,6 +216,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
     }
     result["targets"] = targets(result)
     result["decode_bound"] = decode_bound(result)
+    result["int8_speed"] = int8_speed(result)
     write_report(result, cfg.output)
     progress(
         f"engines {'agree' if result['agree'] else 'DISAGREE'}: max |Δ| = {max_diff:.2e} "

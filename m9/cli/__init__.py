@@ -70,9 +70,9 @@ def main(ctx: click.Context, verbose: bool, s3_endpoint: str | None) -> None:
 
 
 def _add_commands() -> None:
-    from m9.cli import assets, bench, neighbors, run, stages, store
+    from m9.cli import assets, bench, neighbors, precision, run, stages, store
 
-    for module in (stages, neighbors, run, assets, bench, store):
+    for module in (stages, neighbors, run, assets, bench, store, precision):
         for command in module.COMMANDS:
             main.add_command(command)
 

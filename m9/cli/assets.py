@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from m9.cli.options import user_errors
+from m9.cli.options import precision_opt, user_errors
 
 
 @click.group()
@@ -15,17 +15,23 @@ def weights():
 
 
 @weights.command("fetch")
+@precision_opt
 @user_errors
-def weights_fetch():
+def weights_fetch(precision):
     """Obtain, verify and cache the weights, and their ONNX conversion (checked against Keras within 1e-4);
-    print both cached files' paths.
+    print both cached files' paths. With --precision int8, also make the int8 model (about half a minute,
+    once per cache) and print its path.
 
-    Example: M9_CACHE_DIR=/opt/m9 m9 weights fetch
+    Example: M9_CACHE_DIR=/opt/m9 m9 weights fetch --precision int8
     """
     from m9.model import weights as m9weights
 
     click.echo(str(m9weights.fetch()))
     click.echo(str(m9weights.fetch_onnx()))
+    if precision == "int8":
+        from m9.model import quantize
+
+        click.echo(str(quantize.cached_int8()[0]))
 
 
 @click.group()

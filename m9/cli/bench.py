@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from m9.bench.config import CEILING_BATCHES, CEILING_IMAGES, DEFAULT_ENGINES
-from m9.cli.options import actors_opt, batch_opt, input_opt, output_opt, runtime_opt, user_errors
+from m9.cli.options import actors_opt, batch_opt, input_opt, output_opt, precision_opt, runtime_opt, user_errors
 from m9.stages import contract
 
 
@@ -31,7 +31,8 @@ def _int_list(ctx, param, value):
     "spark-udf is the seed's UDF with m9's knobs on Keras, spark-udf-onnx the same on ONNX Runtime, "
     "spark-udf-defaults the seed's UDF with Keras', Spark's and TensorFlow's defaults (batch 32, Arrow batch "
     "10,000, TensorFlow's thread pools); ceiling is the faster of ceiling-keras and ceiling-onnx (the bare "
-    "model, searched), which it runs.",
+    "model, searched), which it runs; ceiling-int8 and ray-int8 are the bare model and the ray engine on the "
+    "int8 model (ONNX Runtime).",
 )
 @actors_opt
 @batch_opt
@@ -71,9 +72,21 @@ def _int_list(ctx, param, value):
     help="Images each ceiling configuration is timed over.",
 )
 @runtime_opt
+@precision_opt
 @user_errors
 def bench(
-    input_, engines, actors, batch_size, limit, repeat, output, scaling, ceiling_batches, ceiling_images, runtime
+    input_,
+    engines,
+    actors,
+    batch_size,
+    limit,
+    repeat,
+    output,
+    scaling,
+    ceiling_batches,
+    ceiling_images,
+    runtime,
+    precision,
 ):
     """Time the embed engines (Ray, Spark UDF, Spark predict_batch_udf) on each runtime against the bare
     model's ceiling, and m9's default knobs against the best setting found on this machine.
@@ -95,6 +108,7 @@ def bench(
         ceiling_batches=ceiling_batches,
         ceiling_images=ceiling_images,
         runtime=runtime,
+        precision=precision,
     )
 
     def progress(line: str) -> None:

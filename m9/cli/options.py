@@ -26,6 +26,7 @@ from m9.config import (
     DEFAULT_RUNTIME,
     DEFAULT_WORKDIR,
     IMAGE_EXTENSIONS,
+    PRECISIONS,
     RUNTIMES,
 )
 from m9.errors import M9Error, TooManyRejectedError
@@ -221,6 +222,14 @@ runtime_opt = click.option(
     help="What runs the forward pass: onnx (ONNX Runtime on the checked conversion; no TensorFlow in the "
     "actors) or keras (TensorFlow, the reference). Features agree within 1e-4 on photographs.",
 )
+precision_opt = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=PRECISIONS[0],
+    show_default=True,
+    help="Number format of the model: fp32, or int8 (onnx only; made once per cache and kept only if its "
+    "features are within cosine 0.98 of fp32's; faster on CPUs with VNNI, docs/model.md).",
+)
 max_errors_opt = click.option(
     "--max-errors",
     type=MaxErrors(),
@@ -278,6 +287,7 @@ EMBED_OPTIONS = (
     ray_opt,
     weights_opt,
     runtime_opt,
+    precision_opt,
     max_errors_opt,
     decode_memory_opt,
     store_opt,

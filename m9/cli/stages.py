@@ -159,7 +159,8 @@ def evaluate(input_, output, neighbors, decode_memory_mb, overwrite):
     left_out = f", {result['raw_left_out']} images left out of raw pixels" if result.get("raw_left_out") else ""
     click.echo(
         f"evaluate: {neighbors}-NN accuracy of the label on {result['counts']['scored']} images "
-        f"({result['protocol']}): {evaluate_summary(result)}{left_out}; details in "
+        f"({result['protocol']}{', ' + result['model'] if result.get('model') else ''}): "
+        f"{evaluate_summary(result)}{left_out}; details in "
         f"{output}/{contract.EVALUATE_NAME}{' — already done' if done.skipped else ''}"
     )
     from m9.cli.neighbors import without_leaked

@@ -100,6 +100,8 @@ def resolve_model(
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     common = {"precision": precision, "decode_memory_mb": decode_memory_mb}
+    if precision == "int8":
+        return _int8(runtime, weights, cache, common)
     if runtime == "onnx":
         if weights is None:
             path, data, meta = w.cached_onnx(cache)
@@ -144,5 +146,35 @@ def resolve_model(
         source=str(path),
         weights=identity,
         checks=checks,
+        **common,
+    )
+
+
+def _int8(runtime: str, weights: str | None, cache: Path | None, common: dict) -> ModelSpec:
+    """The int8 model: the verified weights' FP32 ONNX model quantised once per cache (m9.model.quantize)."""
+    from m9.model import quantize
+    from m9.model import weights as w
+
+    if runtime != "onnx":
+        raise InputError(f"--precision int8 runs on --runtime onnx only, not --runtime {runtime}")
+    if weights is not None:
+        raise InputError("--precision int8 is made from m9's verified weights only; leave out --weights")
+    path, data, meta = quantize.cached_int8(cache)
+    quality = "; ".join(
+        f"{name} cosine mean {q['cosine_mean']:.4f}, p1 {q['cosine_p1']:.4f}" for name, q in meta["quality"].items()
+    )
+    return ModelSpec(
+        runtime=runtime,
+        data=data,
+        sha256=meta["sha256"],
+        source=str(path),
+        weights=w.EXPECTED_CHECKSUM,
+        checks=(
+            "quantised from the ONNX conversion of the verified ImageNet weights "
+            f"({meta['method']}, {meta['calibration']['method']} calibration)",
+            f"sha256 is the one recorded when it was made ({meta['sha256'][:12]}…)",
+            f"features to FP32 at or above the bar (cosine mean {quantize.MIN_COSINE_MEAN}, p1 "
+            f"{quantize.MIN_COSINE_P1}): {quality}",
+        ),
         **common,
     )

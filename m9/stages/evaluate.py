@@ -170,6 +170,13 @@ def _without_leaked(found: str | None, frame, spaces: dict, kept_rows: dict, lab
     return honest
 
 
+def model_name(embed_details: dict) -> str | None:
+    """`onnx int8`: the runtime and precision an embed manifest's details record (None if they record none)."""
+    if not embed_details.get("runtime"):
+        return None
+    return f"{embed_details['runtime']} {embed_details.get('precision', 'fp32')}"
+
+
 def _inputs(src: str) -> tuple[dict[str, str | None], str | None, str]:
     """(the outputs evaluate reads, the duplicates output beside the embed output, their identity)."""
     from m9.neighbors import duplicates
@@ -240,8 +247,11 @@ def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found:
         spaces[contract.RAW_SPACE] = np.nan_to_num(raw)
     protocol, folds = _protocol(frame["split"].to_numpy(object), labels)
     names = sorted(counts)
+    embed_manifest = contract.read_manifest(embed_dir)
     scored = {
         "input": src,
+        # The model whose features are scored, as embed's manifest records it ("onnx fp32", "onnx int8").
+        "model": model_name(embed_manifest.details if embed_manifest else {}),
         "neighbors": cfg.neighbors,
         "protocol": protocol,
         "metric": "euclidean",

@@ -22,6 +22,7 @@ from m9.errors import InputError
 from m9.io import lease, storage
 from m9.stages import contract
 from m9.stages.contract import REPORT, Manifest
+from m9.stages.evaluate import model_name
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
                 ("hidden files ignored", ingest_c.get("hidden_files", "")),
                 ("embedded", embed_c.get("embedded", "")),
                 ("rejected", embed_c.get("rejected", "")),
+                ("model", model_name(manifests["embed"].details if manifests["embed"] else {}) or ""),
                 ("model loads", embed_c.get("model_loads", "")),
                 ("principal components kept", variance["k"]),
                 ("variance explained", f"{100 * variance['total_explained']:.1f} %"),
