@@ -263,6 +263,18 @@ def _as_user(user: dict, service: str = "s3"):
     )
 
 
+def _cli_env(user: dict) -> dict[str, str]:
+    """The environment the AWS CLI runs in as the nodes' user (no other AWS variable, no metadata service)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID=user["access_key"],
+        AWS_SECRET_ACCESS_KEY=user["secret_key"],
+        AWS_DEFAULT_REGION=REGION,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
 def _denied(call: Callable[[], object]) -> bool:
     from botocore.exceptions import ClientError
 
@@ -318,13 +330,7 @@ def test_prefix_keys_can_be_checked(node_user: dict, key: str) -> None:
 def test_bootstrap_s3_calls_work_with_the_node_policy(node_user: dict, tmp_path: Path) -> None:
     """The aws s3 commands bootstrap/bootstrap.sh runs (artifacts with the wheelhouse and weights, log
     shipping), with the CLI, as the nodes' user."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ACCESS_KEY_ID=node_user["access_key"],
-        AWS_SECRET_ACCESS_KEY=node_user["secret_key"],
-        AWS_DEFAULT_REGION=REGION,
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    env = _cli_env(node_user)
     aws = ["aws", "--endpoint-url", node_user["endpoint"]]
     bootstrap_text = (Path(__file__).resolve().parents[1] / "bootstrap" / "bootstrap.sh").read_text()
     includes = ["--exclude", "*", "--include", "constraints.txt", "--include", "m9-*.whl", "--include", "m9-*.tar.gz",
@@ -361,13 +367,7 @@ def test_the_bootstrap_reads_rays_token_and_nothing_else(node_user: dict) -> Non
     command = ["ssm", "get-parameter", "--with-decryption", "--query", "Parameter.Value", "--output", "text"]
     spelled = 'aws ssm get-parameter --name "$TOKEN_PARAMETER" --with-decryption \\\n      --query Parameter.Value'
     assert f"{spelled} --output text" in bootstrap_text  # the same call as the bootstrap's (a change shows here)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ACCESS_KEY_ID=node_user["access_key"],
-        AWS_SECRET_ACCESS_KEY=node_user["secret_key"],
-        AWS_DEFAULT_REGION=REGION,
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    env = _cli_env(node_user)
 
     def get(name: str) -> subprocess.CompletedProcess:
         return subprocess.run(
