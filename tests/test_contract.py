@@ -102,6 +102,27 @@ def test_prepare_skips_refuses_and_resumes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [contract.PENDING]
 
 
+def test_an_output_whose_input_alone_changed_is_updated_not_refused(tmp_path):
+    out = tmp_path / "reduce"
+    old, grown, grown_k10 = ({"input": "embed:1", "k": 50}, {"input": "embed:2", "k": 50}, {"input": "embed:2", "k": 10})
+    assert contract.prepare(REDUCE, str(out), old, overwrite=False) is None
+    (out / "pca").mkdir()
+    (out / "pca" / "part-0.parquet").write_bytes(b"x")
+    _finish(out, REDUCE, old)
+    # An input and an option changed: refused, untouched.
+    with pytest.raises(InputError, match=r"made differently \(the input changed, k 50 → 10\)"):
+        contract.prepare(REDUCE, str(out), grown_k10, overwrite=False)
+    assert (out / contract.MANIFEST).exists() and (out / "pca" / "part-0.parquet").exists()
+    # The input alone: a stage that updates in place keeps its files (less the manifest) ...
+    assert contract.prepare(REDUCE, str(out), grown, overwrite=False, in_place=True) is None
+    assert sorted(p.name for p in out.iterdir()) == [contract.PENDING, "pca"]
+    assert json.loads((out / contract.PENDING).read_text()) == grown
+    # ... and an interrupted update whose input changed again is updated too; any other stage starts afresh.
+    assert contract.prepare(REDUCE, str(out), old, overwrite=False) is None
+    assert sorted(p.name for p in out.iterdir()) == [contract.PENDING]
+    assert not contract.only_input_changed({}, grown) and not contract.only_input_changed(old, old)
+
+
 def test_prepare_refuses_foreign_files_and_other_stages(tmp_path):
     out = tmp_path / "o"
     out.mkdir()

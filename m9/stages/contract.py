@@ -4,8 +4,8 @@ Every stage (ingest, embed, reduce) is described once here, and every caller ask
 columns a stage needs from its input, the schema of each thing it writes, the names it owns in its
 output folder, which config fields change its output, and its typed manifest. Before a stage writes,
 `prepare()` decides from the output folder and the stage's fingerprint whether to skip (done, same
-fingerprint), resume (interrupted, same fingerprint), start afresh, or refuse with one line naming what
-changed (as DVC's lock entries and Dagster's code versions do).
+fingerprint), resume (interrupted, same fingerprint), update (only the input changed), start afresh, or
+refuse with one line naming what changed (as DVC's lock entries and Dagster's code versions do).
 """
 
 from __future__ import annotations
@@ -525,16 +525,20 @@ def prepare(
     print_: dict[str, Any],
     overwrite: bool,
     before_start: Callable[[], None] | None = None,
+    in_place: bool = False,
 ) -> Manifest | None:
     """Decide what to do with the output folder before a stage writes into it (call with its lease held).
 
     Returns the manifest when the output is finished with the same fingerprint (the caller skips);
     clears the folder when overwrite is set; otherwise records print_ as the run in progress and
-    returns None (a fresh start, or the resume of an interrupted run with the same fingerprint).
+    returns None (a fresh start, the resume of an interrupted run with the same fingerprint, or an update).
+    An output (finished or interrupted) whose fingerprint differs only in its input is updated, not refused:
+    a stage that updates in place (in_place: it keeps what still holds for the new input) finds its files
+    as they were, less the manifest; any other stage finds the folder cleared and starts afresh.
     before_start, if given, runs just before that record is written: a stage's own refusals there leave
     the folder untouched.
-    Raises InputError, naming what changed, for a finished or interrupted output made differently,
-    another stage's output, or a folder holding files the stage does not own.
+    Raises InputError, naming what changed, for a finished or interrupted output made differently in
+    anything but its input, another stage's output, or a folder holding files the stage does not own.
     """
     check_not_a_file(output)
     if overwrite:
@@ -552,10 +556,13 @@ def prepare(
             )
         if manifest.fingerprint == print_:
             return dataclasses.replace(manifest, skipped=True)
-        raise InputError(
-            f"{output} already holds a finished `{contract.producer}` output made differently "
-            f"({describe_change(manifest.fingerprint, print_)}); {_REDO}"
-        )
+        if not only_input_changed(manifest.fingerprint, print_):
+            raise InputError(
+                f"{output} already holds a finished `{contract.producer}` output made differently "
+                f"({describe_change(manifest.fingerprint, print_)}); {_REDO}"
+            )
+        log.info("%s: the input of %s changed; updating it", contract.name, output)
+        _start_update(contract, output, in_place)
     foreign = sorted(n for n in _top_names(output) if not contract.owns(n))
     if foreign:
         raise InputError(
@@ -565,13 +572,30 @@ def prepare(
     pending = storage.read_json(storage.join(output, PENDING))
     started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
     if pending is not None and started and pending != print_:
-        raise InputError(
-            f"{output} holds an interrupted `{contract.producer}` run made differently "
-            f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
-        )
+        if not only_input_changed(pending, print_):
+            raise InputError(
+                f"{output} holds an interrupted `{contract.producer}` run made differently "
+                f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
+            )
+        log.info("%s: the input of the interrupted run in %s changed; updating it", contract.name, output)
+        _start_update(contract, output, in_place)
+        started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
     if before_start is not None:
         before_start()
     if started:
         log.info("%s: resuming the interrupted run in %s", contract.name, output)
     storage.write_json(storage.join(output, PENDING), print_)
     return None
+
+
+def only_input_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two fingerprints differ in their input and in nothing else (an update, not a new output)."""
+    return bool(old) and old.get("input") != new.get("input") and {**old, "input": None} == {**new, "input": None}
+
+
+def _start_update(contract: Contract, output: str, in_place: bool) -> None:
+    """Make a finished or interrupted output ready for its stage to update: unfinished (no manifest), and,
+    unless the stage updates in place, empty but for its lease."""
+    for name in owned_files(contract, output):
+        if not in_place or name == MANIFEST:
+            storage.remove(storage.join(output, name))

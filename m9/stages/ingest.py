@@ -220,10 +220,11 @@ def ingest(cfg: IngestConfig) -> Manifest:
             f"no images (.{', .'.join(cfg.extensions)}) found under {src}"
             + (f"; {len(unreadable)} unreadable" if unreadable else "")
         )
-    # The input is the tree as listed: where it is, and each image's path and size.
+    # The input is the tree as listed (each image's path and size); where it is, the source, is not: the
+    # same tree grown or shrunk updates the output, another tree is refused.
     # extensions as a list: the fingerprint is compared with its JSON copy, where a tuple is a list.
     print_ = contract.fingerprint(
-        INGEST, cfg, f"files:{contract.digest([src, images])}", extensions=list(cfg.extensions)
+        INGEST, cfg, f"files:{contract.digest(images)}", source=src, extensions=list(cfg.extensions)
     )
     with lease.hold(out, INGEST.name):
         done = contract.prepare(INGEST, out, print_, cfg.overwrite)
