@@ -104,7 +104,8 @@ def test_prepare_skips_refuses_and_resumes(tmp_path):
 
 def test_an_output_whose_input_alone_changed_is_updated_not_refused(tmp_path):
     out = tmp_path / "reduce"
-    old, grown, grown_k10 = ({"input": "embed:1", "k": 50}, {"input": "embed:2", "k": 50}, {"input": "embed:2", "k": 10})
+    old, grown = {"input": "embed:1", "k": 50}, {"input": "embed:2", "k": 50}
+    grown_k10 = {**grown, "k": 10}
     assert contract.prepare(REDUCE, str(out), old, overwrite=False) is None
     (out / "pca").mkdir()
     (out / "pca" / "part-0.parquet").write_bytes(b"x")
