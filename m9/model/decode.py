@@ -79,7 +79,7 @@ def decode_bytes(im: Image.Image, draft_size: tuple[int, int] | None = None) -> 
 def _open_to_size(content: bytes, memory_mb: int) -> Image.Image:
     """Open, check the budget, and load the image at the smallest size whose short side is >= DECODE_TARGET
     that the format reaches cheaply: JPEG by DCT scaling (draft), others by Image.reduce after decoding."""
-    im = Image.open(io.BytesIO(content))
+    im: Image.Image = Image.open(io.BytesIO(content))  # reduce() below returns a plain Image
     need = decode_bytes(im)
     if need > memory_mb * 2**20:
         width, height = im.size
@@ -115,9 +115,9 @@ def decode_pixels(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY)
         if im.mode == "L" and "transparency" not in im.info:
             # A grey image resized before it becomes RGB: the same pixels (RGB's three channels are the
             # grey, resized alike) for a third of the resize.
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).convert("RGB")
+            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB")
         else:
-            im = _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            im = _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:

@@ -130,7 +130,7 @@ def defaults_vs_best(
     the best setting, and default ÷ best (the bench's check that the fixed defaults are within 5 % of the
     best measured setting)."""
     rates = time_settings(model_bytes, candidates(threads), inputs, batch_size, rounds, seconds)
-    best = max(rates, key=rates.get)
+    best = max(rates, key=rates.__getitem__)
     return {
         "threads": threads,
         "batch_size": batch_size,

@@ -280,7 +280,8 @@ def check_inputs() -> np.ndarray:
     """The fixed inputs an ONNX conversion is checked on (see CHECK_SAMPLE_IMAGES)."""
     from m9.model.decode import decode_many
 
-    files = sorted((resources.files("m9") / "sample").rglob("*.jpg"), key=str)
+    # m9 is installed as a directory (package_data in setup.cfg): its resources are files on disk.
+    files = sorted(Path(str(resources.files("m9") / "sample")).rglob("*.jpg"), key=str)
     step = max(1, len(files) // CHECK_SAMPLE_IMAGES)
     photos, errors = decode_many([f.read_bytes() for f in files[::step][:CHECK_SAMPLE_IMAGES]])
     if any(errors) or len(photos) < CHECK_SAMPLE_IMAGES:
