@@ -65,8 +65,8 @@ def _make(task: tuple[int, str, float, tuple[int, int], str, str]) -> tuple[str,
     """Write one photo: a seeded crop of the source at the aspect, resized to the megapixels (Lanczos)."""
     index, rel, mp, (aw, ah), src_dir, out_dir = task
     rng = np.random.default_rng([SEED, index])
-    with Image.open(Path(src_dir) / rel) as src:
-        src = src.convert("RGB")
+    with Image.open(Path(src_dir) / rel) as opened:
+        src = opened.convert("RGB")
         sw, sh = src.size
         # The largest crop of this aspect, shrunk to 60-100 % and placed anywhere: each file differs.
         cw = min(sw, sh * aw / ah) * rng.uniform(0.6, 1.0)
@@ -74,7 +74,7 @@ def _make(task: tuple[int, str, float, tuple[int, int], str, str]) -> tuple[str,
         x, y = rng.uniform(0, sw - cw), rng.uniform(0, sh - ch)
         width = round((mp * 1e6 * aw / ah) ** 0.5)
         height = round(width * ah / aw)
-        out = src.resize((width, height), Image.LANCZOS, box=(x, y, x + cw, y + ch))
+        out = src.resize((width, height), Image.Resampling.LANCZOS, box=(x, y, x + cw, y + ch))
     name = Path(rel).stem.split("_")[0]
     target = Path(out_dir) / name / f"{name}-{index:04d}-{width}x{height}.jpg"
     target.parent.mkdir(parents=True, exist_ok=True)

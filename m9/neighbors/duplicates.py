@@ -196,7 +196,8 @@ def summarize(table: pa.Table, images: int, threshold: float) -> dict:
     by_group: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         by_group[r["group"]].append(r)
-    crossing, per_label, leaked, mixed = [], Counter(), [], 0
+    per_label: Counter[str] = Counter()
+    crossing, leaked, mixed = [], [], 0
     for g, members in by_group.items():
         splits = {m["split"] for m in members}
         rep = next(m for m in members if m["representative"])

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -142,7 +143,7 @@ def save(out: str, index, rows: pa.Table, generation: int) -> None:
 class Loaded:
     """An index as kept: the faiss index, its rows (id → image_id, path, label, split), its manifest."""
 
-    index: object
+    index: Any  # a faiss.Index (faiss ships no type information)
     rows: pa.Table
     manifest: Manifest
 

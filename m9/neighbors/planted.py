@@ -20,11 +20,13 @@ def modify(content: bytes, how: str) -> bytes:
     """A modified copy of an image's bytes (JPEG); "exact" returns the bytes as they are."""
     if how == "exact":
         return content
-    with Image.open(io.BytesIO(content)) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    with Image.open(io.BytesIO(content)) as opened:
+        im = ImageOps.exif_transpose(opened).convert("RGB")
         quality = 90
         if how == "resized":
-            im = im.resize((max(1, round(im.width * RESIZE)), max(1, round(im.height * RESIZE))), Image.BICUBIC)
+            im = im.resize(
+                (max(1, round(im.width * RESIZE)), max(1, round(im.height * RESIZE))), Image.Resampling.BICUBIC
+            )
         elif how == "recompressed":
             quality = QUALITY
         elif how == "cropped":

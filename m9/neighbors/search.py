@@ -77,13 +77,14 @@ def search(
     if image is not None:
         query = embed_image(image, folders.embed)
     else:
+        assert image_id is not None  # exactly one of the two (checked above)
         _, query = features.read_by_ids(folders.embed, [image_id])
         if not len(query):
             raise InputError(f"--id {image_id}: no embedded image has this id in {folders.embed}")
     extra = 1 if image_id is not None else 0
     sims, ids = m9index.search(kept.index, query, top + extra, nprobe)
     rows = kept.row_of(ids[0])
-    results = []
+    results: list[dict] = []
     for sim, row in zip(sims[0], rows):
         if row < 0:
             continue
