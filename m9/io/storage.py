@@ -318,13 +318,14 @@ def outage(exc: BaseException) -> StorageError | None:
     re-raises as a RayTaskError that is also an OSError, the task's exception in `.cause`).
     """
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        refused = _s3a_refusal(str(exc)) if type(exc).__name__ == "Py4JJavaError" else None
+    link: BaseException | None = exc  # exc, then its causes
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        refused = _s3a_refusal(str(link)) if type(link).__name__ == "Py4JJavaError" else None
         if refused:
             return refused
-        if isinstance(exc, OSError):
-            line = next((ln.strip() for ln in str(exc).splitlines() if "AWS Error" in ln), None)
+        if isinstance(link, OSError):
+            line = next((ln.strip() for ln in str(link).splitlines() if "AWS Error" in ln), None)
             if line:
                 line = line.removeprefix("OSError: ").rstrip(".")
                 if "ACCESS_DENIED" in line:  # a missing right, not a busy store: retrying cannot help
@@ -336,7 +337,7 @@ def outage(exc: BaseException) -> StorageError | None:
                     f"S3 kept failing after {S3_MAX_ATTEMPTS} attempts: {line}; everything committed before "
                     f"it is kept, so run the same command again to resume once the store answers"
                 )
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        link = getattr(link, "cause", None) or link.__cause__ or link.__context__
     return None
 
 

@@ -8,6 +8,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,8 @@ class StageProgress:
         self._first: tuple[float, int] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._rich = self._task = None
+        #: The rich display and its one task, on a terminal.
+        self._rich: tuple[Progress, TaskID] | None = None
         if live is None:
             from rich.console import Console
 
@@ -82,7 +87,7 @@ class StageProgress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._rich = Progress(
+        progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=20),
             MofNCompleteColumn(),
@@ -94,10 +99,11 @@ class StageProgress:
             console=Console(stderr=True),
             transient=False,
         )
-        self._rich.start()
-        self._task = self._rich.add_task(
+        progress.start()
+        task = progress.add_task(
             f"{self.stage}: {self.what}", total=self.total, unit=self.unit, rate="", counters=self._counters()
         )
+        self._rich = (progress, task)
 
     def _counters(self) -> str:
         return ", ".join(f"{self.counts[k]}/{self.totals[k]} {k}" for k in self.totals)
@@ -135,8 +141,9 @@ class StageProgress:
             self.counts.update(counters)
             if self._rich is not None:
                 rate = self.rate()
-                self._rich.update(
-                    self._task,
+                progress, task = self._rich
+                progress.update(
+                    task,
                     completed=self.done,
                     total=self.total,
                     rate=f"{_rate(rate)}/s" if rate else "",
@@ -149,7 +156,7 @@ class StageProgress:
     def close(self) -> None:
         self._stop.set()
         if self._rich is not None:
-            self._rich.stop()
+            self._rich[0].stop()
             self._rich = None
 
     def __enter__(self) -> StageProgress:
