@@ -1,5 +1,7 @@
 """Exceptions a user can cause; the CLI turns them into one `Error: …` line."""
 
+from typing import Any
+
 
 class M9Error(Exception):
     """A problem the user can fix (bad input, bad option, missing tool); shown without a traceback."""
@@ -23,7 +25,7 @@ class TooManyRejectedError(M9Error):
     `result` holds what the stage (or run) returned, so the CLI can print its summary before the error.
     """
 
-    def __init__(self, message: str, result: dict):
+    def __init__(self, message: str, result: Any):  # a stage's Manifest or the run's RunResult
         super().__init__(message)
         self.result = result
 

@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from m9.errors import EngineError, first_line
 from m9.ui import quiet as m9quiet
@@ -49,7 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
         yield
         return
     m9quiet.configure()
-    quiet = {
+    quiet: Mapping[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
         "configure_logging": True,

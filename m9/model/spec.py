@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from m9.config import (
     DEFAULT_DECODE_MEMORY,
@@ -99,9 +100,10 @@ def resolve_model(
         raise InputError(f"--runtime {runtime}: expected one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    common = {"precision": precision, "decode_memory_mb": decode_memory_mb}
+    common: dict[str, Any] = {"precision": precision, "decode_memory_mb": decode_memory_mb}
     if precision == "int8":
         return _int8(runtime, weights, cache, common)
+    checks: tuple[str, ...]
     if runtime == "onnx":
         if weights is None:
             path, data, meta = w.cached_onnx(cache)
@@ -133,7 +135,7 @@ def resolve_model(
     if weights is None:
         path = w.fetch(cache)
         identity = w.EXPECTED_CHECKSUM
-        checks: tuple[str, ...] = ("the weights' checksum is checked where they are loaded",)
+        checks = ("the weights' checksum is checked where they are loaded",)
     else:
         path = w.resolve_path(weights)
         identity = w.identity(weights)  # loads the file once (a WeightsError if Keras cannot)
@@ -150,7 +152,7 @@ def resolve_model(
     )
 
 
-def _int8(runtime: str, weights: str | None, cache: Path | None, common: dict) -> ModelSpec:
+def _int8(runtime: str, weights: str | None, cache: Path | None, common: dict[str, Any]) -> ModelSpec:
     """The int8 model: the verified weights' FP32 ONNX model quantised once per cache (m9.model.quantize)."""
     from m9.model import quantize
     from m9.model import weights as w
