@@ -40,7 +40,8 @@ def take(table: pa.Table, n: int | None) -> pa.Table:
         return table
     if n < table.num_rows:
         return table.slice(0, n)
-    parts, copy = [], 0
+    parts: list[pa.Table] = []
+    copy = 0
     while sum(p.num_rows for p in parts) < n:
         part = table.slice(0, n - sum(p.num_rows for p in parts))
         if copy:

@@ -33,6 +33,7 @@ def check_knobs(
     # With nothing measured (a search of one setting) its one setting is the best.
     best = setting_of(max(search, key=lambda r: r["img_per_s"] or 0), model) if search else default
     sample = contents[: max(cfg.ceiling_images, max(default.batch_size, best.batch_size) * 2)]
+    rates: dict[str, list[float | None]]  # None: a setting the search did not measure
     if best == default:
         method = "the search's best setting is m9's default"
         rate = max((r["img_per_s"] for r in measured if setting_of(r, model) == default), default=None)
@@ -59,14 +60,13 @@ def check_knobs(
                     f"  knobs round {n + 1}/{cfg.knobs_rounds}: {name} {rates[name][-1]:.1f} images/s with decode, "
                     f"{rates[f'{name}_forward_only'][-1]:.1f} forward only"
                 )
-    default_rate = statistics.median(rates["default"]) if None not in rates["default"] else None
-    best_rate = statistics.median(rates["best"]) if None not in rates["best"] else None
+    default_rate, best_rate = _median(rates["default"]), _median(rates["best"])
     ratio = round(default_rate / best_rate, 3) if default_rate and best_rate else None
     forward_ratio = None
     if rates.get("default_forward_only"):
-        forward_ratio = round(
-            statistics.median(rates["default_forward_only"]) / statistics.median(rates["best_forward_only"]), 3
-        )
+        default_forward, best_forward = _median(rates["default_forward_only"]), _median(rates["best_forward_only"])
+        assert default_forward is not None and best_forward is not None  # every round timed both
+        forward_ratio = round(default_forward / best_forward, 3)
     sessions = None
     if runtime == "onnx" and cfg.knobs_rounds >= 1:
         sessions = session_options_at_default(default, sample, cfg.knobs_rounds)
@@ -91,6 +91,12 @@ def check_knobs(
         # (m9.model.ort.defaults_vs_best), beside the ceiling's search of them at the best layout.
         "sessions_at_default_threads": sessions,
     }
+
+
+def _median(rates: list[float | None]) -> float | None:
+    """The median of the rates, or None when one of them was not measured."""
+    measured = [r for r in rates if r is not None]
+    return statistics.median(measured) if len(measured) == len(rates) else None
 
 
 #: Seconds each session setting runs per round in the in-process comparison of session options.

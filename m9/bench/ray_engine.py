@@ -21,7 +21,9 @@ def run_ray(cfg: BenchConfig, input_dir: str, table: pa.Table, model: ModelSpec,
     from m9.engines import ray_pool
     from m9.stages.embed import embed_batches, plan_resources
 
-    ids, done, feats = [], [], []
+    ids: list[str] = []
+    done: list[float] = []
+    feats: list[np.ndarray] = []
     with ray_pool.connect(None):
         counter = ray_pool.start_load_counter()
         for batch in embed_batches(storage.list_files(input_dir, ".parquet"), cfg.actors, cfg.batch_size, model):

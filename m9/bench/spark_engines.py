@@ -111,6 +111,7 @@ def run_spark_udf(
     runtime = model.runtime
     if defaults and runtime != "keras":
         raise ValueError("the seed's default knobs are Keras's; spark-udf-defaults runs on Keras only")
+    threads: int | None  # None: TensorFlow's default pools (the seed's knobs)
     tasks, threads = _spark_tasks_and_threads(cfg)
     batch_size, arrow_batch = cfg.batch_size, ARROW_BATCH_BATCHES * cfg.batch_size
     if defaults:
@@ -142,7 +143,8 @@ def run_spark_udf(
 
         # Real types, not the strings `from __future__ import annotations` would leave for Spark to read.
         embed_udf.__annotations__ = {"contents": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
-        udf = F.pandas_udf(embed_udf, out_type)
+        # pyspark's stubs have no overload for this Spark 3 form (the UDF's kind read from its type hints).
+        udf = F.pandas_udf(embed_udf, out_type)  # type: ignore[call-overload]
         df = _spark_frame(spark, input_dir, tasks).withColumn("out", udf("content"))
         ids, done, feats, n_loads = _collect(df, loads)
         weights.destroy()
