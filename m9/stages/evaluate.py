@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -75,6 +76,13 @@ def locate(src: str) -> dict[str, str | None]:
     }
 
 
+def _embed_of(folders: dict[str, str | None]) -> str:
+    """The embed output among locate()'s folders: always there, as locate refuses a chain without one."""
+    embed = folders[contract.EMBED.name]
+    assert embed is not None
+    return embed
+
+
 def grey_pixels(contents, side: int = RAW_SIDE, memory_mb: int = DEFAULT_DECODE_MEMORY) -> np.ndarray:
     """Each image's bytes as a grey side x side image, flattened, in [0, 1]; a row of NaN for bytes that do
     not decode within memory_mb (m9.model.decode's budgeted decode, the same as embed's)."""
@@ -130,7 +138,7 @@ def scores(true: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
 
     matrix = confusion_matrix(true, pred, labels=names)
     recall = recall_score(true, pred, labels=names, average=None, zero_division=0)
-    pairs = [
+    pairs: list[dict[str, Any]] = [
         {"true": names[i], "predicted": names[j], "count": int(matrix[i, j])}
         for i in range(len(names))
         for j in range(len(names))
@@ -160,7 +168,12 @@ def _without_leaked(found: str | None, frame, spaces: dict, kept_rows: dict, lab
     leaked = duplicates.leaked_test_ids(duplicates.read_output(found))
     train, test = folds[0]
     kept = test[~np.isin(frame["image_id"].to_numpy(str)[test], sorted(leaked))]
-    honest = {"duplicates": found, "leaked_test_images": len(test) - len(kept), "scored": len(kept), "accuracy": {}}
+    honest: dict[str, Any] = {
+        "duplicates": found,
+        "leaked_test_images": len(test) - len(kept),
+        "scored": len(kept),
+        "accuracy": {},
+    }
     if len(kept) == 0:
         return honest
     for name in contract.SPACES:
@@ -182,7 +195,7 @@ def _inputs(src: str) -> tuple[dict[str, str | None], str | None, str]:
     from m9.neighbors import duplicates
 
     folders = locate(src)
-    found = duplicates.for_embed(folders[contract.EMBED.name])
+    found = duplicates.for_embed(_embed_of(folders))
     identity = contract.input_identity(src)
     return folders, found, identity + (f"+{contract.input_identity(found)}" if found else "")
 
@@ -201,7 +214,7 @@ def evaluate(cfg: EvaluateConfig) -> Manifest:
     storage.check_access(read=src, write=out)
     contract.check_not_a_file(out)
     folders, found, identity = _inputs(src)
-    embeddings = storage.join(folders[contract.EMBED.name], contract.EMBEDDINGS)
+    embeddings = storage.join(_embed_of(folders), contract.EMBEDDINGS)
     counts = Counter(_read(embeddings, ["label"])["label"].dropna())
     if len(counts) < 2:
         raise InputError(f"evaluate needs images of at least 2 labels (folders); {src} has {len(counts)}")
@@ -217,13 +230,18 @@ def evaluate(cfg: EvaluateConfig) -> Manifest:
         storage.write_json(storage.join(out, contract.EVALUATE_NAME), scored)
         details = {k: scored[k] for k in ("neighbors", "protocol", "accuracy", "dims")}
         details["wall_s"] = round(time.perf_counter() - started, 2)
-        counts = {**scored["counts"], "raw_left_out": scored["raw_left_out"]}
-        manifest = Manifest(stage=EVALUATE.name, input=src, fingerprint=print_, counts=counts, details=details)
+        manifest = Manifest(
+            stage=EVALUATE.name,
+            input=src,
+            fingerprint=print_,
+            counts={**scored["counts"], "raw_left_out": scored["raw_left_out"]},
+            details=details,
+        )
         return contract.write_manifest(out, manifest)
 
 
 def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found: str | None) -> dict:
-    embed_dir, reduce_dir, images_dir = (folders[c.name] for c in (contract.EMBED, contract.REDUCE, contract.INGEST))
+    embed_dir, reduce_dir, images_dir = _embed_of(folders), folders[contract.REDUCE.name], folders[contract.INGEST.name]
     frame = _read(storage.join(embed_dir, contract.EMBEDDINGS), ["image_id", "label", "split", "features"])
     frame = frame[frame["label"].notna()].sort_values("image_id").reset_index(drop=True)
     labels = frame["label"].to_numpy(str)
@@ -248,7 +266,7 @@ def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found:
     protocol, folds = _protocol(frame["split"].to_numpy(object), labels)
     names = sorted(counts)
     embed_manifest = contract.read_manifest(embed_dir)
-    scored = {
+    scored: dict[str, Any] = {
         "input": src,
         # The model whose features are scored, as embed's manifest records it ("onnx fp32", "onnx int8").
         "model": model_name(embed_manifest.details if embed_manifest else {}),
