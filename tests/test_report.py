@@ -11,9 +11,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from m9.errors import InputError
 from m9.stages.evaluate import _protocol, grey_pixels, scores
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -48,6 +51,42 @@ def test_grey_pixels_are_28x28_in_unit_range_and_nan_where_they_do_not_decode():
     pixels = grey_pixels([buf.getvalue(), b"not an image", large.getvalue()], memory_mb=1)
     assert pixels.shape == (3, 784)
     assert pixels[0].min() > 0.95 and np.isnan(pixels[1:]).all()
+
+
+def _reduce_only(tmp_path: Path) -> Path:
+    """A workdir holding a finished reduce output of 12 images whose embed output is gone."""
+    from m9.stages import contract
+    from m9.stages.contract import Manifest
+
+    work = tmp_path / "work"
+    reduce_dir = work / contract.REDUCE.folder
+    (reduce_dir / contract.PCA_DIR).mkdir(parents=True)
+    pca = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    table = {
+        "image_id": [f"i{i}" for i in range(12)],
+        "label": ["a", "b"] * 6,
+        "split": ["Training", "Test"] * 6,
+        contract.PCA_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(pca.ravel()), 3).cast(pa.list_(pa.float32())),
+    }
+    pq.write_table(pa.table(table), reduce_dir / contract.PCA_DIR / "part-0.parquet")
+    variance = {"k": 3, "explained_variance_ratio": [0.5, 0.3, 0.1], "cumulative": [0.5, 0.8, 0.9]}
+    variance |= {"smallest_k_reaching": {"0.9": 3}, "total_explained": 0.9}
+    (reduce_dir / contract.VARIANCE_NAME).write_text(json.dumps(variance))
+    manifest = Manifest(stage="reduce", input=str(work / contract.EMBED.folder), fingerprint={}, counts={})
+    contract.write_manifest(str(reduce_dir), manifest)
+    return work
+
+
+def test_report_of_a_reduce_output_whose_embed_output_is_gone(tmp_path):
+    from m9.stages import contract
+    from m9.stages.report import page, report
+
+    work = _reduce_only(tmp_path)
+    assert report(str(work)).counts == {"figures": 3}  # scree, scatter, neighbours: no evaluation
+    assert "principal components kept" in Path(page(str(work))).read_text()
+    (work / contract.REDUCE.folder / contract.VARIANCE_NAME).unlink()
+    with pytest.raises(InputError, match=f"has no {contract.VARIANCE_NAME}"):
+        report(str(work), overwrite=True)
 
 
 @pytest.fixture(scope="module")

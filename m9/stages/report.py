@@ -139,8 +139,8 @@ def scatter_figure(xy: np.ndarray, point_labels: np.ndarray, sampled: bool) -> b
 def _thumb(content: bytes):
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(content)) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    with Image.open(io.BytesIO(content)) as opened:
+        im = ImageOps.exif_transpose(opened).convert("RGB")
         im.thumbnail((THUMB_PX, THUMB_PX))
         return np.asarray(im)
 
@@ -167,8 +167,8 @@ def neighbours_figure(rows: list[dict]) -> bytes:
     fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(mosaic, interpolation="nearest")
-    for x, y, text, colour in captions:
-        ax.text(x, y, text, ha="center", va="bottom", fontsize=6, color=colour)
+    for cx, cy, text, rgb in captions:
+        ax.text(cx, cy, text, ha="center", va="bottom", fontsize=6, color=rgb)
     ax.set_axis_off()
     return _png(fig)
 
@@ -236,7 +236,8 @@ def _neighbour_rows(pca, x: np.ndarray, images_dir: str | None) -> list[dict]:
     rng = np.random.default_rng(0)
     pool = np.flatnonzero((pca["split"] == "Test").to_numpy()) if (pca["split"] == "Test").any() else np.arange(len(x))
     labels = pca["label"].to_numpy(object)
-    queries, seen = [], set()
+    queries: list[int] = []
+    seen: set[object] = set()
     for i in rng.permutation(pool):
         if labels[i] not in seen or len(seen) >= len(set(labels)):
             queries.append(int(i))
@@ -273,7 +274,9 @@ def duplicates_section(folder: str | None, images_dir: str | None, out: str) -> 
     nothing when there is no such output."""
     from m9.neighbors import duplicates as dup
 
-    summary = storage.read_json(storage.join(folder, contract.DUPLICATES_SUMMARY)) if folder else None
+    if not folder:
+        return []
+    summary = storage.read_json(storage.join(folder, contract.DUPLICATES_SUMMARY))
     if summary is None:
         return []
     parts = ["<h2>Duplicates and Training/Test leakage (m9 duplicates)</h2>"]
@@ -348,8 +351,8 @@ def _groups_figure(rows: list[dict], per_row: int) -> bytes:
     fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(mosaic, interpolation="nearest")
-    for x, y, text in captions:
-        ax.text(x, y, text, ha="center", va="bottom", fontsize=6)
+    for cx, cy, text in captions:
+        ax.text(cx, cy, text, ha="center", va="bottom", fontsize=6)
     ax.set_axis_off()
     return _png(fig)
 
@@ -414,8 +417,9 @@ def report(workdir: str, overwrite: bool = False) -> Manifest:
         # The report is a view of the workdir with no settings of its own: when the stage outputs or the
         # run record behind it changed, it is written again rather than refused.
         earlier = contract.read_manifest(out)
-        stale = earlier is not None and earlier.stage == REPORT.name and earlier.fingerprint != print_
-        if stale:
+        stale = False
+        if earlier is not None and earlier.stage == REPORT.name and earlier.fingerprint != print_:
+            stale = True
             log.info("report: %s (%s); writing it again", out, contract.describe_change(earlier.fingerprint, print_))
         done = contract.prepare(REPORT, out, print_, overwrite or stale)
         if done is not None:
@@ -432,11 +436,20 @@ def report(workdir: str, overwrite: bool = False) -> Manifest:
 
 def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
     """The page and its PNGs into out; returns how many figures it drew."""
-    manifests = {name: contract.read_manifest(folder) for name, folder in found.items()}
+    manifests: dict[str, Manifest] = {}
+    for name, folder in found.items():
+        manifest = contract.read_manifest(folder)
+        if manifest is not None:  # an output removed since inputs() found it is left out, as a missing one is
+            manifests[name] = manifest
     reduce_dir = found[contract.REDUCE.name]
     embed_dir, images_dir = found.get(contract.EMBED.name), found.get(contract.INGEST.name)
     images_dir = images_dir if images_dir and storage.exists(images_dir) else None
     variance = storage.read_json(storage.join(reduce_dir, contract.VARIANCE_NAME))
+    if variance is None:
+        raise InputError(
+            f"{reduce_dir} has no {contract.VARIANCE_NAME}, which `m9 reduce` writes before its manifest; "
+            f"run `m9 reduce --overwrite` on it"
+        )
     evaluate_dir = found.get(contract.EVALUATE.name)
     evaluation = storage.read_json(storage.join(evaluate_dir, contract.EVALUATE_NAME)) if evaluate_dir else None
     pca, x = read_pca(reduce_dir)
@@ -463,7 +476,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
     embed_c = manifests[embed].counts if embed in manifests else {}
     wall = dict(run.get("wall_s", {}))
     for name, m in manifests.items():  # stages run one by one: their manifests' own wall times
-        if name not in wall and m and m.details.get("wall_s"):
+        if name not in wall and m.details.get("wall_s"):
             wall[name] = m.details["wall_s"]
     images_in = {ingest: ingest_c.get("files_found"), embed: embed_c.get("rows_in"), reduce: len(pca)}
     order = ["spark_startup", *contract.STAGES]  # run.json's keys come back sorted
@@ -489,7 +502,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
                 ("hidden files ignored", ingest_c.get("hidden_files", "")),
                 ("embedded", embed_c.get("embedded", "")),
                 ("rejected", embed_c.get("rejected", "")),
-                ("model", model_name(manifests["embed"].details if manifests["embed"] else {}) or ""),
+                ("model", model_name(manifests[embed].details if embed in manifests else {}) or ""),
                 ("model loads", embed_c.get("model_loads", "")),
                 ("principal components kept", variance["k"]),
                 ("variance explained", f"{100 * variance['total_explained']:.1f} %"),
