@@ -45,16 +45,17 @@ test: assets tools ## Run the test suite (real Spark, Ray, TensorFlow, weights, 
 test-fast: assets tools ## Run only the fast tier: pure functions and small fixtures, no engines (pytest -m "not slow").
 	$(PY) -m pytest -ra -m "not slow"
 
-lint: install ## ruff lint and format check.
+lint: install ## ruff lint and format check, and mypy's type check of m9/ (settings in pyproject.toml).
 	$(VENV)/bin/ruff check m9 tests scripts
 	$(VENV)/bin/ruff format --check m9 tests scripts
+	$(VENV)/bin/mypy
 
 fmt: install ## Format the code with ruff.
 	$(VENV)/bin/ruff format m9 tests scripts
 	$(VENV)/bin/ruff check --fix m9 tests scripts
 
 clean: ## Remove outputs and caches (not the venvs).
-	rm -rf m9-out .pytest_cache .ruff_cache build *.egg-info
+	rm -rf m9-out .pytest_cache .ruff_cache .mypy_cache build *.egg-info
 
 # --- AWS (infra/aws.sh; see infra/README.md "Run on AWS"). DIR=, FRUITS360=1 [ARCHIVE=], RUN_ID=, KEEP=1.
 AWS_SH := PYTHON=$(abspath $(PY)) M9=$(abspath $(VENV))/bin/m9 infra/aws.sh

@@ -1,0 +1,47 @@
+"""mypy's type check of m9/ (`make lint` runs it too), with the settings in pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Files whose type errors are not yet fixed; every other file under m9/ must check clean.
+NOT_YET_CHECKED = (
+    "m9/stages/ingest.py",
+    "m9/stages/embed.py",
+    "m9/stages/reduce.py",
+    "m9/stages/contract.py",
+    "m9/stages/pipeline.py",
+    "m9/model/quantize.py",
+    "m9/model/compare.py",
+    "m9/bench/report.py",
+    "m9/bench/run.py",
+    "m9/bench/ceiling.py",
+    "m9/cli/stages.py",
+    "m9/cli/options.py",
+    "m9/config.py",
+    "m9/store/",
+)
+
+_ERROR = re.compile(r"^(?P<path>[^:\s]+\.py):\d+: error: ", re.MULTILINE)
+_CHECKED = re.compile(r"(?:Success: no issues found|Found \d+ errors? in \d+ files?) \(checked (\d+) source files?\)")
+
+
+def test_mypy_finds_no_errors_in_m9():
+    # The cache (.mypy_cache/ in the repository) makes a second run take about a second; a first one ~15 s.
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    output = done.stdout + done.stderr
+    checked = _CHECKED.search(output)
+    assert done.returncode in (0, 1) and checked and int(checked.group(1)) > 0, output  # 2: mypy itself failed
+    errors = [
+        line
+        for line in output.splitlines()
+        if (match := _ERROR.match(line)) and not match.group("path").startswith(NOT_YET_CHECKED)
+    ]
+    assert errors == []
