@@ -64,7 +64,8 @@ def features(
     from m9.model.decode import decode_many
 
     sess = ort.session(model_bytes)
-    out, kept = [], []
+    out: list[np.ndarray] = []
+    kept: list[int] = []
     for start in range(0, len(contents), batch_size):
         inputs, errors = decode_many(contents[start : start + batch_size])
         kept.extend(start + i for i, e in enumerate(errors) if e is None)

@@ -309,6 +309,7 @@ def check_columns(contract: Contract, src: str, parquet_file: str) -> None:
     missing = [c for c in contract.needs if c not in names]
     if not missing:
         return
+    assert contract.reads is not None, "only a stage that reads another stage's output checks its columns"
     producer = STAGES[contract.reads].producer
     looks = next((f" (it looks like `{who}`'s output)" for col, who in _SIGNATURES if col in names), "")
     columns = f"column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"

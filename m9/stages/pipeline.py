@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -107,7 +107,11 @@ def run(cfg: RunConfig) -> RunResult:
     from m9.stages.reduce import reduce
 
     ingest_cfg, embed_cfg, reduce_cfg = cfg.stage_configs()
-    stages = [("ingest", ingest, ingest_cfg), ("embed", embed, embed_cfg), ("reduce", reduce, reduce_cfg)]
+    stages: list[tuple[str, Callable[[Any], Manifest], Any]] = [
+        ("ingest", ingest, ingest_cfg),
+        ("embed", embed, embed_cfg),
+        ("reduce", reduce, reduce_cfg),
+    ]
     timings, results = {}, {}
     too_many: TooManyRejectedError | None = None
     # A missing bucket or refused credentials must show before the JVM starts, not after.
