@@ -408,7 +408,7 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
         # record marks it as ours; in one that does, the output of shards the input no longer has goes.
         ours = contract.read_manifest(out) is not None or storage.exists(storage.join(out, contract.PENDING))
         check = functools.partial(_prepare_resume, out, src, shards, ours)
-        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check)
+        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check, in_place=True)
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)
