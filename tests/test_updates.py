@@ -4,6 +4,7 @@ result is what a fresh run on the changed tree gives (real Spark, Ray, ONNX Runt
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,14 @@ def test_an_update_killed_before_its_index_is_finished_by_the_same_command(spark
     assert set(_parts(out)) == _indexed(out)
     _ingest(tree, tmp_path / "fresh")
     assert _rows(out) == _rows(tmp_path / "fresh")
+
+    # Killed after the index and before the parts it no longer names were deleted (and the manifest): a
+    # part the index does not name, and the pending record. The same command deletes it and reads nothing.
+    stale = next(iter(_parts(out)))
+    shutil.copy2(out / stale, out / stale.replace("part-", "part-99999-"))
+    pending = contract.read_manifest(str(out)).fingerprint
+    (out / MANIFEST).unlink()
+    (out / PENDING).write_text(json.dumps(pending))
+    again = _ingest(tree, out)
+    assert (again.counts["added"], again.counts["removed"], again.counts["unchanged"]) == (0, 0, 20 + 3 - 1 + 2)
+    assert set(_parts(out)) == _indexed(out) and _rows(out) == _rows(tmp_path / "fresh")
