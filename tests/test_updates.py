@@ -153,3 +153,10 @@ def test_an_update_killed_before_its_index_is_finished_by_the_same_command(spark
     again = _ingest(tree, out)
     assert (again.counts["added"], again.counts["removed"], again.counts["unchanged"]) == (0, 0, 20 + 3 - 1 + 2)
     assert set(_parts(out)) == _indexed(out) and _rows(out) == _rows(tmp_path / "fresh")
+
+    # An output without an index (an earlier m9's) is ingested again in full.
+    (out / INGEST_INDEX).unlink()
+    shutil.copy2(SAMPLE / "Test" / "kiwi" / "kiwi_r060.jpg", tree / "Test" / "kiwi" / "again.jpg")
+    full = _ingest(tree, out)
+    assert not full.details["update"] and full.counts["added"] == full.counts["rows"] == 25
+    assert set(_parts(out)) == _indexed(out)
