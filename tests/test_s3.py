@@ -316,6 +316,36 @@ def test_rerun_on_s3_skips_finished_stages(s3_run, moto_port):
 
 
 @pytest.mark.slow
+def test_a_changed_tree_on_s3_updates_its_ingest(s3_env, moto_port, spark, tmp_path):
+    """Objects added and deleted under an s3:// input: the update reads only the new ones (by S3's own
+    sizes and LastModified) and gives the rows a fresh ingest gives."""
+    from m9.config import IngestConfig
+    from m9.stages.ingest import ingest
+    from tests.conftest import SAMPLE
+
+    client = _client(f"http://127.0.0.1:{moto_port}")
+    client.create_bucket(Bucket="m9-update")
+    for label in ("kiwi", "onion"):
+        _upload(client, "m9-update", SAMPLE / "Training" / label, f"tree/Training/{label}")
+
+    def run(output: str):
+        return ingest(IngestConfig(input="s3://m9-update/tree", output=f"s3://m9-update/{output}", images_per_file=2))
+
+    first = run("images")
+    _upload(client, "m9-update", SAMPLE / "Test" / "almond", "tree/Test/almond")
+    client.delete_object(Bucket="m9-update", Key="tree/Training/kiwi/kiwi_r000.jpg")
+    updated = run("images")
+    assert updated.details["update"] and first.counts["rows"] == 6
+    assert (updated.counts["added"], updated.counts["removed"], updated.counts["unchanged"]) == (2, 1, 5)
+    run("fresh")
+
+    def rows(output: str) -> list:
+        return sorted(_s3_table(f"s3://m9-update/{output}").to_dict("records"), key=str)
+
+    assert rows("images") == rows("fresh") and len(rows("images")) == 7
+
+
+@pytest.mark.slow
 def test_a_flaky_store_still_gives_every_row(s3_run):
     """503 SlowDown and dropped connections, met by every client in every stage, are retried with backoff;
     no row is lost (and test_run_on_s3_equals_the_local_run shows no value changed either)."""

@@ -15,7 +15,7 @@ from m9.cli.options import (
     user_errors,
     workdir_opt,
 )
-from m9.cli.stages import evaluate_summary, ignored, k_summary
+from m9.cli.stages import evaluate_summary, ignored, k_summary, updated
 
 
 @click.command()
@@ -46,7 +46,7 @@ def run(input_, workdir, overwrite, **settings):
 
     lines = [
         "m9 run finished",
-        f"  images found      {st['ingest'].counts['files_found']} ({ignored(st['ingest'])})",
+        f"  images found      {st['ingest'].counts['files_found']} ({ignored(st['ingest'])}){updated(st['ingest'])}",
         f"  embedded          {emb['embedded']}  ({emb.get('computed', 0)} computed, {emb.get('reused', 0)} reused)",
         f"  rejected          {emb['rejected']}  (reasons in {cfg.stage_dir('embed')}/{contract.ERRORS})",
         f"  model loads       {emb['model_loads']}",

@@ -78,8 +78,16 @@ def ingest(input_, output, overwrite, **settings):
     c = result.counts
     click.echo(
         f"ingest: {c['rows']} images into {c['parquet_files']} Parquet files at {output}"
-        f" ({ignored(result)}){' — already done' if result.skipped else ''}"
+        f" ({ignored(result)}){' — already done' if result.skipped else ''}{updated(result)}"
     )
+
+
+def updated(result) -> str:
+    """`; updated: 5 read, 1 removed, 236 unchanged` for an ingest that updated its output, else ""."""
+    c = result.counts
+    if result.skipped or not result.details.get("update"):
+        return ""
+    return f"; updated: {c['added']} read, {c['removed']} removed, {c['unchanged']} unchanged"
 
 
 @click.command()

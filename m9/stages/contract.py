@@ -125,6 +125,11 @@ class Contract:
         return tuple(self.writes[path].names)
 
 
+#: The ingest output's index: one row per image (relative_path, size, mtime_ns, and the part file holding it),
+#: written last before the manifest; an update compares the tree with it, and parts it does not name are
+#: leftovers of an interrupted run. Its leading `_` keeps it out of Spark's and pyarrow's Parquet readers.
+INGEST_INDEX = "_m9.files.parquet"
+
 INGEST = Contract(
     name="ingest",
     folder="images",
@@ -142,7 +147,7 @@ INGEST = Contract(
             ]
         )
     },
-    files=(),
+    files=(INGEST_INDEX,),
     # bytes_per_file, like images_per_file, changes how the rows are split into files (not the rows).
     changes_output=("images_per_file", "bytes_per_file", "extensions"),
     does_not_change_output=("overwrite",),
@@ -563,7 +568,7 @@ def prepare(
                 f"({describe_change(manifest.fingerprint, print_)}); {_REDO}"
             )
         log.info("%s: the input of %s changed; updating it", contract.name, output)
-        _start_update(contract, output, in_place)
+        _start_update(contract, output, in_place, print_)
     foreign = sorted(n for n in _top_names(output) if not contract.owns(n))
     if foreign:
         raise InputError(
@@ -579,7 +584,7 @@ def prepare(
                 f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
             )
         log.info("%s: the input of the interrupted run in %s changed; updating it", contract.name, output)
-        _start_update(contract, output, in_place)
+        _start_update(contract, output, in_place, print_)
         started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
     if before_start is not None:
         before_start()
@@ -594,9 +599,11 @@ def only_input_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return bool(old) and old.get("input") != new.get("input") and {**old, "input": None} == {**new, "input": None}
 
 
-def _start_update(contract: Contract, output: str, in_place: bool) -> None:
+def _start_update(contract: Contract, output: str, in_place: bool, print_: Mapping[str, Any]) -> None:
     """Make a finished or interrupted output ready for its stage to update: unfinished (no manifest), and,
-    unless the stage updates in place, empty but for its lease."""
+    unless the stage updates in place, empty but for its lease. The new run's record is written first, so
+    that an output killed meanwhile still says whose it is."""
+    storage.write_json(storage.join(output, PENDING), dict(print_))
     for name in owned_files(contract, output):
         if not in_place or name == MANIFEST:
             storage.remove(storage.join(output, name))

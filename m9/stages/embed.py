@@ -229,23 +229,41 @@ def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
     return items
 
 
-def _prepare_resume(out: str, src: str, shards: list[str]) -> None:
-    """Make an unfinished embed output safe to resume: drop temporary files a killed run left behind, and
-    refuse one that holds shards this input does not have (another input's unfinished output)."""
+def _prepare_resume(out: str, src: str, shards: list[str], ours: bool) -> None:
+    """Make an unfinished embed output safe to resume or update: drop temporary files a killed run left
+    behind, and the output (embeddings/ and errors/) of every shard the input no longer has, or whose rows
+    it no longer matches; the output of every other shard is kept. ours: the folder records a run of this
+    stage (a manifest or a pending record); a folder that records none but holds shards this input does not
+    have is refused, untouched (it may be the unfinished output of another input)."""
     import pyarrow.fs as pafs
 
-    names = {part_name(s) for s in shards}
+    rows = {part_name(s): n for s, n in _count_rows(shards).items()}
+    found: dict[str, dict[str, str]] = {EMBEDDINGS: {}, ERRORS: {}}
     for sub in (EMBEDDINGS, ERRORS):
         fs, path = storage.filesystem(storage.join(out, sub))
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
             if ".tmp-" in info.base_name:
                 log.info("embed: removing %s, left by an interrupted run", info.path)
                 fs.delete_file(info.path)
-            elif sub == EMBEDDINGS and info.base_name not in names:
-                raise InputError(
-                    f"{out} holds embeddings of {info.base_name}, which is not in {src}: it is the unfinished "
-                    f"output of another input; choose another output folder or pass --overwrite to replace it"
-                )
+            elif info.type == pafs.FileType.File:
+                found[sub][info.base_name] = storage.join(out, sub, info.base_name)
+    stale = sorted(n for n in found[EMBEDDINGS] if n not in rows)
+    if stale and not ours:
+        raise InputError(
+            f"{out} holds embeddings of {stale[0]}, which is not in {src}: it is the unfinished "
+            f"output of another input; choose another output folder or pass --overwrite to replace it"
+        )
+    done = [n for n in found[EMBEDDINGS] if n in rows]
+    counted = _count_rows([found[EMBEDDINGS][n] for n in done] + [found[ERRORS][n] for n in done if n in found[ERRORS]])
+    for name in done:
+        held = counted[found[EMBEDDINGS][name]] + counted.get(found[ERRORS].get(name, ""), 0)
+        if held != rows[name]:
+            stale.append(name)  # the same name, other rows: computed again
+    for name in sorted(set(stale) | {n for n in found[ERRORS] if n not in rows}):
+        log.info("embed: removing the output of %s, which the input no longer has", name)
+        for sub in (EMBEDDINGS, ERRORS):
+            if name in found[sub]:
+                storage.remove(found[sub][name])
 
 
 def check_rejections(result: Manifest, max_errors: int | float | None, output: str) -> Manifest:
@@ -386,9 +404,11 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
         )
     print_ = fingerprint(cfg, src, model)
     with lease.hold(out, EMBED.name):
-        # Another input's unfinished output is refused before the pending record marks it as ours.
-        check = functools.partial(_prepare_resume, out, src, shards)
-        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check)
+        # A folder that records no run of this stage but holds other shards is refused before the pending
+        # record marks it as ours; in one that does, the output of shards the input no longer has goes.
+        ours = contract.read_manifest(out) is not None or storage.exists(storage.join(out, contract.PENDING))
+        check = functools.partial(_prepare_resume, out, src, shards, ours)
+        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check, in_place=True)
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
 from m9.engines import spark as m9spark
 from m9.errors import InputError
 from m9.io import lease, storage
 from m9.stages import contract
-from m9.stages.contract import INGEST, Manifest
+from m9.stages.contract import INGEST, INGEST_INDEX, Manifest
 from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
@@ -69,10 +74,10 @@ def parse_extensions(text: str) -> tuple[str, ...]:
 
 @dataclass
 class Listing:
-    """Every entry under an input: the files Spark reads (path inside the filesystem, size), how many
-    hidden ones it skips, and the ones nobody can read, each with its reason."""
+    """Every entry under an input: the files Spark reads (path inside the filesystem, size, mtime in ns), how
+    many hidden ones it skips, and the ones nobody can read, each with its reason."""
 
-    files: list[tuple[str, int]] = field(default_factory=list)
+    files: list[tuple[str, int, int]] = field(default_factory=list)
     hidden: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -117,7 +122,7 @@ def _walk_local(root: str) -> Listing:
             elif not os.access(path, os.R_OK):
                 listing.unreadable.append((path, "permission denied"))
             else:
-                listing.files.append((path, st.st_size))
+                listing.files.append((path, st.st_size, st.st_mtime_ns))
     return listing
 
 
@@ -138,7 +143,7 @@ def list_tree(src: str) -> Listing:
         if _hidden(info.path[len(root) :].lstrip("/")):
             listing.hidden += 1
             continue
-        listing.files.append((info.path, info.size))
+        listing.files.append((info.path, info.size, int(info.mtime_ns or 0)))
     return listing
 
 
@@ -147,11 +152,15 @@ def unreadable_summary(reasons: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items()))
 
 
-def images_frame(spark, src: str, empty_files: list[str] = (), extensions=IMAGE_EXTENSIONS):
+def images_frame(
+    spark, src: str, empty_files: list[str] = (), extensions=IMAGE_EXTENSIONS, files: list[str] | None = None
+):
     """The images under src as a DataFrame with m9's ingest schema (lazy; nothing is read yet).
 
     empty_files are filesystem paths of zero-byte images, which Spark's scan skips; they are added back
-    with empty content so that embed rejects them with a reason instead of losing them.
+    with empty content so that embed rejects them with a reason instead of losing them. files, if given,
+    are the filesystem paths (non-empty images under src) to read instead of the whole tree: the rows are
+    those a read of the whole tree gives for them.
     """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -160,27 +169,31 @@ def images_frame(spark, src: str, empty_files: list[str] = (), extensions=IMAGE_
     # What Spark reports for each file starts with the root's path, after its scheme (file:/x or s3a://b/x).
     scheme, root_path = root.split(":", 1)
     root_path = root_path.lstrip("/")
-    raw = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", _glob(extensions))
-        # A file m9's listing found unreadable (permission denied) is counted there; Spark must skip it,
-        # not fail the job. The count check after the read catches any other file Spark skipped.
-        .option("ignoreCorruptFiles", "true")
-        .load(m9spark.read_uri(src))
-        # Spark 3.5 reports each file's path as it is (a space stays a space, a literal "%20" stays "%20"):
-        # URL-decoding it would turn real names into names that do not exist, or fail on "100%.jpg".
-        .select(F.col("path").alias("decoded"), "length", "content")
+    schema = T.StructType(
+        [
+            T.StructField("decoded", T.StringType()),
+            T.StructField("length", T.LongType()),
+            T.StructField("content", T.BinaryType()),
+        ]
     )
+    if files is not None and not files:
+        raw = spark.createDataFrame([], schema)
+    else:
+        where = m9spark.read_uri(src) if files is None else [m9spark.read_uri(_uri(src, p)) for p in files]
+        raw = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", _glob(extensions))
+            # A file m9's listing found unreadable (permission denied) is counted there; Spark must skip it,
+            # not fail the job. The count check after the read catches any other file Spark skipped.
+            .option("ignoreCorruptFiles", "true")
+            .load(where)
+            # Spark 3.5 reports each file's path as it is (a space stays a space, a literal "%20" stays "%20"):
+            # URL-decoding it would turn real names into names that do not exist, or fail on "100%.jpg".
+            .select(F.col("path").alias("decoded"), "length", "content")
+        )
     if empty_files:
         prefix = "file:" if scheme == "file" else f"{scheme}://"
-        schema = T.StructType(
-            [
-                T.StructField("decoded", T.StringType()),
-                T.StructField("length", T.LongType()),
-                T.StructField("content", T.BinaryType()),
-            ]
-        )
         raw = raw.unionByName(spark.createDataFrame([(prefix + p, 0, bytearray()) for p in empty_files], schema))
     # Column functions, not SQL text, so that a quote in the root's path cannot break the expression.
     rel = F.col("decoded").substr(F.instr("decoded", root_path) + len(root_path) + 1, F.lit(1 << 30))
@@ -201,9 +214,15 @@ def images_frame(spark, src: str, empty_files: list[str] = (), extensions=IMAGE_
     )
 
 
+def _uri(src: str, fs_path: str) -> str:
+    """A listed file's URI: its path inside the filesystem, with s3:// for an S3 input."""
+    return f"s3://{fs_path}" if storage.is_s3(src) else fs_path
+
+
 def ingest(cfg: IngestConfig) -> Manifest:
     """Read every image (cfg.extensions) under cfg.input into Parquet files of at most cfg.images_per_file
-    rows and about cfg.bytes_per_file bytes; every entry of the tree is counted."""
+    rows and about cfg.bytes_per_file bytes; every entry of the tree is counted. An output of an earlier
+    state of the same tree is updated: only the images added or changed since are read (see _update)."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     _check_input(src)
@@ -213,25 +232,109 @@ def ingest(cfg: IngestConfig) -> Manifest:
         raise InputError("--bytes-per-file must be at least 1")
     contract.check_not_a_file(out)
     listing = list_tree(src)
-    images = [(path, size) for path, size in listing.files if _is_image(path.rsplit("/", 1)[-1], cfg.extensions)]
+    images = [f for f in listing.files if _is_image(f[0].rsplit("/", 1)[-1], cfg.extensions)]
     unreadable = [(p, r) for p, r in listing.unreadable if _is_image(p.rsplit("/", 1)[-1], cfg.extensions)]
     if not images:
         raise InputError(
             f"no images (.{', .'.join(cfg.extensions)}) found under {src}"
             + (f"; {len(unreadable)} unreadable" if unreadable else "")
         )
-    # The input is the tree as listed (each image's path and size); where it is, the source, is not: the
-    # same tree grown or shrunk updates the output, another tree is refused.
+    # The input is the tree as listed (each image's path, size and modification time); where it is, the
+    # source, is not: the same tree grown, shrunk or edited updates the output, another tree is refused.
     # extensions as a list: the fingerprint is compared with its JSON copy, where a tuple is a list.
     print_ = contract.fingerprint(
         INGEST, cfg, f"files:{contract.digest(images)}", source=src, extensions=list(cfg.extensions)
     )
     with lease.hold(out, INGEST.name):
-        done = contract.prepare(INGEST, out, print_, cfg.overwrite)
+        done = contract.prepare(INGEST, out, print_, cfg.overwrite, in_place=True)
         if done is not None:
             log.info("ingest: %s already holds this input's output; skipping", out)
             return done
         return _write(cfg, src, out, images, listing, unreadable, print_)
+
+
+#: The schema of INGEST_INDEX: one row per ingested image, and the part file (its name) holding it.
+INDEX_SCHEMA = pa.schema(
+    [("relative_path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("part", pa.string())]
+)
+
+
+def read_index(out: str) -> pa.Table | None:
+    """The ingest output's index (INGEST_INDEX), or None when it has none (an earlier m9, or a first run
+    killed before it)."""
+    uri = storage.join(out, INGEST_INDEX)
+    if not storage.exists(uri):
+        return None
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, filesystem=fs).cast(INDEX_SCHEMA)
+
+
+def _write_index(out: str, rows: list[tuple[str, int, int, str]]) -> None:
+    """The commit point of an ingest: the parts it names are the output; others are leftovers."""
+    rows = sorted(rows)
+    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(INDEX_SCHEMA.names)}, schema=INDEX_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    storage.write_bytes_atomic(storage.join(out, INGEST_INDEX), buf.getvalue())
+
+
+def _part_paths(out: str, parts) -> dict[str, list[str]]:
+    """part name → the relative paths of its rows (its relative_path column only)."""
+    found = {}
+    for name in parts:
+        fs, path = storage.filesystem(storage.join(out, name))
+        found[name] = pq.read_table(path, filesystem=fs, columns=["relative_path"]).column(0).to_pylist()
+    return found
+
+
+def _index_rows(out: str, parts, stats: dict[str, tuple[int, int]]) -> list[tuple[str, int, int, str]]:
+    """Index rows of the given parts, each row's size and mtime from the listing (stats: relative path →
+    (size, mtime_ns)); a row the listing does not name gets mtime -1, so the next update reads it again."""
+    rows = []
+    for part, rels in _part_paths(out, parts).items():
+        for rel in rels:
+            size, mtime = stats.get(rel, (-1, -1))
+            rows.append((rel, size, mtime, part))
+    return rows
+
+
+def _spark_write(spark, frame, found: int, total_bytes: int, cfg: IngestConfig, out: str) -> None:
+    """Append frame's rows to out as Parquet parts of ingest's layout."""
+    files = max(math.ceil(found / cfg.images_per_file), math.ceil(total_bytes / cfg.bytes_per_file), 1)
+    with spark_tasks(spark, "ingest", f"writing {found} images"):
+        (
+            frame.repartition(files, "image_id")
+            .sortWithinPartitions("image_id")
+            .write.mode("append")
+            .option("maxRecordsPerFile", cfg.images_per_file)
+            .option("compression", "snappy")
+            .option("parquet.block.size", ROW_GROUP_BYTES)
+            .option("parquet.block.size.row.check.min", ROW_GROUP_CHECK_ROWS)
+            .option("parquet.page.size.row.check.min", ROW_GROUP_CHECK_ROWS)
+            .parquet(m9spark.spark_uri(out))
+        )
+
+
+def _read_images(spark, src: str, out: str, cfg: IngestConfig, images: list, files: list[str] | None) -> int:
+    """Read images (listing rows; files: their non-empty paths to read one by one, or None for the whole
+    tree) with Spark and append them to out; returns how many were found."""
+    empty = [path for path, size, _ in images if size == 0]
+    frame = images_frame(spark, src, empty, cfg.extensions, files=files).cache()
+    found = frame.count()
+    if found != len(images):
+        frame.unpersist()
+        raise InputError(
+            f"Spark found {found} images under {src} but the listing has {len(images)}; "
+            f"was the folder changed during the run? Re-run the same command."
+        )
+    if found:
+        _spark_write(spark, frame, found, sum(size for _, size, _ in images), cfg, out)
+    frame.unpersist()
+    return found
+
+
+def _parts(out: str) -> set[str]:
+    return {uri.rsplit("/", 1)[-1] for uri in storage.list_files(out, ".parquet")}
 
 
 def _write(
@@ -239,55 +342,52 @@ def _write(
 ) -> Manifest:
     started = time.perf_counter()
     ignored = len(listing.files) + len(listing.unreadable) - len(images) - len(unreadable)
-    total_bytes = sum(size for _, size in images)
-    # Spark appends below: its "overwrite" mode would delete the folder, and with it the lease we hold.
-    # An interrupted run's files are ours (contract.prepare checked), so clear them first.
-    for name in contract.owned_files(INGEST, out):
-        storage.remove(storage.join(out, name))
+    total_bytes = sum(size for _, size, _ in images)
+    root = storage.filesystem(src)[1]
+    stats = {path[len(root) :].lstrip("/"): (size, mtime) for path, size, mtime in images}
+    index = read_index(out)
     with m9spark.session("m9-ingest", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, src, out)
-        frame = images_frame(spark, src, [path for path, size in images if size == 0], cfg.extensions).cache()
-        found = frame.count()
-        if found != len(images):
-            frame.unpersist()
-            raise InputError(
-                f"Spark found {found} images under {src} but the listing has {len(images)}; "
-                f"was the folder changed during the run? Re-run the same command."
-            )
-        files = max(math.ceil(found / cfg.images_per_file), math.ceil(total_bytes / cfg.bytes_per_file), 1)
-        with spark_tasks(spark, "ingest", f"writing {found} images"):
-            (
-                frame.repartition(files, "image_id")
-                .sortWithinPartitions("image_id")
-                .write.mode("append")
-                .option("maxRecordsPerFile", cfg.images_per_file)
-                .option("compression", "snappy")
-                .option("parquet.block.size", ROW_GROUP_BYTES)
-                .option("parquet.block.size.row.check.min", ROW_GROUP_CHECK_ROWS)
-                .option("parquet.page.size.row.check.min", ROW_GROUP_CHECK_ROWS)
-                .parquet(m9spark.spark_uri(out))
-            )
-        written = spark.read.parquet(m9spark.read_uri(out)).count()
-        frame.unpersist()
-    if written != found:
-        raise RuntimeError(f"ingest wrote {written} rows for {found} files found")
+        if index is None:
+            # Spark appends below: its "overwrite" mode would delete the folder, and with it the lease we
+            # hold. An interrupted run's files are ours (contract.prepare checked), so clear them first.
+            for name in contract.owned_files(INGEST, out):
+                storage.remove(storage.join(out, name))
+            _read_images(spark, src, out, cfg, images, None)
+            rows = _index_rows(out, _parts(out), stats)
+            change = {"added": len(rows), "removed": 0, "unchanged": 0}
+        else:
+            rows, change = _update(spark, cfg, src, out, images, stats, index, root)
+        _write_index(out, rows)
+    # The index is committed: what it does not name goes (parts an update replaced, Spark's commit files).
+    kept = {part for *_, part in rows}
+    for name in contract.owned_files(INGEST, out):
+        if name != INGEST_INDEX and name not in kept:
+            storage.remove(storage.join(out, name))
+    written = sum(_row_counts(out, kept).values())
+    if written != len(rows) or len(rows) != len(images):
+        raise RuntimeError(f"ingest wrote {written} rows ({len(rows)} indexed) for {len(images)} files listed")
     reasons = Counter(reason.split(" to ")[0] for _, reason in unreadable)
     counts = {
         "entries": len(listing.files) + len(listing.unreadable) + listing.hidden,
-        "files_found": found,
+        "files_found": len(images),
         "rows": written,
         "ignored_files": ignored,
         "hidden_files": listing.hidden,
         "unreadable_files": len(unreadable),
-        "parquet_files": len(storage.list_files(out, ".parquet")),
+        "parquet_files": len(kept),
+        **change,
     }
     log.info(
-        "ingest: %d images (%.0f MB) from %s into %d Parquet files (%d other files and %d hidden files ignored, "
-        "%d unreadable%s)",
-        found,
+        "ingest: %d images (%.0f MB) from %s into %d Parquet files (%d read, %d removed, %d unchanged; %d other "
+        "files and %d hidden files ignored, %d unreadable%s)",
+        len(images),
         total_bytes / 1e6,
         src,
         counts["parquet_files"],
+        change["added"],
+        change["removed"],
+        change["unchanged"],
         ignored,
         listing.hidden,
         len(unreadable),
@@ -298,6 +398,7 @@ def _write(
     details = {
         "images_per_file": cfg.images_per_file,
         "bytes_per_file": cfg.bytes_per_file,
+        "update": index is not None,
         "unreadable": [{"path": p, "reason": r} for p, r in unreadable[:UNREADABLE_LISTED]],
         "unreadable_reasons": dict(reasons),
         "wall_s": round(time.perf_counter() - started, 2),
@@ -305,6 +406,69 @@ def _write(
     return contract.write_manifest(
         out, Manifest(stage=INGEST.name, input=src, fingerprint=print_, counts=counts, details=details)
     )
+
+
+def _row_counts(out: str, parts) -> dict[str, int]:
+    counts = {}
+    for name in parts:
+        fs, path = storage.filesystem(storage.join(out, name))
+        counts[name] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return counts
+
+
+def _update(spark, cfg: IngestConfig, src: str, out: str, images: list, stats: dict, index: pa.Table, root: str):
+    """Bring an indexed output up to the tree as listed now; returns (the new index's rows, counts).
+
+    An image is unchanged when its relative path, size and mtime are those indexed; an indexed row that is
+    not is removed (a changed file is removed and read again), and every listed image not unchanged is read.
+    Spark reads only those; each part holding a removed row is written again without it, under a new name
+    (a part's name says which rows it holds: embed keeps the output of every part still there); the other
+    parts stay as they are. Nothing is deleted here: the new index, once written, says what the output is.
+    """
+    indexed = index.to_pylist()
+    holding = {row["part"] for row in indexed}
+    # Parts the index does not name were written by a run killed before its index: leftovers.
+    for name in contract.owned_files(INGEST, out):
+        if name != INGEST_INDEX and name not in holding:
+            log.info("ingest: removing %s, left by an interrupted run", name)
+            storage.remove(storage.join(out, name))
+    unchanged = [r for r in indexed if stats.get(r["relative_path"]) == (r["size"], r["mtime_ns"])]
+    removed = [r for r in indexed if stats.get(r["relative_path"]) != (r["size"], r["mtime_ns"])]
+    kept_paths = {r["relative_path"] for r in unchanged}
+    added = [f for f in images if f[0][len(root) :].lstrip("/") not in kept_paths]
+    log.info(
+        "ingest: updating %s: %d images to read, %d to remove, %d unchanged",
+        out,
+        len(added),
+        len(removed),
+        len(unchanged),
+    )
+    before = _parts(out)
+    _read_images(spark, src, out, cfg, added, [path for path, size, _ in added if size > 0])
+    new_parts = _parts(out) - before
+    gone = {r["relative_path"] for r in removed}
+    renamed: dict[str, str | None] = {}
+    for part in sorted({r["part"] for r in removed}):
+        renamed[part] = _rewrite_without(out, part, gone)
+    rows = [(r["relative_path"], r["size"], r["mtime_ns"], renamed.get(r["part"], r["part"])) for r in unchanged]
+    rows += _index_rows(out, new_parts, stats)
+    return rows, {"added": len(added), "removed": len(removed), "unchanged": len(unchanged)}
+
+
+def _rewrite_without(out: str, part: str, gone: set[str]) -> str | None:
+    """Write part's rows but those whose relative path is in gone to a part of a new name, in ingest's
+    layout (order and row groups); returns its name, or None when no row is left."""
+    fs, path = storage.filesystem(storage.join(out, part))
+    table = pq.read_table(path, filesystem=fs)
+    keep = pc.invert(pc.is_in(table.column("relative_path"), value_set=pa.array(sorted(gone), pa.string())))
+    table = table.filter(keep)
+    if not table.num_rows:
+        return None
+    name = f"part-{uuid.uuid4()}-m9.snappy.parquet"
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy", row_group_size=row_group_rows(table))
+    storage.write_bytes_atomic(storage.join(out, name), buf.getvalue())
+    return name
 
 
 def row_group_rows(table) -> int:
