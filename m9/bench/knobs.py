@@ -108,7 +108,7 @@ def bound_rate(cfg: BenchConfig, model: ModelSpec, contents: list, progress: Cal
         "precision": model.precision,
         "img_per_s": statistics.median(rates) if rates else None,
         "rates": rates,
-        "timed_by": f"m9 bench, {cfg.knobs_rounds} round(s) over {len(sample)} images, medians",
+        "timed_by": f"m9 bench, {cfg.knobs_rounds} round(s) over {len(sample)} images, the median",
     }
 
 
