@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from m9.bench import ENGINES, FEATURE_ENGINES, BenchConfig, bench, steady_rate
 from m9.bench.knobs import check_knobs, default_setting
-from m9.bench.report import decode_bound, targets
+from m9.bench.report import bounds_missing, decode_bound, markdown, targets
 from m9.bench.run import engine_order
 from m9.bench.scaling import scaling
 from m9.cli import main
@@ -109,6 +109,12 @@ def test_json_has_every_engine_and_field(result):
         "arrow_batch_size": 10_000,
     }
     assert [t["over"] for t in data["targets"]] == ["spark-udf-defaults", "ceiling", "spark-udf-onnx"]
+    # A decode bound per precision a Ray engine ran at: fp32's from the knobs check, int8's timed by bench.
+    bounds = data["decode_bound"]
+    assert set(bounds) == {"fp32", "int8"}
+    assert set(bounds["fp32"]["over_bound"]) == {"ray"} and set(bounds["int8"]["over_bound"]) == {"ray-int8"}
+    assert bounds["fp32"]["img_per_s"] == data["knobs"]["default_img_per_s"]
+    assert bounds["int8"]["img_per_s"] > 0 and len(bounds["int8"]["rates"]) == 1
 
 
 @pytest.mark.slow
@@ -148,8 +154,9 @@ def test_reports_and_progress(result):
     for name in ENGINES:
         assert any(line.split("] ", 1)[-1].startswith(f"{name}:") for line in result["lines"]), name
     assert sum(line.startswith("[") and " … " not in line and line.endswith("…") for line in result["lines"]) == (
-        len(ENGINES) - 1 + 1  # every engine run, and the knobs check
+        len(ENGINES) - 1 + 2  # every engine run, the knobs check and the int8 model's decode bound
     )
+    assert "Decode bound:" in md and "`ray` = **" in md and "`ray-int8` = **" in md
 
 
 @pytest.mark.slow
@@ -270,9 +277,70 @@ def test_the_knobs_timing_with_decode_counts_the_images_it_decoded_and_forwarded
 
 
 def test_the_decode_bound_is_ray_over_the_knobs_default_timed_with_decode():
-    knobs = {"runtime": "onnx", "default_img_per_s": 360.0, "forward_only_ratio": 0.99}
+    knobs = {"runtime": "onnx", "precision": "fp32", "default_img_per_s": 360.0, "forward_only_ratio": 0.99}
     result = {"engines": {"ray": {"steady_img_per_s": 342.0, "knobs": {"runtime": "onnx"}}}, "knobs": knobs}
-    assert decode_bound(result)["ray_over_bound"] == pytest.approx(0.95)
+    bound = decode_bound(result)
+    assert set(bound) == {"fp32"}
+    assert bound["fp32"]["ray_over_bound"] == pytest.approx(0.95) and bound["fp32"]["img_per_s"] == 360.0
     # Knobs from the search alone (no rounds with decode), or on another runtime than ray's: no bound.
     assert decode_bound({**result, "knobs": {**knobs, "forward_only_ratio": None}}) is None
     assert decode_bound({**result, "knobs": {**knobs, "runtime": "keras"}}) is None
+
+
+#: ray on fp32 and ray-int8, as a default bench runs them: the knobs check times fp32's bound, bench int8's.
+RAY_BOTH = {
+    "ray": {"steady_img_per_s": 342.0, "knobs": {"runtime": "onnx", "precision": "fp32"}},
+    "ray-int8": {"steady_img_per_s": 380.0, "knobs": {"runtime": "onnx", "precision": "int8"}},
+}
+WANTED = {"ray": ("onnx", "fp32"), "ray-int8": ("onnx", "int8")}
+KNOBS = {"runtime": "onnx", "precision": "fp32", "default_img_per_s": 360.0, "forward_only_ratio": 0.99}
+
+
+def test_each_precision_a_ray_engine_ran_at_has_its_own_decode_bound():
+    result = {"engines": RAY_BOTH, "knobs": KNOBS}
+    assert bounds_missing(result, WANTED) == [("onnx", "int8")]
+    int8 = {"runtime": "onnx", "precision": "int8", "img_per_s": 400.0, "rates": [400.0], "timed_by": "m9 bench"}
+    bound = decode_bound(result, [int8])
+    assert set(bound) == {"fp32", "int8"}
+    assert bound["fp32"]["over_bound"] == {"ray": pytest.approx(0.95)}
+    assert bound["int8"]["over_bound"] == {"ray-int8": pytest.approx(0.95)}
+    assert bound["int8"]["ray_over_bound"] == pytest.approx(0.95) and bound["int8"]["img_per_s"] == 400.0
+    # Without the int8 timing, fp32's alone; with `ray` itself at int8 (--precision int8), it shares int8's.
+    assert set(decode_bound(result)) == {"fp32"}
+    at_int8 = {**RAY_BOTH, "ray": {**RAY_BOTH["ray"], "knobs": {"runtime": "onnx", "precision": "int8"}}}
+    wanted = {**WANTED, "ray": ("onnx", "int8")}
+    assert bounds_missing({"engines": at_int8, "knobs": KNOBS}, wanted) == [("onnx", "int8")]
+    bound = decode_bound({"engines": at_int8, "knobs": KNOBS}, [int8])
+    assert set(bound) == {"int8"} and set(bound["int8"]["over_bound"]) == {"ray", "ray-int8"}
+    # Knobs without rounds time no bound: both precisions are bench's to time.
+    no_rounds = {"engines": RAY_BOTH, "knobs": {**KNOBS, "forward_only_ratio": None}}
+    assert bounds_missing(no_rounds, WANTED) == [("onnx", "fp32"), ("onnx", "int8")]
+
+
+def _report(decode_bound_entry) -> str:
+    """bench.md's decode-bound line for a minimal bench.json holding `decode_bound_entry`."""
+    eng = {
+        n: {**e, "wall_s": 1.0, "first_row_s": 0.1, "model_loads": 2, "peak_rss_mb": 1.0, "cpu_util": 0.5}
+        for n, e in RAY_BOTH.items()
+    }
+    result = {
+        "images": 8,
+        "machine": {"cpu_model": "cpu", "cores": 2, "memory_gb": 1, "loadavg_start": [1.0], "versions": {}},
+        "engines": eng,
+        "agree": True,
+        "max_abs_diff": 0.0,
+        "tolerance": 1e-4,
+        "knobs": None,
+        "decode_bound": decode_bound_entry,
+    }
+    return next(line for line in markdown(result).splitlines() if line.startswith("Decode bound"))
+
+
+def test_bench_md_shows_every_precisions_decode_bound_and_reads_an_old_bench_json():
+    int8 = {"runtime": "onnx", "precision": "int8", "img_per_s": 400.0, "rates": [400.0], "timed_by": "m9 bench"}
+    line = _report(decode_bound({"engines": RAY_BOTH, "knobs": KNOBS}, [int8]))
+    assert "fp32 360.0 images/s, `ray` = **0.95 ×** that" in line
+    assert "int8 400.0 images/s, `ray-int8` = **0.95 ×** that" in line
+    # bench.json as written when the bound was `ray`'s alone.
+    old = {"img_per_s": 363.0, "ray_over_bound": 0.92, "what": "m9's default layout"}
+    assert "fp32 363.0 images/s, `ray` = **0.92 ×** that." in _report(old)

@@ -99,6 +99,25 @@ def _median(rates: list[float | None]) -> float | None:
     return statistics.median(measured) if len(measured) == len(rates) else None
 
 
+def bound_rate(cfg: BenchConfig, model: ModelSpec, contents: list, progress: Callable[[str], None]) -> dict:
+    """The decode bound on `model` where no knobs check ran for it: m9's default setting timed as the knobs
+    check times it (each batch decoded just before its forward pass, cfg.knobs_rounds runs over the same
+    sample), the median images/s and every run's."""
+    default = default_setting(cfg, model)
+    sample = contents[: max(cfg.ceiling_images, default.batch_size * 2)]
+    rates = []
+    for n in range(cfg.knobs_rounds):
+        rates.append(round(time_setting(default, sample, len(sample), with_decode=True), 2))
+        progress(f"  decode bound ({model.precision}) round {n + 1}/{cfg.knobs_rounds}: {rates[-1]:.1f} images/s")
+    return {
+        "runtime": model.runtime,
+        "precision": model.precision,
+        "img_per_s": statistics.median(rates) if rates else None,
+        "rates": rates,
+        "timed_by": f"m9 bench, {cfg.knobs_rounds} round(s) over {len(sample)} images, the median",
+    }
+
+
 #: Seconds each session setting runs per round in the in-process comparison of session options.
 SESSION_SECONDS = 2.0
 

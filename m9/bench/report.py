@@ -35,22 +35,72 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
-def decode_bound(result: dict) -> dict | None:
-    """`ray` against the most an engine that decodes on the model's cores can do here: m9's default layout
-    timed by the knobs check with each batch decoded before its forward pass (the ceiling's own timing, plus
-    the decode every engine pays and the ceiling does not). None without both numbers."""
-    knobs, ray = result.get("knobs") or {}, result["engines"].get("ray")
-    rate = knobs.get("default_img_per_s") if knobs.get("forward_only_ratio") is not None else None
-    ray_knobs = (ray or {}).get("knobs") or {}
-    if not (ray and rate) or knobs.get("runtime") != ray_knobs.get("runtime"):
-        return None
-    if knobs.get("precision", "fp32") != ray_knobs.get("precision", "fp32"):
+#: The engines a decode bound is for, `m9 embed`'s pipeline on Ray: `ray` (at --precision) and `ray-int8`.
+BOUND_ENGINES = ("ray", "ray-int8")
+
+#: What a decode bound times.
+BOUND_WHAT = "m9's default layout, bare model, each batch decoded just before its forward pass"
+
+
+def knobs_bound(knobs: dict | None) -> dict | None:
+    """The bound the knobs check measured: its default setting's rate with decode, on its runtime and precision
+    (None from the search's rates alone, which have no decode)."""
+    if not knobs or knobs.get("forward_only_ratio") is None or not knobs.get("default_img_per_s"):
         return None
     return {
-        "img_per_s": rate,
-        "ray_over_bound": round(ray["steady_img_per_s"] / rate, 3),
-        "what": "m9's default layout, bare model, each batch decoded just before its forward pass",
+        "runtime": knobs.get("runtime"),
+        "precision": knobs.get("precision", "fp32"),
+        "img_per_s": knobs["default_img_per_s"],
+        "rates": (knobs.get("rates") or {}).get("default"),
+        "timed_by": "the knobs check",
     }
+
+
+def bounds_missing(result: dict, wanted: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
+    """(runtime, precision) of each BOUND_ENGINES engine that ran (wanted: engine → its runtime and precision)
+    that the knobs check gave no bound for: the ones bench times itself (m9.bench.knobs.bound_rate)."""
+    bound = knobs_bound(result.get("knobs"))
+    have = {(bound["runtime"], bound["precision"])} if bound else set()
+    out: list[tuple[str, str]] = []
+    for name in BOUND_ENGINES:
+        if name in result["engines"] and wanted[name] not in have and wanted[name] not in out:
+            out.append(wanted[name])
+    return out
+
+
+def decode_bound(result: dict, timed: list[dict] | tuple = ()) -> dict | None:
+    """Per precision a BOUND_ENGINES engine ran at: each such engine against the most an engine that decodes on
+    the model's cores can do here, the bare model on m9's default layout with each batch decoded before its
+    forward pass (the ceiling's own timing, plus the decode every engine pays and the ceiling does not),
+    timed by the knobs check for its precision and by bench (`timed`, knobs.bound_rate) for the others.
+    None without both numbers for any precision."""
+    bounds: dict[str, dict] = {}
+    for bound in (knobs_bound(result.get("knobs")), *timed):
+        if bound:
+            bounds.setdefault(bound["precision"], bound)
+    out: dict = {}
+    for name in BOUND_ENGINES:
+        engine = result["engines"].get(name)
+        knobs = (engine or {}).get("knobs") or {}
+        bound = bounds.get(knobs.get("precision", "fp32"))
+        if not (engine and bound and bound["img_per_s"]) or bound["runtime"] != knobs.get("runtime"):
+            continue
+        entry = out.setdefault(bound["precision"], {**bound, "over_bound": {}, "what": BOUND_WHAT})
+        entry["over_bound"][name] = round(engine["steady_img_per_s"] / bound["img_per_s"], 3)
+    for entry in out.values():
+        # `ray` if it ran at this precision, else ray-int8 (`ray` on the int8 model).
+        entry["ray_over_bound"] = next(iter(entry["over_bound"].values()))
+    return out or None
+
+
+def bounds_by_precision(result: dict) -> dict:
+    """bench.json's decode_bound by precision; a bench.json written before there was one per precision holds
+    `ray`'s alone (img_per_s, ray_over_bound), on the knobs check's precision."""
+    bound = result.get("decode_bound") or {}
+    if "img_per_s" in bound:
+        precision = (result.get("knobs") or {}).get("precision", "fp32")
+        return {precision: {**bound, "over_bound": {"ray": bound["ray_over_bound"]}}}
+    return bound
 
 
 def int8_speed(result: dict) -> dict | None:
@@ -141,13 +191,19 @@ def markdown(result: dict) -> str:
             )
             + ".",
         ]
-    bound = result.get("decode_bound")
-    if bound:
+    bounds = bounds_by_precision(result)
+    if bounds:
         lines += [
             "",
-            f"Decode bound: the bare model on m9's default layout, decoding each batch before its forward pass "
-            f"(the ceiling decodes up front), ran at {bound['img_per_s']} images/s; `ray` = "
-            f"**{bound['ray_over_bound']:.2f} ×** that.",
+            "Decode bound: the bare model on m9's default layout, decoding each batch before its forward pass "
+            "(the ceiling decodes up front): "
+            + "; ".join(
+                f"{precision} {b['img_per_s']} images/s, "
+                + ", ".join(f"`{name}` = **{ratio:.2f} ×**" for name, ratio in b["over_bound"].items())
+                + " that"
+                for precision, b in bounds.items()
+            )
+            + ".",
         ]
     k = result.get("knobs")
     if k:
