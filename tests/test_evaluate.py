@@ -98,3 +98,32 @@ def test_m9_evaluate_refuses_a_change_in_one_line_and_redoes_with_overwrite(work
     assert "neighbors 5 → 3" in refused.output
     redone = CliRunner().invoke(main, [*args, "--neighbors", "3", "--overwrite"])
     assert redone.exit_code == 0 and "3-NN accuracy" in redone.output and "already done" not in redone.output
+
+
+def test_accuracy_without_leaked_images_is_that_of_a_knn_scored_on_the_others(monkeypatch):
+    import pandas as pd
+
+    from m9.neighbors import duplicates
+    from m9.stages import evaluate as ev
+
+    rng = np.random.default_rng(3)
+    labels = np.array([f"l{i % 3}" for i in range(60)])
+    x = rng.normal(size=(60, 4)) + np.repeat(np.arange(3)[None], 20, 0).T.ravel()[:, None] * 0.8
+    frame = pd.DataFrame({"image_id": [f"id{i:02d}" for i in range(60)]})
+    train, test = np.arange(0, 40), np.arange(40, 60)
+    leaked = {"id41", "id47", "id55"}
+    monkeypatch.setattr(duplicates, "read_output", lambda found: found)
+    monkeypatch.setattr(duplicates, "leaked_test_ids", lambda table: leaked)
+    keep_raw = np.ones(60, bool)
+    keep_raw[[3, 44, 50]] = False  # images the raw baseline could not decode
+    scored_rows, hits = {}, {}
+    for name, keep in (("full", None), ("raw", keep_raw)):
+        within = ev._within([(train, test)], keep)
+        true, pred = ev.knn_predict(x, labels, within, 5)
+        scored_rows[name], hits[name] = np.concatenate([t for _, t in within]), true == pred
+    honest = ev._without_leaked("dups", frame, [(train, test)], scored_rows, hits)
+    assert honest["leaked_test_images"] == 3 and honest["scored"] == 17
+    for name, keep in (("full", None), ("raw", keep_raw)):
+        kept = np.array([i for i in test if frame["image_id"][i] not in leaked])
+        true, pred = ev.knn_predict(x, labels, ev._within([(train, kept)], keep), 5)
+        assert honest["accuracy"][name] == float(np.mean(true == pred))

@@ -158,9 +158,11 @@ def _within(folds, keep: np.ndarray | None):
     return folds if keep is None else [(train[keep[train]], test[keep[test]]) for train, test in folds]
 
 
-def _without_leaked(found: str | None, frame, spaces: dict, kept_rows: dict, labels, folds, neighbors: int):
+def _without_leaked(found: str | None, frame, folds, scored_rows: dict[str, np.ndarray], hits: dict[str, np.ndarray]):
     """The accuracy with the leaked Test images (in a duplicate group with a Training image, per the
-    workdir's `m9 duplicates` output `found`) left out; None without such an output or a Training/Test split."""
+    workdir's `m9 duplicates` output `found`) left out; None without such an output or a Training/Test split.
+    The other Test images keep their predictions (hits: right or wrong, per space, for scored_rows): a
+    prediction depends only on the Training images, which stay the same."""
     from m9.neighbors import duplicates
 
     if found is None or len(folds) != 1:
@@ -176,10 +178,10 @@ def _without_leaked(found: str | None, frame, spaces: dict, kept_rows: dict, lab
     }
     if len(kept) == 0:
         return honest
-    for name in contract.SPACES:
-        if name in spaces:
-            true, pred = knn_predict(spaces[name], labels, _within([(train, kept)], kept_rows.get(name)), neighbors)
-            honest["accuracy"][name] = float(np.mean(true == pred))
+    for name, rows in scored_rows.items():
+        honest_hits = hits[name][np.isin(rows, kept)]
+        if len(honest_hits):
+            honest["accuracy"][name] = float(np.mean(honest_hits))
     return honest
 
 
@@ -285,13 +287,16 @@ def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found:
         "accuracy": {},
         "spaces": {},
     }
+    scored_rows, hits = {}, {}  # per space: the images scored, and whether each was predicted right
     for name in contract.SPACES:
         if name not in spaces:
             continue
-        true, pred = knn_predict(spaces[name], labels, _within(folds, kept_rows.get(name)), cfg.neighbors)
+        within = _within(folds, kept_rows.get(name))
+        true, pred = knn_predict(spaces[name], labels, within, cfg.neighbors)
+        scored_rows[name], hits[name] = np.concatenate([test for _, test in within]), true == pred
         scored["spaces"][name] = scores(true, pred, names)
         scored["accuracy"][name] = scored["spaces"][name]["accuracy"]
-    honest = _without_leaked(found, frame, spaces, kept_rows, labels, folds, cfg.neighbors)
+    honest = _without_leaked(found, frame, folds, scored_rows, hits)
     if honest:
         scored["without_leaked"] = honest
     log.info(
