@@ -1,21 +1,35 @@
-"""Reduce: Spark ML PCA of the embeddings (of the centered data), as Parquet, CSV and a variance report."""
+"""Reduce: Spark ML PCA of the embeddings (of the centered data), as Parquet, CSV, a variance report and the
+fitted basis, which a changed input can be projected onto instead of refitting (`--basis keep`)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from m9.config import FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
+from m9.config import BASES, FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
 from m9.engines import spark as m9spark
 from m9.errors import InputError
 from m9.io import lease, storage
 from m9.stages import contract
-from m9.stages.contract import CSV_NAME, EMBEDDINGS, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
+from m9.stages.contract import (
+    BASIS_NAME,
+    CSV_NAME,
+    EMBEDDINGS,
+    PCA_COLUMN,
+    PCA_DIR,
+    PENDING,
+    REDUCE,
+    VARIANCE_NAME,
+    Manifest,
+)
 from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
@@ -79,7 +93,8 @@ def k_choice(ratios: list[float], target: float, k: int) -> dict:
 
 def reduce(cfg: ReduceConfig) -> Manifest:
     """Fit PCA on the embeddings under cfg.input (k components, or with cfg.variance_target as many as
-    reach that share of the variance, from one fit); write pca/, pca.csv, variance.json."""
+    reach that share of the variance, from one fit), or with cfg.basis "keep" project them onto the basis
+    the output already holds; write pca/, pca.csv, variance.json and the basis."""
     src, out = storage.normalize(cfg.input), storage.normalize(cfg.output)
     storage.check_access(read=src, write=out)
     emb, files = _embeddings(src)
@@ -89,28 +104,127 @@ def reduce(cfg: ReduceConfig) -> Manifest:
     contract.check_not_a_file(out)
     if cfg.k is None and not (cfg.variance_target and 0 < cfg.variance_target <= 1):
         raise InputError("reduce needs --k N or --k auto:T with a share T above 0 and at most 1")
-    print_ = contract.fingerprint(REDUCE, cfg, contract.input_identity(src))
+    if cfg.basis not in BASES:
+        raise InputError(f"--basis {cfg.basis}: expected one of {', '.join(BASES)}")
+    input_id = contract.input_identity(src)
     with lease.hold(out, REDUCE.name):
-        done = contract.prepare(REDUCE, out, print_, cfg.overwrite)
+        # --overwrite clears the folder, the basis with it: keep has nothing left to keep, and fits.
+        kept = stored_basis(out, cfg) if cfg.basis == "keep" and not cfg.overwrite else None
+        print_ = contract.fingerprint(REDUCE, cfg, input_id, basis=kept.fitted_on if kept else input_id)
+        # A kept basis updates in place: basis.npz stays until the manifest says the new output is whole.
+        done = contract.prepare(REDUCE, out, print_, cfg.overwrite, in_place=kept is not None)
         if done is not None:
             log.info("reduce: %s already holds this input's output with k=%s; skipping", out, done.details.get("k"))
             return done
-        return _fit(cfg, src, out, emb, print_)
+        if kept is not None:
+            return _keep(src, out, emb, print_, kept)
+        return _fit(cfg, src, out, emb, print_, input_id)
 
 
-def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manifest:
-    """Fit, project and write; returns the manifest."""
-    from pyspark.ml.feature import PCA, StandardScaler, VectorSlicer
-    from pyspark.ml.functions import array_to_vector, vector_to_array
+@dataclass(frozen=True, kw_only=True)
+class Basis:
+    """A fitted PCA basis: an embedding x's coordinates are (x - mean) @ components (see project)."""
+
+    #: The mean of the embeddings it was fitted on, (FEATURE_DIM,) float64.
+    mean: np.ndarray
+    #: The principal components as columns, (FEATURE_DIM, k) float64.
+    components: np.ndarray
+    #: Their explained-variance ratios on the embeddings they were fitted on, (k,) float64.
+    ratios: np.ndarray
+    #: The identity of the input it was fitted on (contract.input_identity), and that input's path or URI.
+    fitted_on: str
+    fitted_input: str
+    #: When it was fitted (UTC, ISO 8601), and on how many embeddings.
+    fitted_at: str
+    fitted_rows: int
+    #: With --k auto: why the fit kept k components (k_choice).
+    k_choice: dict | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[1])
+
+    def to_bytes(self) -> bytes:
+        facts = {name: getattr(self, name) for name in ("fitted_on", "fitted_input", "fitted_at", "fitted_rows")}
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            mean=self.mean,
+            components=self.components,
+            ratios=self.ratios,
+            facts=np.array(json.dumps({**facts, "k_choice": self.k_choice}, sort_keys=True)),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Basis:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            facts = json.loads(str(z["facts"]))
+            return cls(mean=z["mean"], components=z["components"], ratios=z["ratios"], **facts)
+
+    def describe(self, kind: str) -> dict:
+        """The basis as a manifest and variance.json record it: fitted here, or kept from an earlier fit."""
+        return {
+            "kind": kind,
+            "file": BASIS_NAME,
+            "fitted_on": self.fitted_on,
+            "fitted_input": self.fitted_input,
+            "fitted_at": self.fitted_at,
+            "fitted_rows": self.fitted_rows,
+        }
+
+
+def read_basis(out: str) -> Basis | None:
+    """The basis in a reduce output, or None when it has none."""
+    fs, path = storage.filesystem(storage.join(out, BASIS_NAME))
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return Basis.from_bytes(data)
+
+
+def _rule(k: int | None, target: float | None) -> str:
+    return f"--k {k}" if k is not None else f"--k auto:{target:g}"
+
+
+def stored_basis(out: str, cfg: ReduceConfig) -> Basis | None:
+    """For --basis keep: the basis a finished or interrupted reduce output in out holds, or None when
+    there is none (keep then fits, as refit does). Raises InputError when it was fitted with another --k:
+    keeping it keeps its k."""
+    manifest = contract.read_manifest(out)
+    if manifest is not None and manifest.stage != REDUCE.name:
+        return None  # prepare refuses another stage's output
+    made = manifest.fingerprint if manifest is not None else storage.read_json(storage.join(out, PENDING))
+    basis = read_basis(out) if made else None
+    if basis is None:
+        return None
+    held, asked = (made.get("k"), made.get("variance_target")), (cfg.k, cfg.variance_target)
+    if held != asked:
+        raise InputError(
+            f"--basis keep keeps the basis in {out}, fitted with {_rule(*held)} (k={basis.k}): "
+            f"{_rule(*asked)} needs a new fit; pass {_rule(*held)} to keep it, or --basis refit --overwrite "
+            f"to refit"
+        )
+    return basis
+
+
+_META_COLUMNS = ("image_id", "path", "label", "split")
+
+
+def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id: str) -> Manifest:
+    """Fit, save the basis, project and write; returns the manifest."""
+    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
     auto = cfg.k is None
     started = time.perf_counter()
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
-        frame = spark.read.parquet(m9spark.read_uri(emb)).select(
-            "image_id", "path", "label", "split", array_to_vector(F.col("features")).alias("features")
-        )
+        raw = spark.read.parquet(m9spark.read_uri(emb)).select(*_META_COLUMNS, "features")
+        frame = raw.select(array_to_vector(F.col("features")).alias("features"))
         rows = frame.count()
         if rows == 0:
             raise InputError(
@@ -130,49 +244,100 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict) -> Manif
             # components a fit with k would give (PCA's components are nested), so slice, don't refit.
             model = PCA(k=limit if auto else cfg.k, inputCol="centered", outputCol="pca_all").fit(centered)
             fitted = model.explainedVariance.toArray().tolist()
+            components = model.pc.toArray()
             exact = exact_components(centered, scaler.std.toArray(), np.asarray(fitted))
             if exact is not None:
-                fitted = exact[0].tolist()
+                fitted, components = exact[0].tolist(), exact[1]
             k = choose_k(fitted, cfg.variance_target) if auto else cfg.k
-            if exact is None:
-                sliced = VectorSlicer(inputCol="pca_all", outputCol="pca_vec", indices=list(range(k)))
-                projected = sliced.transform(model.transform(centered)).select(
-                    "image_id", "path", "label", "split", vector_to_array("pca_vec", "float32").alias("pca")
-                )
-            else:
-                projected = centered.select(
-                    "image_id",
-                    "path",
-                    "label",
-                    "split",
-                    _project(exact[1][:, :k])(vector_to_array("centered")).alias("pca"),
-                )
-            result = projected.orderBy("image_id")
-            result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
-            table = pa.Table.from_pandas(
-                spark.read.parquet(m9spark.read_uri(storage.join(out, PCA_DIR))).orderBy("image_id").toPandas(),
-                preserve_index=False,
+            choice = k_choice(fitted, cfg.variance_target, k) if auto else None
+            basis = Basis(
+                mean=np.asarray(scaler.mean.toArray(), np.float64),
+                components=np.ascontiguousarray(components[:, :k], np.float64),
+                ratios=np.asarray(fitted[:k], np.float64),
+                fitted_on=input_id,
+                fitted_input=src,
+                fitted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                fitted_rows=rows,
+                k_choice=choice,
             )
-    fixed_size_pca(storage.join(out, PCA_DIR), k)
-    _write_csv(storage.join(out, CSV_NAME), table, k)
+            # Before the coordinates: an interrupted run leaves a whole basis or none (one atomic write).
+            storage.write_bytes_atomic(storage.join(out, BASIS_NAME), basis.to_bytes())
+            table = _write_pca(spark, raw, out, basis)
     report = variance_report(fitted[:k], k, rows)
-    choice = k_choice(fitted, cfg.variance_target, k) if auto else None
     if choice:
         report["k_choice"] = choice
+    return _finish(src, out, print_, table, report, basis, "fitted", started)
+
+
+def _keep(src: str, out: str, emb: str, print_: dict, basis: Basis) -> Manifest:
+    """Project the embeddings onto the basis out already holds (no fit) and write; returns the manifest."""
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.ml.stat import Summarizer
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
+        m9spark.configure_s3(spark, emb, out)
+        raw = spark.read.parquet(m9spark.read_uri(emb)).select(*_META_COLUMNS, "features")
+        rows = raw.count()
+        if rows == 0:
+            raise InputError(
+                f"no embedded images in {src} to reduce: embed rejected every image (the reasons are in its errors/)"
+            )
+        with spark_tasks(spark, "reduce", f"{rows} embeddings onto the kept basis"):
+            table = _write_pca(spark, raw, out, basis)
+            # The share of this input's variance each kept component explains: its coordinates' variance
+            # over the features' total variance (both sample variances).
+            variances = raw.select(Summarizer.variance(array_to_vector(F.col("features"))).alias("v")).head()["v"]
+    total = float(np.sum(variances.toArray()))
+    coords = contract.vectors(table, PCA_COLUMN).astype(np.float64)
+    spread = coords.var(axis=0, ddof=1) if rows > 1 else np.zeros(basis.k)
+    ratios = (spread / total if total > 0 else np.zeros(basis.k)).tolist()
+    report = variance_report(ratios, basis.k, rows)
+    report["basis_note"] = (
+        f"kept from a fit on {basis.fitted_rows} embeddings at {basis.fitted_at}: the ratios are the share of "
+        f"this input's variance the kept components explain"
+    )
+    if basis.k_choice:
+        report["k_choice"] = basis.k_choice
+    return _finish(src, out, print_, table, report, basis, "kept", started)
+
+
+def _write_pca(spark, raw, out: str, basis: Basis) -> pa.Table:
+    """Write pca/ (the embeddings' coordinates on basis, by image_id) and return it as one Arrow table."""
+    result = raw.select(*_META_COLUMNS, _project(basis)("features").alias(PCA_COLUMN)).orderBy("image_id")
+    result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
+    fixed_size_pca(storage.join(out, PCA_DIR), basis.k)
+    fs, path = storage.filesystem(storage.join(out, PCA_DIR))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, filesystem=fs).sort_by("image_id")
+
+
+def _finish(
+    src: str, out: str, print_: dict, table: pa.Table, report: dict, basis: Basis, kind: str, started: float
+) -> Manifest:
+    """pca.csv, variance.json and the manifest, after pca/ and the basis."""
+    k, rows = basis.k, table.num_rows
+    _write_csv(storage.join(out, CSV_NAME), table, k)
+    report["basis"] = basis.describe(kind)
     storage.write_json(storage.join(out, VARIANCE_NAME), report)
+    choice = report.get("k_choice")
     log.info(
-        "reduce: %d rows → %d components explaining %.1f %% of the variance%s",
+        "reduce: %d rows → %d components (%s basis) explaining %.1f %% of the variance%s",
         rows,
         k,
+        kind,
         100 * report["total_explained"],
         f" ({choice['why']})" if choice else "",
     )
     details = {
         "k": k,
-        "variance_target": cfg.variance_target if auto else None,
+        "variance_target": print_.get("variance_target") if print_.get("k") is None else None,
         "k_choice": choice,
         "total_explained": report["total_explained"],
         "smallest_k_reaching": report["smallest_k_reaching"],
+        "basis": report["basis"],
         "wall_s": round(time.perf_counter() - started, 2),
     }
     return contract.write_manifest(
@@ -218,19 +383,33 @@ def exact_components(centered, std: np.ndarray, spark_ratios: np.ndarray) -> tup
     return ratios[:k], vectors[:, order[:k]]
 
 
-def _project(components: np.ndarray):
-    """A pandas UDF: centered features (array<double>) → their coordinates on the components (array<float>)."""
+def project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Coordinates of embeddings (n, FEATURE_DIM) on a basis: (x - mean) @ components in float64, as
+    float32. Row by row: a blocked matrix product may round a row differently with other rows beside it,
+    so one image's coordinates would depend on which images share its batch; one product per row gives
+    the same bits for the same embedding and basis on the same machine, in any run."""
+    centered = np.asarray(features, np.float64) - mean
+    coords = np.empty((len(centered), components.shape[1]), np.float32)
+    for i, row in enumerate(centered):
+        coords[i] = row @ components
+    return coords
+
+
+def _project(basis: Basis):
+    """A pandas UDF: features (array<float>) → their coordinates on basis (array<float>), by project()."""
     import pandas as pd
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    def project(features):
+    mean, components = basis.mean, basis.components
+
+    def coordinates(features):
         x = np.stack(features.to_numpy()) if len(features) else np.zeros((0, components.shape[0]))
-        return pd.Series(list((x @ components).astype(np.float32)))
+        return pd.Series(list(project(x, mean, components)))
 
     # Real types, not this module's postponed (string) annotations: pandas_udf reads them to pick its kind.
-    project.__annotations__ = {"features": pd.Series, "return": pd.Series}
-    return F.pandas_udf(project, T.ArrayType(T.FloatType()))
+    coordinates.__annotations__ = {"features": pd.Series, "return": pd.Series}
+    return F.pandas_udf(coordinates, T.ArrayType(T.FloatType()))
 
 
 def fixed_size_pca(folder: str, k: int) -> None:
