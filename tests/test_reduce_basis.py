@@ -74,6 +74,17 @@ def test_keep_with_another_k_is_refused_with_its_reason(tmp_path):
         stored_basis(str(out), ReduceConfig(input="x", output=str(out), k=None, variance_target=0.9, basis="keep"))
 
 
+def test_the_cli_takes_refit_or_keep():
+    from click.testing import CliRunner
+
+    from m9.cli import main
+
+    result = CliRunner().invoke(main, ["reduce", "--basis", "again"])
+    assert result.exit_code == 2 and "'refit', 'keep'" in result.output
+    for command in ("reduce", "run"):
+        assert "--basis [refit|keep]" in CliRunner().invoke(main, [command, "--help"]).output
+
+
 def _changed_embed(embed_dir: str, out: Path, drop_every: int = 8, added: int = 20) -> tuple[set, set]:
     """A copy of an embed output with every drop_every-th image gone and `added` new ones (other features),
     with a manifest of its own; returns (the ids kept, the ids added)."""
@@ -163,7 +174,7 @@ def test_keep_projects_a_changed_input_onto_the_stored_basis(pipeline, spark, tm
     # An update interrupted after it started (manifest gone, pca/ half written) keeps the basis, and the
     # next input is projected onto it still.
     third = tmp_path / "embed3"
-    unchanged3, added3 = _changed_embed(pipeline["dirs"]["embed"], third, drop_every=5, added=3)
+    unchanged3, _ = _changed_embed(pipeline["dirs"]["embed"], third, drop_every=5, added=3)
     print_ = {**result.fingerprint, "input": contract.input_identity(str(third))}
     assert contract.prepare(REDUCE, str(out), print_, overwrite=False, in_place=True) is None
     for part in sorted((out / PCA_DIR).glob("part-*"))[:1]:

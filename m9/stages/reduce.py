@@ -176,13 +176,13 @@ class Basis:
 
 def read_basis(out: str) -> Basis | None:
     """The basis in a reduce output, or None when it has none."""
+    import pyarrow.fs as pafs
+
     fs, path = storage.filesystem(storage.join(out, BASIS_NAME))
-    try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-    except FileNotFoundError:
+    if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    return Basis.from_bytes(data)
+    with fs.open_input_stream(path) as f:
+        return Basis.from_bytes(f.read())
 
 
 def _rule(k: int | None, target: float | None) -> str:
