@@ -74,6 +74,25 @@ def test_keep_with_another_k_is_refused_with_its_reason(tmp_path):
         stored_basis(str(out), ReduceConfig(input="x", output=str(out), k=None, variance_target=0.9, basis="keep"))
 
 
+def test_a_refit_over_a_kept_basis_is_refused(tmp_path):
+    from m9.stages.reduce import reduce
+
+    embed = tmp_path / "embed"
+    (embed / EMBEDDINGS).mkdir(parents=True)
+    x = np.zeros((2, contract.FEATURES_TYPE.list_size), np.float32)
+    rows = {"image_id": ["a", "b"], "path": ["a", "b"], "label": ["l", "l"], "split": [None, None]}
+    features = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    pq.write_table(pa.table({**rows, "features": features}), embed / EMBEDDINGS / "part-0.parquet")
+    out = tmp_path / "reduce"
+    out.mkdir()
+    kept = {"input": "embed:2", "k": 3, "variance_target": None, "basis": "embed:1"}
+    contract.write_manifest(str(out), Manifest(stage=REDUCE.name, input="/in", fingerprint=kept, counts={}))
+    (out / BASIS_NAME).write_bytes(_basis().to_bytes())
+    with pytest.raises(InputError, match="pass --basis keep to project onto it again, or --overwrite"):
+        reduce(ReduceConfig(input=str(embed), output=str(out), k=3))
+    assert sorted(p.name for p in out.iterdir()) == sorted([BASIS_NAME, MANIFEST])  # untouched
+
+
 def test_the_cli_takes_refit_or_keep():
     from click.testing import CliRunner
 
@@ -162,7 +181,7 @@ def test_keep_projects_a_changed_input_onto_the_stored_basis(pipeline, spark, tm
     # Another k cannot keep this basis; a refit of the same input over a kept basis is a change, refused.
     with pytest.raises(InputError, match=rf"fitted with --k {TEST_K} \(k={TEST_K}\): --k 5 needs a new fit"):
         reduce(ReduceConfig(input=str(changed), output=str(out), k=5, basis="keep"))
-    with pytest.raises(InputError, match=r"made differently \(basis "):
+    with pytest.raises(InputError, match=r"holds coordinates on a basis kept with --basis keep"):
         reduce(ReduceConfig(input=str(changed), output=str(out), k=TEST_K, basis="refit"))
     assert (out / MANIFEST).exists()
     # A refit moves the unchanged images (another mean and other components).

@@ -110,6 +110,8 @@ def reduce(cfg: ReduceConfig) -> Manifest:
     with lease.hold(out, REDUCE.name):
         # --overwrite clears the folder, the basis with it: keep has nothing left to keep, and fits.
         kept = stored_basis(out, cfg) if cfg.basis == "keep" and not cfg.overwrite else None
+        if cfg.basis == "refit" and not cfg.overwrite:
+            _refuse_refit_over_kept(out)
         print_ = contract.fingerprint(REDUCE, cfg, input_id, basis=kept.fitted_on if kept else input_id)
         # A kept basis updates in place: basis.npz stays until the manifest says the new output is whole.
         done = contract.prepare(REDUCE, out, print_, cfg.overwrite, in_place=kept is not None)
@@ -193,10 +195,7 @@ def stored_basis(out: str, cfg: ReduceConfig) -> Basis | None:
     """For --basis keep: the basis a finished or interrupted reduce output in out holds, or None when
     there is none (keep then fits, as refit does). Raises InputError when it was fitted with another --k:
     keeping it keeps its k."""
-    manifest = contract.read_manifest(out)
-    if manifest is not None and manifest.stage != REDUCE.name:
-        return None  # prepare refuses another stage's output
-    made = manifest.fingerprint if manifest is not None else storage.read_json(storage.join(out, PENDING))
+    made = _made(out)  # None for another stage's output too: prepare refuses it
     basis = read_basis(out) if made else None
     if basis is None:
         return None
@@ -208,6 +207,25 @@ def stored_basis(out: str, cfg: ReduceConfig) -> Basis | None:
             f"to refit"
         )
     return basis
+
+
+def _made(out: str) -> dict | None:
+    """The fingerprint of the reduce output in out, finished or interrupted; None when there is none."""
+    manifest = contract.read_manifest(out)
+    if manifest is not None:
+        return manifest.fingerprint if manifest.stage == REDUCE.name else None
+    return storage.read_json(storage.join(out, PENDING))
+
+
+def _refuse_refit_over_kept(out: str) -> None:
+    """A refit would replace a kept basis, fitted on an input that may be gone, for good: refuse it
+    unless --overwrite says so."""
+    made = _made(out)
+    if made and made.get("basis") not in (None, made.get("input")) and read_basis(out) is not None:
+        raise InputError(
+            f"{out} holds coordinates on a basis kept with --basis keep (fitted on another input); pass "
+            f"--basis keep to project onto it again, or --overwrite to refit and replace it"
+        )
 
 
 _META_COLUMNS = ("image_id", "path", "label", "split")
