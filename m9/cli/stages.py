@@ -123,8 +123,8 @@ def embed(input_, output, overwrite, **settings):
 @overwrite_opt
 @user_errors
 def reduce(input_, output, overwrite, **settings):
-    """PCA of the embeddings (centered) with Spark ML: Parquet, CSV, variance.json and the basis; with
-    --basis keep, a changed input is projected onto the basis already there.
+    """PCA of the embeddings (centered; the covariance in one Spark scan): Parquet, CSV, variance.json and the
+    basis; with --basis keep, a changed input is projected onto the basis already there.
 
     Example: m9 reduce --k 50 --basis keep
     """

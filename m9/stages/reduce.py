@@ -1,5 +1,6 @@
-"""Reduce: Spark ML PCA of the embeddings (of the centered data), as Parquet, CSV, a variance report and the
-fitted basis, which a changed input can be projected onto instead of refitting (`--basis keep`)."""
+"""Reduce: PCA of the embeddings (of the centered data; the covariance in one Spark scan, its eigenvectors by
+numpy), as Parquet, CSV, a variance report and the fitted basis, which a changed input can be projected onto
+instead of refitting (`--basis keep`)."""
 
 from __future__ import annotations
 
@@ -233,17 +234,13 @@ _META_COLUMNS = ("image_id", "path", "label", "split")
 
 def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id: str) -> Manifest:
     """Fit, save the basis, project and write; returns the manifest."""
-    from pyspark.ml.feature import PCA, StandardScaler
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.sql import functions as F
-
     auto = cfg.k is None
     started = time.perf_counter()
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
         raw = spark.read.parquet(m9spark.read_uri(emb)).select(*_META_COLUMNS, "features")
-        frame = raw.select(array_to_vector(F.col("features")).alias("features"))
-        rows = frame.count()
+        with spark_tasks(spark, "reduce", "covariance of the embeddings"):
+            rows, mean, cov = covariance(raw, "features", FEATURE_DIM)
         if rows == 0:
             raise InputError(
                 f"no embedded images in {src} to reduce: embed rejected every image (the reasons are in its errors/)"
@@ -254,37 +251,83 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id
                 f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
                 f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)"
             )
-        # Spark's PCAModel.transform does not center; m9's components are those of the centered data.
-        scaler = StandardScaler(inputCol="features", outputCol="centered", withMean=True, withStd=False).fit(frame)
-        centered = scaler.transform(frame)
-        with spark_tasks(spark, "reduce", f"PCA of {rows} embeddings"):
-            # --k auto: one fit with every component the data allows; the first k of them are the
-            # components a fit with k would give (PCA's components are nested), so slice, don't refit.
-            model = PCA(k=limit if auto else cfg.k, inputCol="centered", outputCol="pca_all").fit(centered)
-            fitted = model.explainedVariance.toArray().tolist()
-            components = model.pc.toArray()
-            exact = exact_components(centered, scaler.std.toArray(), np.asarray(fitted))
-            if exact is not None:
-                fitted, components = exact[0].tolist(), exact[1]
-            k = choose_k(fitted, cfg.variance_target) if auto else cfg.k
-            choice = k_choice(fitted, cfg.variance_target, k) if auto else None
-            basis = Basis(
-                mean=np.asarray(scaler.mean.toArray(), np.float64),
-                components=np.ascontiguousarray(components[:, :k], np.float64),
-                ratios=np.asarray(fitted[:k], np.float64),
-                fitted_on=input_id,
-                fitted_input=src,
-                fitted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                fitted_rows=rows,
-                k_choice=choice,
-            )
-            # Before the coordinates: an interrupted run leaves a whole basis or none (one atomic write).
-            storage.write_bytes_atomic(storage.join(out, BASIS_NAME), basis.to_bytes())
+        # --k auto: every component the data allows; the first k of them are the components a fit with k
+        # would give (PCA's components are nested), so slice, don't refit.
+        ratios, components = principal_components(cov, limit)
+        fitted = ratios.tolist()
+        k = choose_k(fitted, cfg.variance_target) if auto else cfg.k
+        choice = k_choice(fitted, cfg.variance_target, k) if auto else None
+        basis = Basis(
+            mean=mean,
+            components=np.ascontiguousarray(components[:, :k], np.float64),
+            ratios=np.asarray(fitted[:k], np.float64),
+            fitted_on=input_id,
+            fitted_input=src,
+            fitted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            fitted_rows=rows,
+            k_choice=choice,
+        )
+        # Before the coordinates: an interrupted run leaves a whole basis or none (one atomic write).
+        storage.write_bytes_atomic(storage.join(out, BASIS_NAME), basis.to_bytes())
+        with spark_tasks(spark, "reduce", f"{rows} embeddings onto {k} components"):
             table = _write_pca(spark, raw, out, basis)
     report = variance_report(fitted[:k], k, rows)
     if choice:
         report["k_choice"] = choice
     return _finish(src, out, print_, table, report, basis, "fitted", started)
+
+
+def _moments(batches, dim: int):
+    """mapInArrow over one partition: a single row with the count, the sum and XᵀX of its vectors (float64)."""
+    n, total, gram = 0, np.zeros(dim), np.zeros((dim, dim))
+    for batch in batches:
+        column = batch.column(0)
+        if len(column) == 0:
+            continue
+        x = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
+        n += len(x)
+        total += x.sum(axis=0)
+        gram += x.T @ x  # one level-3 BLAS product per Arrow batch
+    yield pa.record_batch(
+        [pa.array([n]), pa.array([total.tobytes()]), pa.array([gram.tobytes()])], names=["n", "s", "g"]
+    )
+
+
+def covariance(frame, column: str, dim: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows, mean, sample covariance) of the vectors in frame's array column, in one scan of the input.
+
+    Each partition sums its count, Σx and ΣxxT with numpy; the partial sums are added in a tree, so the
+    driver never holds more than two dim×dim matrices at once, however many partitions there are.
+    Spark ML's PCA needs three scans for the same (the mean for centering, the covariance, and m9's check
+    of it) and computes the covariance one row at a time: on 70,000 synthetic 1280-d embeddings (AMD EPYC,
+    2 cores, load ~10, `m9 reduce`'s Spark session) this took 26 s where scaler + PCA + check took 161 s.
+    """
+
+    def add(a, b):
+        return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+    partials = frame.select(column).mapInArrow(lambda it: _moments(it, dim), "n long, s binary, g binary")
+    n, total, gram = partials.rdd.map(
+        lambda r: (r.n, np.frombuffer(r.s), np.frombuffer(r.g).reshape(dim, dim))
+    ).treeReduce(add, depth=2)
+    n = int(n)
+    mean = total / max(n, 1)
+    cov = (gram - n * np.outer(mean, mean)) / max(n - 1, 1)
+    return n, mean, (cov + cov.T) / 2
+
+
+def principal_components(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(explained-variance ratios, components as columns) of the k largest eigenvalues of a covariance,
+    by numpy's symmetric eigensolver (LAPACK syevd). Each component's sign is fixed so that its largest
+    loading is positive: the same data gives the same coordinates, not their mirror image."""
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1][:k]
+    values = np.clip(values, 0, None)
+    total = values.sum()
+    components = vectors[:, order]
+    signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(components.shape[1])])
+    components = components * np.where(signs == 0, 1, signs)
+    return (values[order] / total if total > 0 else np.zeros(len(order))), components
 
 
 def _keep(src: str, out: str, emb: str, print_: dict, basis: Basis) -> Manifest:
@@ -361,44 +404,6 @@ def _finish(
     return contract.write_manifest(
         out, Manifest(stage=REDUCE.name, input=src, fingerprint=print_, counts={"rows": rows}, details=details)
     )
-
-
-#: How far Spark ML's explained-variance ratios may be from an eigendecomposition of the same covariance
-#: before m9 uses the latter: float64 rounding moves them by ~1e-12; a wrong SVD by whole percents.
-PCA_CHECK_TOLERANCE = 1e-6
-
-
-def exact_components(centered, std: np.ndarray, spark_ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """None when Spark ML's PCA is right; else the (ratios, components) of an eigendecomposition of the
-    covariance Spark computes, to use in its place.
-
-    Spark ML's PCA diagonalises the covariance matrix with LAPACK's dgesdd. Without a system LAPACK,
-    Spark's netlib falls back to a pure-Java translation, whose dgesdd returns wrong singular values on
-    some rank-deficient covariances (fewer images than 1,280 features): on the bundled sample's ONNX
-    features it reports 70.8 % of the variance in 50 components where numpy (and Spark with Debian's
-    liblapack3) gives 83.7 %. The covariance itself is right, so m9 checks Spark's result against numpy's
-    eigh of it (1280×1280, well under a second) and warns when it has to replace it.
-    """
-    from pyspark.ml.stat import Correlation
-
-    corr = Correlation.corr(centered, "centered").head()[0].toArray()
-    cov = np.nan_to_num(corr) * np.outer(std, std)  # constant features: correlation NaN, covariance 0
-    values, vectors = np.linalg.eigh(cov)
-    order = np.argsort(values)[::-1]
-    values = np.clip(values[order], 0, None)
-    ratios = values / values.sum()
-    k = len(spark_ratios)
-    if np.abs(spark_ratios - ratios[:k]).max() <= PCA_CHECK_TOLERANCE:
-        return None
-    log.warning(
-        "reduce: Spark ML's PCA disagrees with its own covariance matrix (top component %.4f, not %.4f): "
-        "Spark is using its pure-Java LAPACK, whose SVD fails on this matrix; m9 uses numpy's "
-        "eigendecomposition of the same covariance instead. Installing the system LAPACK (Debian: "
-        "liblapack3) lets Spark compute it itself.",
-        spark_ratios[0],
-        ratios[0],
-    )
-    return ratios[:k], vectors[:, order[:k]]
 
 
 def project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
