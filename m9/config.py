@@ -59,6 +59,12 @@ PRECISIONS = ("fp32", "int8")
 #: reaches each of VARIANCE_THRESHOLDS, so a run says what k a threshold would need.
 DEFAULT_K = 50
 
+#: What `m9 reduce` does with the basis (mean and components) already in its output when its input
+#: changed, the default first. "refit": fit PCA on the new input (the components follow the data). "keep":
+#: project the new input onto the stored basis, so the coordinates of images that did not change stay
+#: exactly where they were (a basis fitted once, the way faiss trains an index once and adds to it).
+BASES = ("refit", "keep")
+
 #: Neighbours that vote in `m9 evaluate`'s kNN classifier: 5 is scikit-learn's default and the usual first
 #: look; odd, so two labels cannot tie.
 DEFAULT_NEIGHBORS = 5
@@ -177,6 +183,8 @@ class ReduceConfig:
     #: `--k auto:T`: keep the smallest k whose components explain at least T of the variance, chosen
     #: from one PCA fit with as many components as the data allows. Only used when k is None.
     variance_target: float | None = None
+    #: BASES: refit PCA on a changed input, or keep the basis the output holds and project onto it.
+    basis: str = BASES[0]
 
 
 #: Cosine similarity of the features at or above which `m9 duplicates` calls two images near duplicates.

@@ -117,7 +117,7 @@ def test_evaluate_scores_every_space_on_the_test_split(workdir):
 
 @pytest.mark.slow
 def test_the_pca_space_keeps_the_full_spaces_accuracy(workdir):
-    """Was 0.094 while Spark's pure-Java LAPACK diagonalised the covariance wrongly (reduce.exact_components)."""
+    """Was 0.094 when Spark ML's PCA used its pure-Java LAPACK, which diagonalised the covariance wrongly."""
     result = json.loads((workdir / "evaluate" / "evaluate.json").read_text())
     assert result["accuracy"]["pca"] > 0.8
 

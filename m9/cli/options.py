@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from m9.config import (
+    BASES,
     DEFAULT_ACTORS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_BYTES_PER_FILE,
@@ -268,6 +269,16 @@ k_opt = click.option(
     "variance (chosen from one PCA fit with every component; the choice and why are in variance.json).",
 )
 
+basis_opt = click.option(
+    "--basis",
+    type=click.Choice(BASES),
+    default=BASES[0],
+    show_default=True,
+    help="When the input changed: refit PCA on it, or keep the basis (mean and components) the output holds "
+    "and project onto it, so the coordinates of unchanged images stay exactly put (keep fits when there is "
+    "no basis yet; variance.json then gives the kept components' share of the new data's variance).",
+)
+
 # --- evaluate -----------------------------------------------------------------------------------------------
 
 neighbors_opt = click.option(
@@ -292,5 +303,5 @@ EMBED_OPTIONS = (
     decode_memory_opt,
     store_opt,
 )
-REDUCE_OPTIONS = (k_opt,)
+REDUCE_OPTIONS = (k_opt, basis_opt)
 RUN_OPTIONS = (*INGEST_OPTIONS, *EMBED_OPTIONS, *REDUCE_OPTIONS)

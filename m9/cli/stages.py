@@ -36,9 +36,16 @@ def ignored(result) -> str:
 
 
 def k_summary(red: dict) -> str:
-    """`k=50`, or with --k auto `k=37 (auto:0.95: the smallest k whose …)`."""
+    """`k=50`, or with --k auto `k=37 (auto:0.95: the smallest k whose …)`; with a kept basis
+    `k=50 on the basis kept from 2026-12-04T01:00:00+00:00 (240 images)`."""
     choice = red.get("k_choice")
-    return f"k={red['k']}" + (f" ({choice['rule']}: {choice['why']})" if choice else "")
+    basis = red.get("basis") or {}
+    kept = (
+        f" on the basis kept from {basis['fitted_at']} ({basis['fitted_rows']} images)"
+        if basis.get("kind") == "kept"
+        else ""
+    )
+    return f"k={red['k']}" + (f" ({choice['rule']}: {choice['why']})" if choice else "") + kept
 
 
 def evaluate_summary(result: dict) -> str:
@@ -124,9 +131,10 @@ def embed(input_, output, overwrite, **settings):
 @overwrite_opt
 @user_errors
 def reduce(input_, output, overwrite, **settings):
-    """PCA of the embeddings (centered) with Spark ML: Parquet, CSV and variance.json.
+    """PCA of the embeddings (centered; the covariance in one Spark scan): Parquet, CSV, variance.json and the
+    basis; with --basis keep, a changed input is projected onto the basis already there.
 
-    Example: m9 reduce --k 50
+    Example: m9 reduce --k 50 --basis keep
     """
     from m9.config import ReduceConfig
     from m9.stages.reduce import reduce as run_reduce

@@ -106,6 +106,9 @@ class Contract:
     changes_output: tuple[str, ...]
     #: Config fields that do not change the output (where it is written, how fast, how strict).
     does_not_change_output: tuple[str, ...]
+    #: Fingerprint keys that may change together with the input in an update (see only_input_changed);
+    #: alone, without the input, they are a change like any other.
+    follows_input: tuple[str, ...] = ()
 
     @property
     def producer(self) -> str:
@@ -180,6 +183,11 @@ EMBED = Contract(
 #: Outputs of the reduce stage, and the column of pca/ holding the components.
 PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
 PCA_COLUMN = "pca"
+#: reduce's fitted basis (m9.stages.reduce.Basis): the mean, the components and their explained-variance
+#: ratios as float64 arrays in one NumPy .npz, with where and when it was fitted. One small file (1280 × k
+#: doubles), written in one atomic write and read back bit for bit without Spark; `--basis keep` projects
+#: a changed input onto it.
+BASIS_NAME = "basis.npz"
 
 REDUCE = Contract(
     name="reduce",
@@ -188,9 +196,13 @@ REDUCE = Contract(
     needs=("image_id", "path", "label", "split", "features"),
     # pca is vector_type(k) as written (pca_schema); k is known only once the stage has chosen it.
     writes={PCA_DIR: pa.schema([*_META, (PCA_COLUMN, pa.list_(pa.float32()))])},
-    files=(CSV_NAME, VARIANCE_NAME),
-    changes_output=("k", "variance_target"),
+    files=(CSV_NAME, VARIANCE_NAME, BASIS_NAME),
+    # basis: the fingerprint holds the identity of the input the basis was fitted on (this input's for
+    # refit, the kept fit's for keep), not the option's word: keep and refit make the same output until the
+    # input changes, and a refit on a changed input makes a new basis along with it (follows_input).
+    changes_output=("k", "variance_target", "basis"),
     does_not_change_output=("overwrite",),
+    follows_input=("basis",),
 )
 
 
@@ -562,7 +574,7 @@ def prepare(
             )
         if manifest.fingerprint == print_:
             return dataclasses.replace(manifest, skipped=True)
-        if not only_input_changed(manifest.fingerprint, print_):
+        if not only_input_changed(manifest.fingerprint, print_, contract.follows_input):
             raise InputError(
                 f"{output} already holds a finished `{contract.producer}` output made differently "
                 f"({describe_change(manifest.fingerprint, print_)}); {_REDO}"
@@ -578,7 +590,7 @@ def prepare(
     pending = storage.read_json(storage.join(output, PENDING))
     started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
     if pending is not None and started and pending != print_:
-        if not only_input_changed(pending, print_):
+        if not only_input_changed(pending, print_, contract.follows_input):
             raise InputError(
                 f"{output} holds an interrupted `{contract.producer}` run made differently "
                 f"({describe_change(pending, print_)}); run the same command as before to resume it, or {_REDO}"
@@ -594,9 +606,11 @@ def prepare(
     return None
 
 
-def only_input_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether two fingerprints differ in their input and in nothing else (an update, not a new output)."""
-    return bool(old) and old.get("input") != new.get("input") and {**old, "input": None} == {**new, "input": None}
+def only_input_changed(old: Mapping[str, Any], new: Mapping[str, Any], follows: tuple[str, ...] = ()) -> bool:
+    """Whether two fingerprints differ in their input and in nothing else but the keys that follow it
+    (an update, not a new output)."""
+    same = dict.fromkeys(("input", *follows))
+    return bool(old) and old.get("input") != new.get("input") and {**old, **same} == {**new, **same}
 
 
 def _start_update(contract: Contract, output: str, in_place: bool, print_: Mapping[str, Any]) -> None:

@@ -434,6 +434,15 @@ def report(workdir: str, overwrite: bool = False) -> Manifest:
         return contract.write_manifest(out, manifest)
 
 
+def basis_text(basis: dict | None) -> str:
+    """How reduce got its basis, as variance.json records it: fitted on these images, or kept from a fit."""
+    if not basis:
+        return "fitted on these images"
+    if basis.get("kind") == "kept":
+        return f"kept (--basis keep) from a fit on {basis['fitted_rows']} images at {basis['fitted_at']}"
+    return f"fitted on these images ({basis['fitted_at']})"
+
+
 def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
     """The page and its PNGs into out; returns how many figures it drew."""
     manifests: dict[str, Manifest] = {}
@@ -506,6 +515,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
                 ("model loads", embed_c.get("model_loads", "")),
                 ("principal components kept", variance["k"]),
                 ("variance explained", f"{100 * variance['total_explained']:.1f} %"),
+                ("PCA basis", basis_text(variance.get("basis"))),
             ]
         ),
     ]
