@@ -84,11 +84,10 @@ def _thumbnail(content: bytes) -> bytes:
 
     from PIL import Image
 
-    im = (
-        Image.open(io.BytesIO(content)).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
-    )
+    bilinear = Image.Resampling.BILINEAR
+    im = Image.open(io.BytesIO(content)).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), bilinear)
     out = io.BytesIO()
-    im.resize((100, 100), Image.Resampling.BILINEAR).save(out, format="JPEG", quality=95)
+    im.resize((100, 100), bilinear).save(out, format="JPEG", quality=95)
     return out.getvalue()
 
 
