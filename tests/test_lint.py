@@ -10,14 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 #: Files whose type errors are not yet fixed; every other file under m9/ must check clean.
-NOT_YET_CHECKED = (
-    "m9/stages/ingest.py",
-    "m9/stages/embed.py",
-    "m9/stages/reduce.py",
-    "m9/model/quantize.py",
-    "m9/bench/run.py",
-    "m9/bench/ceiling.py",
-)
+NOT_YET_CHECKED = ("m9/stages/reduce.py",)
 
 _ERROR = re.compile(r"^(?P<path>[^:\s]+\.py):\d+: error: ", re.MULTILINE)
 _CHECKED = re.compile(r"(?:Success: no issues found|Found \d+ errors? in \d+ files?) \(checked (\d+) source files?\)")

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,9 @@ from m9.bench.config import BenchConfig, Outcome
 from m9.bench.protocol import Timed, run_workers, span_rate
 from m9.config import FEATURE_DIM
 from m9.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from m9.model.ort import SessionSettings
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Setting:
     processes: int
     threads: int
     batch_size: int
-    session: object | None = None  # m9.model.ort.SessionSettings on "onnx", None on "keras"
+    session: SessionSettings | None = None  # None on "keras"
 
     def row(self) -> dict:
         """The setting as bench.json shows it."""
@@ -41,7 +45,7 @@ class Setting:
         }
 
 
-def default_session(runtime: str, threads: int):
+def default_session(runtime: str, threads: int) -> SessionSettings | None:
     """The session options m9's Embedder uses for this many threads (None on Keras, which has none)."""
     if runtime != "onnx":
         return None
@@ -50,7 +54,7 @@ def default_session(runtime: str, threads: int):
     return ort.SessionSettings(threads=threads)
 
 
-def session_candidates(threads: int) -> list:
+def session_candidates(threads: int) -> list[SessionSettings]:
     """ONNX Runtime session options worth timing at a thread count, m9's default first (m9.model.ort.candidates)."""
     from m9.model import ort
 
@@ -63,7 +67,7 @@ def ceiling_configs(cores: int) -> list[tuple[int, int]]:
     return sorted(pairs | {(1, 1)})
 
 
-def _forwards(model: ModelSpec, threads: int, points: list[tuple[int, object]]) -> list[Callable]:
+def _forwards(model: ModelSpec, threads: int, points: list[tuple[int, SessionSettings | None]]) -> list[Callable]:
     """One forward function (a batch of inputs → features) per point, models built once per process."""
     if model.runtime == "keras":
         from m9.model.embedder import Embedder
@@ -85,7 +89,7 @@ def _ceiling_worker(
     rank: int,
     model: ModelSpec,
     threads: int,
-    points: list[tuple[int, object]],
+    points: list[tuple[int, SessionSettings | None]],
     contents: list,
     measure: int,
     keep: bool,
@@ -119,11 +123,11 @@ def _ceiling_worker(
                 feats.append(np.asarray(forward(batch), dtype=np.float32))
                 done.extend([time.time()] * len(feats[-1]))
             ended, cpu_s = time.time(), time.process_time() - cpu
-            kept = {}
+            timed = Timed(rank, n, started, ended, len(done), cpu_s)
             if keep:
                 features = np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
-                kept = {"features": features, "done_at": np.array(done), "errors": errors}
-            queue.put(Timed(rank, n, started, ended, len(done), cpu_s, **kept))
+                timed = replace(timed, features=features, done_at=np.array(done), errors=errors)
+            queue.put(timed)
             barrier.wait()
     except Exception as exc:  # noqa: BLE001 — reported to the parent, which fails the bench with it
         queue.put(Failed(rank, repr(exc)))
@@ -134,7 +138,7 @@ def time_group(
     model: ModelSpec,
     processes: int,
     threads: int,
-    points: list[tuple[int, object]],
+    points: list[tuple[int, SessionSettings | None]],
     contents: list,
     measure: int,
     keep: bool = False,
@@ -231,6 +235,8 @@ def run_ceiling(
     shares = [ids[r :: best.processes] for r in range(best.processes)]
     out_ids, feats, done = [], [], []
     for msg in msgs:
+        # keep=True: every report carries its features, finish times and decode errors
+        assert msg.features is not None and msg.done_at is not None and msg.errors is not None
         good = [i for i, e in zip(shares[msg.rank], msg.errors) if e is None]
         bad = [i for i, e in zip(shares[msg.rank], msg.errors) if e is not None]
         out_ids += good + bad

@@ -21,7 +21,6 @@ from m9.bench.config import (
     INT8_ENGINES,
     REFERENCE_ENGINE,
     BenchConfig,
-    Outcome,
 )
 from m9.bench.decode_engine import run_decode
 from m9.bench.inputs import load_rows, take, write_input
@@ -42,7 +41,8 @@ class Models:
     """The models the bench's engines run, each resolved once (resolve_model), when an engine first needs it."""
 
     def __init__(self, cfg: BenchConfig):
-        self.cfg, self._specs = cfg, {}
+        self.cfg = cfg
+        self._specs: dict[tuple[str, str], ModelSpec] = {}
 
     def __call__(self, runtime: str | None = None, precision: str = "fp32") -> ModelSpec:
         """The resolved model on `runtime` (default: the bench's, `m9 embed`'s default path) at `precision`."""
@@ -119,9 +119,10 @@ def measure(
     return result, outcome
 
 
-def _ordered(outcome: Outcome, ids: list[str]) -> np.ndarray:
-    index = {i: n for n, i in enumerate(outcome.ids)}
-    return outcome.features[[index[i] for i in ids]]
+def _ordered(features: np.ndarray, of: list[str], ids: list[str]) -> np.ndarray:
+    """features, whose rows are the images `of`, in the order of ids."""
+    index = {i: n for n, i in enumerate(of)}
+    return features[[index[i] for i in ids]]
 
 
 def engine_order(engines: tuple[str, ...]) -> list[str]:
@@ -152,7 +153,9 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
         table = take(load_rows(cfg.input, work), cfg.limit)
         input_dir = write_input(table, work / "input")
         ids = sorted(table.column("image_id").to_pylist())
-        engines, features, knobs, timed = {}, {}, None, []
+        engines: dict[str, dict] = {}
+        features: dict[str, np.ndarray] = {}
+        knobs, timed = None, []
         for n, engine in enumerate(order, 1):
             if engine == "ceiling":  # picked, not run: the better of the two ceiling-* rows already measured
                 of = pick_ceiling(engines)
@@ -169,7 +172,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
                 result, outcome = measure(engine, cfg, input_dir, table, progress, models)
                 runs.append(result)
                 if outcome.features is not None and engine not in features:
-                    features[engine] = _ordered(outcome, ids)
+                    features[engine] = _ordered(outcome.features, outcome.ids, ids)
                 progress(
                     f"[{n}/{len(order)}] {engine}: {result['steady_img_per_s']:.1f} images/s steady, "
                     f"wall {result['wall_s']:.1f} s, first row {result['first_row_s']:.1f} s, "

@@ -59,9 +59,9 @@ def int8_path(cache: Path | None = None) -> Path:
     return Path(cache or cache_dir()) / INT8_CACHE_NAME
 
 
-def _sample_files(split: str | None = None) -> list:
-    root = resources.files("m9") / "sample"
-    files = sorted(root.rglob("*.jpg"), key=str)
+def _sample_files(split: str | None = None) -> list[Path]:
+    # m9 is installed as a directory (package_data in setup.cfg): its resources are files on disk.
+    files = sorted(Path(str(resources.files("m9") / "sample")).rglob("*.jpg"), key=str)
     return [f for f in files if split is None or f"/{split}/" in str(f)]
 
 
@@ -84,9 +84,10 @@ def _thumbnail(content: bytes) -> bytes:
 
     from PIL import Image
 
-    im = Image.open(io.BytesIO(content)).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
+    bilinear = Image.Resampling.BILINEAR
+    im = Image.open(io.BytesIO(content)).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), bilinear)
     out = io.BytesIO()
-    im.resize((100, 100), Image.BILINEAR).save(out, format="JPEG", quality=95)
+    im.resize((100, 100), bilinear).save(out, format="JPEG", quality=95)
     return out.getvalue()
 
 

@@ -330,7 +330,9 @@ def embed_batches(
         yield from _share_out(pool, items)
     finally:
         for actor in pool:
-            ray.kill(actor)
+            # Ray types ActorClass.remote() as `ActorHandle | type[EmbedActor]` (so that method calls
+            # type-check); what it returns is an ActorHandle, which ray.kill takes.
+            ray.kill(actor)  # type: ignore[arg-type]
 
 
 def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]:

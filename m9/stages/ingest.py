@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def unreadable_summary(reasons: dict[str, int]) -> str:
 
 
 def images_frame(
-    spark, src: str, empty_files: list[str] = (), extensions=IMAGE_EXTENSIONS, files: list[str] | None = None
+    spark, src: str, empty_files: Sequence[str] = (), extensions=IMAGE_EXTENSIONS, files: list[str] | None = None
 ):
     """The images under src as a DataFrame with m9's ingest schema (lazy; nothing is read yet).
 
