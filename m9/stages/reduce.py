@@ -198,7 +198,7 @@ def stored_basis(out: str, cfg: ReduceConfig) -> Basis | None:
     keeping it keeps its k."""
     made = _made(out)  # None for another stage's output too: prepare refuses it
     basis = read_basis(out) if made else None
-    if basis is None:
+    if made is None or basis is None:
         return None
     held, asked = (made.get("k"), made.get("variance_target")), (cfg.k, cfg.variance_target)
     if held != asked:
@@ -234,7 +234,6 @@ _META_COLUMNS = ("image_id", "path", "label", "split")
 
 def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id: str) -> Manifest:
     """Fit, save the basis, project and write; returns the manifest."""
-    auto = cfg.k is None
     started = time.perf_counter()
     with m9spark.session("m9-reduce", s3=storage.is_s3(src) or storage.is_s3(out)) as spark:
         m9spark.configure_s3(spark, emb, out)
@@ -246,7 +245,7 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id
                 f"no embedded images in {src} to reduce: embed rejected every image (the reasons are in its errors/)"
             )
         limit = min(FEATURE_DIM, rows)
-        if not auto and not 1 <= cfg.k <= limit:
+        if cfg.k is not None and not 1 <= cfg.k <= limit:
             raise InputError(
                 f"--k {cfg.k} is out of range: it must be between 1 and {limit} "
                 f"(the smaller of {FEATURE_DIM} features and {rows} embedded images)"
@@ -255,8 +254,12 @@ def _fit(cfg: ReduceConfig, src: str, out: str, emb: str, print_: dict, input_id
         # would give (PCA's components are nested), so slice, don't refit.
         ratios, components = principal_components(cov, limit)
         fitted = ratios.tolist()
-        k = choose_k(fitted, cfg.variance_target) if auto else cfg.k
-        choice = k_choice(fitted, cfg.variance_target, k) if auto else None
+        if cfg.k is None:
+            assert cfg.variance_target is not None, "reduce() refuses --k auto without a share"
+            k = choose_k(fitted, cfg.variance_target)
+            choice = k_choice(fitted, cfg.variance_target, k)
+        else:
+            k, choice = cfg.k, None
         basis = Basis(
             mean=mean,
             components=np.ascontiguousarray(components[:, :k], np.float64),
@@ -432,7 +435,8 @@ def _project(basis: Basis):
 
     # Real types, not this module's postponed (string) annotations: pandas_udf reads them to pick its kind.
     coordinates.__annotations__ = {"features": pd.Series, "return": pd.Series}
-    return F.pandas_udf(coordinates, T.ArrayType(T.FloatType()))
+    # pyspark's stubs have no overload for this Spark 3 form (the UDF's kind read from its type hints).
+    return F.pandas_udf(coordinates, T.ArrayType(T.FloatType()))  # type: ignore[call-overload]
 
 
 def fixed_size_pca(folder: str, k: int) -> None:
