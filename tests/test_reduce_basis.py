@@ -202,3 +202,17 @@ def test_keep_projects_a_changed_input_onto_the_stored_basis(pipeline, spark, tm
     assert again.details["basis"]["fitted_on"] == basis.fitted_on
     final = _pca(out)
     assert all(final[i] == before[i] for i in unchanged3)
+
+
+def test_m9_run_hands_basis_to_reduce_and_the_report_says_which():
+    from m9.cli.options import config_fields
+    from m9.cli.stages import k_summary
+    from m9.stages.report import basis_text
+
+    fields = config_fields(ReduceConfig, {"k": (50, None), "basis": "keep", "actors": 2})
+    assert fields == {"k": 50, "variance_target": None, "basis": "keep"}
+    kept = _basis().describe("kept")
+    assert basis_text(kept) == "kept (--basis keep) from a fit on 7 images at 2026-12-04T01:00:00+00:00"
+    assert basis_text(_basis().describe("fitted")).startswith("fitted on these images")
+    assert k_summary({"k": 3, "basis": kept}) == "k=3 on the basis kept from 2026-12-04T01:00:00+00:00 (7 images)"
+    assert k_summary({"k": 3, "basis": _basis().describe("fitted")}) == "k=3"
