@@ -161,3 +161,23 @@ def test_work_items_cover_every_row_once_in_full_items_across_row_groups(tmp_pat
         for i in table.read_row_groups(it["row_groups"]).column("image_id").to_pylist()[it["start"] : it["stop"]]
     ]
     assert covered == pq.read_table(shard).column("image_id").to_pylist()
+
+
+def test_the_grey_decode_is_embeds_decode_made_grey_and_small():
+    from m9.model.decode import decode_grey
+
+    bicubic = Image.Resampling.BICUBIC
+    thumb = next(iter(sorted(SAMPLE.rglob("*.jpg")))).read_bytes()
+    expected = np.asarray(Image.open(io.BytesIO(thumb)).convert("L").resize((28, 28), bicubic))
+    assert np.array_equal(decode_grey(thumb, 28, bicubic), expected)
+    # Transparency onto white, as embed composites it: a transparent image is white.
+    buf = io.BytesIO()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(buf, "PNG")
+    assert (decode_grey(buf.getvalue(), 28, bicubic) == 255).all()
+    # The same budget as embed's: refused from the header, one line.
+    buf = io.BytesIO()
+    _photo((4000, 3000)).save(buf, "JPEG")
+    with pytest.raises(DecodeError, match="too large"):
+        decode_grey(buf.getvalue(), 28, bicubic, memory_mb=1)
+    with pytest.raises(DecodeError, match="empty file"):
+        decode_grey(b"", 28, bicubic)

@@ -107,17 +107,40 @@ def decode_pixels(content: bytes | None, memory_mb: int = DEFAULT_DECODE_MEMORY)
     (alpha onto white), bilinear resize to 224×224. An image whose decode would take more than memory_mb MB
     is refused from its header. Raises DecodeError with a one-line reason.
     """
+    return _decoded(content, memory_mb, _to_model_input)
+
+
+def _to_model_input(im: Image.Image) -> Image.Image:
+    """A decoded image as the model's 224×224 RGB (bilinear)."""
+    if im.mode == "L" and "transparency" not in im.info:
+        # A grey image resized before it becomes RGB: the same pixels (RGB's three channels are the
+        # grey, resized alike) for a third of the resize.
+        return im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB")
+    return _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+
+
+def decode_grey(
+    content: bytes | None, side: int, resample: Image.Resampling, memory_mb: int = DEFAULT_DECODE_MEMORY
+) -> np.ndarray:
+    """Image bytes → uint8 grey array (side, side): decoded as decode_pixels decodes (the same budget, EXIF
+    orientation, alpha onto white, decode to size), then grey and resized straight to side × side."""
+
+    def to_grey(im: Image.Image) -> Image.Image:
+        grey = im if im.mode == "L" and "transparency" not in im.info else _to_rgb(im).convert("L")
+        return grey.resize((side, side), resample)
+
+    return _decoded(content, memory_mb, to_grey)
+
+
+def _decoded(content: bytes | None, memory_mb: int, finish) -> np.ndarray:
+    """The budgeted, upright decode of content, finished by finish (Image → Image), as a uint8 array.
+    Raises DecodeError with a one-line reason."""
     if not content:
         raise DecodeError("empty file")
     try:
         im = _open_to_size(content, memory_mb)
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the (usual) upright image
-        if im.mode == "L" and "transparency" not in im.info:
-            # A grey image resized before it becomes RGB: the same pixels (RGB's three channels are the
-            # grey, resized alike) for a third of the resize.
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB")
-        else:
-            im = _to_rgb(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        im = finish(im)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:
