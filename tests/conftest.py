@@ -77,6 +77,20 @@ def pytest_runtest_call(item: pytest.Item):
     return result
 
 
+def kill_session(proc) -> None:
+    """kill -9 a command started with start_new_session=True and every process of its session (the Spark
+    JVM and the local Ray it started, which outlive a kill of the command alone), as a kill of a job does."""
+    import signal
+    import subprocess
+
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    for pid, sid in (line.split() for line in ps.splitlines()):
+        if int(sid) == proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    proc.wait()
+
+
 def write_bad_images(folder: Path) -> dict[str, str]:
     """A truncated JPEG, a zero-byte .jpg and a text file named .png; returns name → expected reason start."""
     folder.mkdir(parents=True, exist_ok=True)

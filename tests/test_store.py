@@ -21,7 +21,7 @@ from m9.config import FEATURE_DIM
 from m9.errors import InputError
 from m9.stages.reuse import STORE_ENV, resolve_store
 from m9.store import FeatureStore, StoreError, digest, rows
-from tests.conftest import SAMPLE, moto_server, point_aws_at
+from tests.conftest import SAMPLE, kill_session, moto_server, point_aws_at
 
 IDENTITY = {"weights": "w1", "runtime": "onnx", "precision": "fp32", "preprocess": 2, "decode_memory_mb": 2048}
 OTHER = {**IDENTITY, "precision": "int8"}
@@ -313,12 +313,6 @@ def ingested_many(spark, tmp_path_factory) -> str:
     return out
 
 
-def _session_processes(sid: int) -> list[int]:
-    """Processes of session sid: what `m9 embed` started (its Ray) and outlives a kill of the command."""
-    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
-
-
 @pytest.mark.slow
 def test_kill_9_during_an_embed_then_the_same_command_completes_it(ingested_many, ray_local, weights_path, tmp_path):
     store, out = tmp_path / "store", tmp_path / "out"
@@ -333,9 +327,7 @@ def test_kill_9_during_an_embed_then_the_same_command_completes_it(ingested_many
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    for pid in _session_processes(proc.pid):
-        os.kill(pid, 9)
-    proc.wait()
+    kill_session(proc)
     done = len(list((out / "embeddings").glob("*.parquet")))
     shards = len(list(Path(ingested_many).glob("*.parquet")))
     assert 1 <= done < shards, f"the kill came after {done} of {shards} files: nothing left to resume"

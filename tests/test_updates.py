@@ -160,3 +160,57 @@ def test_an_update_killed_before_its_index_is_finished_by_the_same_command(spark
     full = _ingest(tree, out)
     assert not full.details["update"] and full.counts["added"] == full.counts["rows"] == 25
     assert set(_parts(out)) == _indexed(out)
+
+
+@pytest.mark.parametrize("stage", ["images", "embed"])
+def test_kill_9_during_an_update_then_the_same_command_completes_it(ray_local, weights_path, base, tmp_path, stage):
+    """`m9 run` on a changed tree killed (-9, with its Spark and Ray) while it updates ingest's or embed's
+    output; the same command then finishes it, equal to a fresh run, and the store holds each image once."""
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from m9.cli import main
+    from m9.store import FeatureStore
+    from tests.conftest import kill_session
+
+    tree, work, store = _tree(base, tmp_path / "tree"), tmp_path / "work", tmp_path / "store"
+    command = ["run", "--input", str(tree), "--workdir", str(work), "--store", str(store), "--actors", "2", "--k", "5"]
+    first = CliRunner().invoke(main, command)
+    assert first.exit_code == 0, first.output
+    shutil.copytree(SAMPLE / "Training" / "almond", tree / "Training" / "almond")
+    (tree / "Test" / "onion" / "onion_r060.jpg").unlink()
+    (tree / "Test" / "lettuce" / "lettuce_r060.jpg").rename(tree / "Test" / "lettuce" / "renamed.jpg")
+    shutil.copy2(tree / "Training" / "kiwi" / "kiwi_r000.jpg", tree / "Training" / "kiwi" / "copy.jpg")
+
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m9.cli", *command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not (work / stage / PENDING).exists():  # that stage's update has begun
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    kill_session(proc)
+    assert not (work / stage / MANIFEST).exists()
+
+    again = CliRunner().invoke(main, command)
+    assert again.exit_code == 0, again.output
+    fresh_work = ["--workdir", str(tmp_path / "fresh"), "--store", "none", "--k", "5"]
+    fresh = CliRunner().invoke(main, [*command[:3], *fresh_work])
+    assert fresh.exit_code == 0, fresh.output
+    assert _rows(work / "images") == _rows(tmp_path / "fresh" / "images")
+    assert set(_parts(work / "images")) == _indexed(work / "images")
+    mine, theirs = _features(work / "embed"), _features(tmp_path / "fresh" / "embed")
+    assert {k: m for k, (m, _) in mine.items()} == {k: m for k, (m, _) in theirs.items()}
+    assert max(float(np.abs(v - theirs[k][1]).max()) for k, (_, v) in mine.items()) < 1e-5
+    assert _errors(work / "embed") == _errors(tmp_path / "fresh" / "embed")
+    # The store: each image's bytes once (the renamed and copied files added none; the removed one stays, as
+    # the store only grows), the broken ones as rejections.
+    [entries] = FeatureStore(str(store)).show()
+    shas = set(pq.read_table(work / "images", columns=["sha256"]).column("sha256").to_pylist())
+    shas.add(hashlib.sha256((SAMPLE / "Test" / "onion" / "onion_r060.jpg").read_bytes()).hexdigest())
+    assert entries.entries == len(shas) and entries.rejections == len(_errors(work / "embed"))
