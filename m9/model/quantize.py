@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -186,11 +187,21 @@ def _zero_dead_channels(model) -> int:
     return zeroed
 
 
-def quantise(fp32: bytes, calibration: np.ndarray, method: str = CALIBRATION, percentile: float | None = None) -> bytes:
+def quantise(
+    fp32: bytes,
+    calibration: np.ndarray,
+    method: str = CALIBRATION,
+    percentile: float | None = None,
+    float_convs: Sequence[int] | None = None,
+    quant_format: str = "QDQ",
+    weight_type: str = "QUInt8",
+) -> bytes:
     """The int8 model's bytes: pre-processed (shape inference, BatchNorm folded), dead channels zeroed, then
-    statically quantised (QDQ, U8 activations and weights, per channel) with the first FLOAT_CONVS Conv nodes
-    kept in float, calibrated with `method` ("MinMax", "Entropy", "Percentile") on `calibration`; `percentile`
-    is Percentile's (ONNX Runtime's CalibPercentile; None: its default, 99.999)."""
+    statically quantised (`quant_format` "QDQ" or "QOperator"; U8 activations; `weight_type` "QUInt8" or
+    "QInt8" weights, per channel) with the Conv nodes at the positions `float_convs` (in graph order; None:
+    the first FLOAT_CONVS) kept in float, calibrated with `method` ("MinMax", "Entropy", "Percentile") on
+    `calibration`; `percentile` is Percentile's (ONNX Runtime's CalibPercentile; None: its default, 99.999).
+    The defaults make m9's recipe."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -220,18 +231,19 @@ def quantise(fp32: bytes, calibration: np.ndarray, method: str = CALIBRATION, pe
         zeroed = _zero_dead_channels(model)
         onnx.save(model, str(pre))
         convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+        keep = [convs[i] for i in (range(FLOAT_CONVS) if float_convs is None else float_convs)]
         log.info(
-            "quantising: %d dead weight channels zeroed, %d of %d Conv kept in float", zeroed, FLOAT_CONVS, len(convs)
+            "quantising: %d dead weight channels zeroed, %d of %d Conv kept in float", zeroed, len(keep), len(convs)
         )
         quantize_static(
             str(pre),
             str(out),
             Reader(model.graph.input[0].name, calibration),
-            quant_format=QuantFormat.QDQ,
+            quant_format=getattr(QuantFormat, quant_format),
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QUInt8,
+            weight_type=getattr(QuantType, weight_type),
             per_channel=True,
-            nodes_to_exclude=convs[:FLOAT_CONVS],
+            nodes_to_exclude=keep,
             calibrate_method=getattr(CalibrationMethod, method),
             extra_options={} if percentile is None else {"CalibPercentile": percentile},
         )
