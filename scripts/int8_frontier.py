@@ -6,7 +6,7 @@ load hits all alike), at 1 thread and at 2 threads, batch 8; medians over the ro
 Runtime's per-node profile of one variant: where its time goes, by operator type. Prints a markdown table,
 then one JSON line.
 
-Usage: .venv/bin/python scripts/int8_frontier.py [--variants f0,f1,f2,f3,f4,f6,dw,f6+last,f6-qop]
+Usage: .venv/bin/python scripts/int8_frontier.py [--variants f0,f1,f2,f3,f4,f6,dw,f6+last,f6-qop,f9-qop]
     [--rounds 5] [--seconds 2] [--threads 1,2] [--profile f6] [--out /tmp/m9-int8-frontier]
 """
 
@@ -21,10 +21,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-#: Variant names: "fN" keeps the first N Conv nodes in float (f6 is m9's recipe), "dw" every depthwise conv,
-#: "iK" the Conv at position K, "+last" adds the last Conv, "-qop" makes QOperator instead of QDQ, "-s8" signed
-#: int8 weights (U8S8) instead of U8U8.
-VARIANTS = "f0,f1,f2,f3,f4,f6,dw,f6+last,f6-qop"
+#: Variant names: "fN" keeps the first N Conv nodes in float, "dw" every depthwise conv, "iK" the Conv at
+#: position K, "+last" adds the last Conv; QDQ with U8U8 unless "-qop" (QOperator, whose weights ORT makes
+#: int8 whatever is asked) or "-s8" (U8S8). m9's recipe is f9-qop.
+VARIANTS = "f0,f1,f2,f3,f4,f6,dw,f6+last,f6-s8,f7-s8,f8-s8,f9-s8,f6-qop,f9-qop"
 
 
 def _conv_groups(fp32: bytes) -> list[int]:
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--profile", default="f6", help="variants to profile, comma-separated ('' for none)")
+    parser.add_argument("--profile", default="fp32,f6,f9-qop", help="models to profile, comma-separated ('' for none)")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "m9-int8-frontier"))
     parser.add_argument("--reuse", action="store_true", help="reuse variants already built in --out")
     args = parser.parse_args()
