@@ -1,8 +1,8 @@
 """The int8 speed/quality frontier: m9's int8 recipe (m9.model.quantize) with other sets of Conv nodes kept in
 float (the first N; the depthwise ones; the last one) and in QOperator format, each measured against FP32 on
 this machine: quality on quantize's check sets (cosine of each image's int8 features to FP32's: mean, p1,
-min) and the bare model's images/s, all sessions timed in turns in one process (so a change in the machine's
-load hits all alike), at 1 thread and at 2 threads, batch 8; medians over the rounds. With --profile, ONNX
+min) and the bare model's images/s, all sessions taking turns pass by pass in one process (so a change in
+the machine's load hits all alike), at 1 thread and at 2 threads, batch 8; medians over the rounds. With --profile, ONNX
 Runtime's per-node profile of one variant: where its time goes, by operator type. Prints a markdown table,
 then one JSON line.
 
@@ -93,7 +93,9 @@ def _build(variant: str, out: str, queue) -> None:
 
 
 def _interleaved(models: dict[str, bytes], threads: int, batch: int, rounds: int, seconds: float) -> dict:
-    """images/s per round of each model, the sessions taking turns within every round (the order rotating)."""
+    """images/s per round of each model. Within a round the models take turns pass by pass (one pass: 64
+    images in batches), the order rotating, until each has had about `seconds`: a change in the machine's load
+    hits every model alike even when the load moves within seconds."""
     from m9.model import ort
     from m9.model.quantize import calibration_inputs
 
@@ -104,14 +106,21 @@ def _interleaved(models: dict[str, bytes], threads: int, batch: int, rounds: int
         ort.run(sess, slices[0])  # the first run allocates and plans; not timed
     out: dict = {name: [] for name in live}
     names = list(live)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            done, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
+    for _ in range(rounds):
+        spent = dict.fromkeys(names, 0.0)
+        done = dict.fromkeys(names, 0)
+        turn = 0
+        while sum(spent.values()) < seconds * len(names):
+            order = names[turn % len(names) :] + names[: turn % len(names)]
+            turn += 1
+            for name in order:
+                started = time.perf_counter()
                 for part in slices:
                     ort.run(live[name], part)
-                    done += len(part)
-            out[name].append(round(done / (time.perf_counter() - started), 1))
+                spent[name] += time.perf_counter() - started
+                done[name] += len(inputs)
+        for name in names:
+            out[name].append(round(done[name] / spent[name], 1))
     return out
 
 
