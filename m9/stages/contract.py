@@ -566,6 +566,7 @@ def prepare(
         storage.write_json(storage.join(output, PENDING), print_)
         return None
     manifest = read_manifest(output)
+    updating = False
     if manifest is not None:
         if manifest.stage != contract.name:
             raise InputError(
@@ -581,6 +582,7 @@ def prepare(
             )
         log.info("%s: the input of %s changed; updating it", contract.name, output)
         _start_update(contract, output, in_place, print_)
+        updating = True
     foreign = sorted(n for n in _top_names(output) if not contract.owns(n))
     if foreign:
         raise InputError(
@@ -598,9 +600,10 @@ def prepare(
         log.info("%s: the input of the interrupted run in %s changed; updating it", contract.name, output)
         _start_update(contract, output, in_place, print_)
         started = [n for n in _top_names(output) if n not in (LEASE, PENDING)]
+        updating = True
     if before_start is not None:
         before_start()
-    if started:
+    if started and not updating:
         log.info("%s: resuming the interrupted run in %s", contract.name, output)
     storage.write_json(storage.join(output, PENDING), print_)
     return None
