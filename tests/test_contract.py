@@ -16,8 +16,9 @@ import pytest
 from m9.config import EmbedConfig, IngestConfig, ReduceConfig
 from m9.errors import InputError
 from m9.io import lease
-from m9.stages import contract
-from m9.stages.contract import EMBED, INGEST, REDUCE, Manifest
+from m9.stages import contract, lifecycle
+from m9.stages.contract import EMBED, INGEST, REDUCE
+from m9.stages.lifecycle import Manifest
 from tests.conftest import moto_server, point_aws_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(("stage", "cfg_type"), [(INGEST, IngestConfig), (EMBED, EmbedConfig), (REDUCE, ReduceConfig)])
 def test_every_config_field_is_classified(stage, cfg_type):
     """A new option must say whether it changes the stage's output (and so belongs in its fingerprint)."""
-    assert contract.unclassified_fields(stage, cfg_type) == []
+    assert lifecycle.unclassified_fields(stage, cfg_type) == []
 
 
 def test_configs_take_keywords_only():
@@ -43,31 +44,31 @@ def test_manifest_round_trip_and_old_manifests():
 
 def test_manifests_name_a_sibling_input_relative_to_themselves(tmp_path):
     """A moved or copied workdir finds its stages' outputs: `../embed`, resolved against the manifest."""
-    assert contract.stored_input(str(tmp_path / "w/reduce"), str(tmp_path / "w/embed")) == "../embed"
-    assert contract.stored_input("s3://b/runs/w/reduce", "s3://b/runs/w/embed") == "../embed"
-    assert contract.stored_input("s3://b/w/reduce", "s3://other/w/embed") == "s3://other/w/embed"
-    assert contract.stored_input(str(tmp_path / "w/reduce"), "/elsewhere/embed") == "/elsewhere/embed"
-    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "../embed") == str(tmp_path / "moved/embed")
-    assert contract.resolve_input("s3://b/moved/reduce", "../embed") == "s3://b/moved/embed"
-    assert contract.resolve_input(str(tmp_path / "moved/reduce"), "/old/w/embed") == "/old/w/embed"  # as written
-    assert contract.resolve_input("s3://b/moved/reduce", "s3://b/w/embed") == "s3://b/w/embed"
+    assert lifecycle.stored_input(str(tmp_path / "w/reduce"), str(tmp_path / "w/embed")) == "../embed"
+    assert lifecycle.stored_input("s3://b/runs/w/reduce", "s3://b/runs/w/embed") == "../embed"
+    assert lifecycle.stored_input("s3://b/w/reduce", "s3://other/w/embed") == "s3://other/w/embed"
+    assert lifecycle.stored_input(str(tmp_path / "w/reduce"), "/elsewhere/embed") == "/elsewhere/embed"
+    assert lifecycle.resolve_input(str(tmp_path / "moved/reduce"), "../embed") == str(tmp_path / "moved/embed")
+    assert lifecycle.resolve_input("s3://b/moved/reduce", "../embed") == "s3://b/moved/embed"
+    assert lifecycle.resolve_input(str(tmp_path / "moved/reduce"), "/old/w/embed") == "/old/w/embed"  # as written
+    assert lifecycle.resolve_input("s3://b/moved/reduce", "s3://b/w/embed") == "s3://b/w/embed"
 
     work = tmp_path / "w"
     (work / "reduce").mkdir(parents=True)
     written = Manifest(stage="reduce", input=str(work / "embed"), fingerprint={"k": 5}, counts={})
-    contract.write_manifest(str(work / "reduce"), written)
+    lifecycle.write_manifest(str(work / "reduce"), written)
     assert json.loads((work / "reduce" / contract.MANIFEST).read_text())["input"] == "../embed"
     (work / "images").mkdir()
-    contract.write_manifest(str(work / "images"), Manifest(stage="ingest", input="/photos", fingerprint={}, counts={}))
+    lifecycle.write_manifest(str(work / "images"), Manifest(stage="ingest", input="/photos", fingerprint={}, counts={}))
     assert json.loads((work / "images" / contract.MANIFEST).read_text())["input"] == "/photos"  # an image tree
     moved = tmp_path / "moved"
     work.rename(moved)
-    assert contract.read_manifest(str(moved / "reduce")).input == str(moved / "embed")
+    assert lifecycle.read_manifest(str(moved / "reduce")).input == str(moved / "embed")
     # An earlier m9's absolute input, moved since: the chain finds the folder of that name beside it.
     (moved / "embed").mkdir()
     old = {"stage": "embed", "input": str(work / "images"), "fingerprint": {}, "counts": {}}
     (moved / "embed" / contract.MANIFEST).write_text(json.dumps(old))
-    assert contract.upstream(str(moved / "reduce")) == {
+    assert lifecycle.upstream(str(moved / "reduce")) == {
         "reduce": str(moved / "reduce"),
         "embed": str(moved / "embed"),
         "ingest": str(moved / "images"),
@@ -75,30 +76,30 @@ def test_manifests_name_a_sibling_input_relative_to_themselves(tmp_path):
 
 
 def test_describe_change_names_what_changed():
-    assert contract.describe_change({"k": 50, "input": "a"}, {"k": 10, "input": "b"}) == "the input changed, k 50 → 10"
-    assert "earlier m9" in contract.describe_change({}, {"k": 10})
+    assert lifecycle.describe_change({"k": 50, "input": "a"}, {"k": 10, "input": "b"}) == "the input changed, k 50 → 10"
+    assert "earlier m9" in lifecycle.describe_change({}, {"k": 10})
 
 
 def _finish(out: Path, stage, print_: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    contract.write_manifest(str(out), Manifest(stage=stage.name, input="/in", fingerprint=print_, counts={}))
+    lifecycle.write_manifest(str(out), Manifest(stage=stage.name, input="/in", fingerprint=print_, counts={}))
 
 
 def test_prepare_skips_refuses_and_resumes(tmp_path):
     out = tmp_path / "reduce"
     k50, k10 = {"input": "embed:1", "k": 50}, {"input": "embed:1", "k": 10}
-    assert contract.prepare(REDUCE, str(out), k50, overwrite=False) is None  # fresh
+    assert lifecycle.prepare(REDUCE, str(out), k50, overwrite=False) is None  # fresh
     (out / "pca").mkdir()  # interrupted after pca/, before its manifest
     (out / "pca" / "part-0.parquet").write_bytes(b"x")
-    assert contract.prepare(REDUCE, str(out), k50, overwrite=False) is None  # resumed, not refused
+    assert lifecycle.prepare(REDUCE, str(out), k50, overwrite=False) is None  # resumed, not refused
     with pytest.raises(InputError, match=r"interrupted `m9 reduce` run made differently \(k 50 → 10\)"):
-        contract.prepare(REDUCE, str(out), k10, overwrite=False)
+        lifecycle.prepare(REDUCE, str(out), k10, overwrite=False)
     _finish(out, REDUCE, k50)
-    assert contract.prepare(REDUCE, str(out), k50, overwrite=False).skipped
+    assert lifecycle.prepare(REDUCE, str(out), k50, overwrite=False).skipped
     with pytest.raises(InputError, match=r"finished `m9 reduce` output made differently \(k 50 → 10\)"):
-        contract.prepare(REDUCE, str(out), k10, overwrite=False)
+        lifecycle.prepare(REDUCE, str(out), k10, overwrite=False)
     assert (out / "pca" / "part-0.parquet").exists()  # refused means untouched
-    assert contract.prepare(REDUCE, str(out), k10, overwrite=True) is None
+    assert lifecycle.prepare(REDUCE, str(out), k10, overwrite=True) is None
     assert sorted(p.name for p in out.iterdir()) == [contract.PENDING]
 
 
@@ -106,22 +107,22 @@ def test_an_output_whose_input_alone_changed_is_updated_not_refused(tmp_path):
     out = tmp_path / "reduce"
     old, grown = {"input": "embed:1", "k": 50}, {"input": "embed:2", "k": 50}
     grown_k10 = {**grown, "k": 10}
-    assert contract.prepare(REDUCE, str(out), old, overwrite=False) is None
+    assert lifecycle.prepare(REDUCE, str(out), old, overwrite=False) is None
     (out / "pca").mkdir()
     (out / "pca" / "part-0.parquet").write_bytes(b"x")
     _finish(out, REDUCE, old)
     # An input and an option changed: refused, untouched.
     with pytest.raises(InputError, match=r"made differently \(the input changed, k 50 → 10\)"):
-        contract.prepare(REDUCE, str(out), grown_k10, overwrite=False)
+        lifecycle.prepare(REDUCE, str(out), grown_k10, overwrite=False)
     assert (out / contract.MANIFEST).exists() and (out / "pca" / "part-0.parquet").exists()
     # The input alone: a stage that updates in place keeps its files (less the manifest) ...
-    assert contract.prepare(REDUCE, str(out), grown, overwrite=False, in_place=True) is None
+    assert lifecycle.prepare(REDUCE, str(out), grown, overwrite=False, in_place=True) is None
     assert sorted(p.name for p in out.iterdir()) == [contract.PENDING, "pca"]
     assert json.loads((out / contract.PENDING).read_text()) == grown
     # ... and an interrupted update whose input changed again is updated too; any other stage starts afresh.
-    assert contract.prepare(REDUCE, str(out), old, overwrite=False) is None
+    assert lifecycle.prepare(REDUCE, str(out), old, overwrite=False) is None
     assert sorted(p.name for p in out.iterdir()) == [contract.PENDING]
-    assert not contract.only_input_changed({}, grown) and not contract.only_input_changed(old, old)
+    assert not lifecycle.only_input_changed({}, grown) and not lifecycle.only_input_changed(old, old)
 
 
 def test_prepare_refuses_foreign_files_and_other_stages(tmp_path):
@@ -129,11 +130,11 @@ def test_prepare_refuses_foreign_files_and_other_stages(tmp_path):
     out.mkdir()
     (out / "holiday.jpg").write_bytes(b"")
     with pytest.raises(InputError, match="files m9 did not write"):
-        contract.prepare(EMBED, str(out), {"k": 1}, overwrite=False)
+        lifecycle.prepare(EMBED, str(out), {"k": 1}, overwrite=False)
     (out / "holiday.jpg").unlink()
     _finish(out, INGEST, {"x": 1})
     with pytest.raises(InputError, match="holds the output of `m9 ingest`"):
-        contract.prepare(EMBED, str(out), {"x": 1}, overwrite=False)
+        lifecycle.prepare(EMBED, str(out), {"x": 1}, overwrite=False)
 
 
 def test_each_stage_owns_what_it_writes():
@@ -159,9 +160,9 @@ def test_embed_fingerprint_holds_the_model_identity_and_names_a_change(tmp_path)
     assert model.identity().items() <= a.items()
     # An .onnx file is identified by its sha256, a Keras file by its arrays' checksum.
     other = dataclasses.replace(model, weights="sha256:" + "7" * 64)
-    assert "weights c009b1f1262c" in contract.describe_change(a, fingerprint(base, base.input, other))
+    assert "weights c009b1f1262c" in lifecycle.describe_change(a, fingerprint(base, base.input, other))
     int8 = dataclasses.replace(model, precision="int8", sha256="9" * 64)
-    assert "precision fp32 → int8" in contract.describe_change(a, fingerprint(base, base.input, int8))
+    assert "precision fp32 → int8" in lifecycle.describe_change(a, fingerprint(base, base.input, int8))
     same = EmbedConfig(input=base.input, output=base.output, actors=7, batch_size=3)
     assert a == fingerprint(same, base.input, model)
 
@@ -195,7 +196,7 @@ def test_a_refused_stage_leaves_no_folder_it_created(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(RuntimeError):
         with lease.hold(str(out), "reduce"):
-            contract.prepare(REDUCE, str(out), {"k": 1}, overwrite=False)
+            lifecycle.prepare(REDUCE, str(out), {"k": 1}, overwrite=False)
             raise RuntimeError("k out of range")
     assert not out.exists()
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from m9.errors import InputError
-from m9.stages import contract
-from m9.stages.contract import Manifest
+from m9.stages import contract, lifecycle
 from m9.stages.evaluate import EvaluateConfig, evaluate, result
+from m9.stages.lifecycle import Manifest
 
 
 def _png(colour, side: int = 32) -> bytes:
@@ -43,7 +43,7 @@ def work(tmp_path):
         pa.table({"image_id": ids, "path": paths, "label": labels, "split": splits, "content": contents}),
         images / "part-0.parquet",
     )
-    contract.write_manifest(str(images), Manifest(stage="ingest", input="/x", fingerprint={"i": 1}, counts={}))
+    lifecycle.write_manifest(str(images), Manifest(stage="ingest", input="/x", fingerprint={"i": 1}, counts={}))
     features = np.zeros((len(ids), 1280), np.float32)
     features[np.array(labels) == "dark", :640] = 1
     features[np.array(labels) == "light", 640:] = 1
@@ -59,8 +59,8 @@ def work(tmp_path):
         }
     )
     pq.write_table(table, embed / contract.EMBEDDINGS / "part-0.parquet")
-    print_ = {"input": contract.input_identity(str(images)), "e": 1}
-    contract.write_manifest(str(embed), Manifest(stage="embed", input=str(images), fingerprint=print_, counts={}))
+    print_ = {"input": lifecycle.input_identity(str(images)), "e": 1}
+    lifecycle.write_manifest(str(embed), Manifest(stage="embed", input=str(images), fingerprint=print_, counts={}))
     return tmp_path / "w"
 
 

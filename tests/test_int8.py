@@ -16,7 +16,7 @@ from m9.config import EmbedConfig
 from m9.errors import InputError, WeightsError
 from m9.model import quantize
 from m9.model.spec import ModelSpec, resolve_model
-from m9.stages import contract
+from m9.stages import contract, lifecycle
 
 SAMPLE = Path(__file__).resolve().parent.parent / "m9" / "sample"
 
@@ -79,7 +79,7 @@ def test_the_fingerprint_differs_between_fp32_and_int8():
         ModelSpec(runtime="onnx", precision=p, data=b"m", sha256=s, source="m.onnx", weights="c0")
         for p, s in (("fp32", "aa"), ("int8", "bb"))
     ]
-    prints = [contract.fingerprint(contract.EMBED, cfg, "src", **s.identity()) for s in specs]
+    prints = [lifecycle.fingerprint(contract.EMBED, cfg, "src", **s.identity()) for s in specs]
     assert prints[0] != prints[1]
     assert specs[1].identity()["model_sha256"] == "bb" and "model_sha256" not in specs[0].identity()
 
@@ -132,7 +132,7 @@ def test_m9_embed_precision_int8_runs_end_to_end(pipeline, int8_cache, tmp_path)
         result = CliRunner().invoke(main, [*args, "--precision", "int8"])
         keras = CliRunner().invoke(main, [*args, "--runtime", "keras", "--precision", "int8"])
     assert result.exit_code == 0, result.output
-    manifest = contract.read_manifest(str(out))
+    manifest = lifecycle.read_manifest(str(out))
     assert manifest.details["precision"] == "int8" and manifest.details["model"]["precision"] == "int8"
     assert manifest.counts["embedded"] == pipeline["embed"].counts["embedded"]
     assert manifest.fingerprint != pipeline["embed"].fingerprint

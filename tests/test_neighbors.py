@@ -15,7 +15,7 @@ from m9.cli import main
 from m9.neighbors import duplicates as dup
 from m9.neighbors import features, planted
 from m9.neighbors import index as m9index
-from m9.stages import contract
+from m9.stages import lifecycle
 from tests.conftest import SAMPLE
 
 # One Training image of each of these labels: different fruits, no two views of one photo.
@@ -128,7 +128,7 @@ def test_old_variable_length_features_still_index(tmp_path):
         }
     )
     pq.write_table(table, emb / "embeddings" / "part-0.parquet")
-    contract.write_manifest(str(emb), contract.Manifest(stage="embed", input="", fingerprint={}, counts={}))
+    lifecycle.write_manifest(str(emb), lifecycle.Manifest(stage="embed", input="", fingerprint={}, counts={}))
     meta, got = features.read(str(emb))
     np.testing.assert_allclose(got, x, atol=1e-6)
     result = m9index.index(m9index.IndexConfig(input=str(emb), output=str(tmp_path / "index")))

@@ -13,8 +13,9 @@ import pytest
 
 from m9.config import ReduceConfig
 from m9.errors import InputError
-from m9.stages import contract
-from m9.stages.contract import BASIS_NAME, EMBEDDINGS, MANIFEST, PCA_DIR, REDUCE, VARIANCE_NAME, Manifest
+from m9.stages import contract, lifecycle
+from m9.stages.contract import BASIS_NAME, EMBEDDINGS, MANIFEST, PCA_DIR, REDUCE, VARIANCE_NAME
+from m9.stages.lifecycle import Manifest
 from m9.stages.reduce import Basis, project, read_basis, stored_basis
 from tests.conftest import TEST_K
 
@@ -56,17 +57,17 @@ def test_the_basis_file_round_trips_bit_for_bit(tmp_path):
 
 def test_a_refit_on_a_changed_input_is_an_update_but_a_basis_alone_is_a_change():
     old = {"input": "embed:1", "k": 50, "basis": "embed:1"}
-    assert contract.only_input_changed(old, {**old, "input": "embed:2"}, REDUCE.follows_input)  # keep
-    assert contract.only_input_changed(old, {**old, "input": "embed:2", "basis": "embed:2"}, REDUCE.follows_input)
-    assert not contract.only_input_changed(old, {**old, "basis": "embed:2"}, REDUCE.follows_input)
-    assert not contract.only_input_changed(old, {**old, "input": "embed:2", "basis": "embed:2"})
+    assert lifecycle.only_input_changed(old, {**old, "input": "embed:2"}, REDUCE.follows_input)  # keep
+    assert lifecycle.only_input_changed(old, {**old, "input": "embed:2", "basis": "embed:2"}, REDUCE.follows_input)
+    assert not lifecycle.only_input_changed(old, {**old, "basis": "embed:2"}, REDUCE.follows_input)
+    assert not lifecycle.only_input_changed(old, {**old, "input": "embed:2", "basis": "embed:2"})
 
 
 def test_keep_with_another_k_is_refused_with_its_reason(tmp_path):
     out = tmp_path / "reduce"
     out.mkdir()
     print_ = {"input": "embed:1", "k": 3, "variance_target": None, "basis": "embed:1"}
-    contract.write_manifest(str(out), Manifest(stage=REDUCE.name, input="/in", fingerprint=print_, counts={}))
+    lifecycle.write_manifest(str(out), Manifest(stage=REDUCE.name, input="/in", fingerprint=print_, counts={}))
     assert stored_basis(str(out), ReduceConfig(input="x", output=str(out), k=3, basis="keep")) is None  # no file
     (out / BASIS_NAME).write_bytes(_basis().to_bytes())
     assert stored_basis(str(out), ReduceConfig(input="x", output=str(out), k=3, basis="keep")).k == 3
@@ -86,7 +87,7 @@ def test_a_refit_over_a_kept_basis_is_refused(tmp_path):
     out = tmp_path / "reduce"
     out.mkdir()
     kept = {"input": "embed:2", "k": 3, "variance_target": None, "basis": "embed:1"}
-    contract.write_manifest(str(out), Manifest(stage=REDUCE.name, input="/in", fingerprint=kept, counts={}))
+    lifecycle.write_manifest(str(out), Manifest(stage=REDUCE.name, input="/in", fingerprint=kept, counts={}))
     (out / BASIS_NAME).write_bytes(_basis().to_bytes())
     with pytest.raises(InputError, match="pass --basis keep to project onto it again, or --overwrite"):
         reduce(ReduceConfig(input=str(embed), output=str(out), k=3))
@@ -127,7 +128,7 @@ def _changed_embed(embed_dir: str, out: Path, drop_every: int = 8, added: int = 
     (out / EMBEDDINGS).mkdir(parents=True)
     pq.write_table(pa.concat_tables([kept.cast(schema), new.cast(schema)]), out / EMBEDDINGS / "part-0.parquet")
     print_ = {"input": f"changed:{out.name}", "m9_version": "test"}
-    contract.write_manifest(
+    lifecycle.write_manifest(
         str(out), Manifest(stage="embed", input=str(out.parent / "gone"), fingerprint=print_, counts={})
     )
     return set(kept.column("image_id").to_pylist()), set(new.column("image_id").to_pylist())
@@ -149,7 +150,7 @@ def test_keep_projects_a_changed_input_onto_the_stored_basis(pipeline, spark, tm
     shutil.copytree(fitted, out)
     before, basis_bytes = _pca(fitted), (fitted / BASIS_NAME).read_bytes()
     basis = read_basis(str(fitted))
-    assert basis.k == TEST_K and basis.fitted_on == contract.input_identity(pipeline["dirs"]["embed"])
+    assert basis.k == TEST_K and basis.fitted_on == lifecycle.input_identity(pipeline["dirs"]["embed"])
     assert pipeline["reduce"].details["basis"]["kind"] == "fitted"
     changed = tmp_path / "embed2"
     unchanged, added = _changed_embed(pipeline["dirs"]["embed"], changed)
@@ -194,8 +195,8 @@ def test_keep_projects_a_changed_input_onto_the_stored_basis(pipeline, spark, tm
     # next input is projected onto it still.
     third = tmp_path / "embed3"
     unchanged3, _ = _changed_embed(pipeline["dirs"]["embed"], third, drop_every=5, added=3)
-    print_ = {**result.fingerprint, "input": contract.input_identity(str(third))}
-    assert contract.prepare(REDUCE, str(out), print_, overwrite=False, in_place=True) is None
+    print_ = {**result.fingerprint, "input": lifecycle.input_identity(str(third))}
+    assert lifecycle.prepare(REDUCE, str(out), print_, overwrite=False, in_place=True) is None
     for part in sorted((out / PCA_DIR).glob("part-*"))[:1]:
         part.write_bytes(b"half")
     again = reduce(ReduceConfig(input=str(third), output=str(out), k=TEST_K, basis="keep"))

@@ -55,8 +55,8 @@ def test_grey_pixels_are_28x28_in_unit_range_and_nan_where_they_do_not_decode():
 
 def _reduce_only(tmp_path: Path) -> Path:
     """A workdir holding a finished reduce output of 12 images whose embed output is gone."""
-    from m9.stages import contract
-    from m9.stages.contract import Manifest
+    from m9.stages import contract, lifecycle
+    from m9.stages.lifecycle import Manifest
 
     work = tmp_path / "work"
     reduce_dir = work / contract.REDUCE.folder
@@ -73,7 +73,7 @@ def _reduce_only(tmp_path: Path) -> Path:
     variance |= {"smallest_k_reaching": {"0.9": 3}, "total_explained": 0.9}
     (reduce_dir / contract.VARIANCE_NAME).write_text(json.dumps(variance))
     manifest = Manifest(stage="reduce", input=str(work / contract.EMBED.folder), fingerprint={}, counts={})
-    contract.write_manifest(str(reduce_dir), manifest)
+    lifecycle.write_manifest(str(reduce_dir), manifest)
     return work
 
 

@@ -299,10 +299,10 @@ def test_run_on_s3_equals_the_local_run(s3_run, pipeline):
     manifests = [json.loads(_s3_text(f"{work}/{stage}/_m9.json")) for stage in ("images", "embed", "reduce")]
     assert [m["stage"] for m in manifests] == ["ingest", "embed", "reduce"]
     assert manifests[1]["input"] == "../images"  # relative to the manifest: the workdir may move
-    from m9.stages import contract
+    from m9.stages import lifecycle
 
-    assert contract.read_manifest(f"{work}/embed").input == f"{work}/images"
-    assert set(contract.upstream(f"{work}/reduce")) == {"ingest", "embed", "reduce"}
+    assert lifecycle.read_manifest(f"{work}/embed").input == f"{work}/images"
+    assert set(lifecycle.upstream(f"{work}/reduce")) == {"ingest", "embed", "reduce"}
 
 
 @pytest.mark.slow

@@ -91,6 +91,7 @@ ENGINE_FREE = (
     "m9.ui",
     "m9.data",
     "m9.stages.contract",
+    "m9.stages.lifecycle",
     "m9.model.decode",
 )
 

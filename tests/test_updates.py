@@ -14,7 +14,7 @@ import pytest
 
 from m9.config import EmbedConfig, IngestConfig
 from m9.errors import InputError
-from m9.stages import contract
+from m9.stages import contract, lifecycle
 from m9.stages import ingest as ingest_stage
 from m9.stages.contract import EMBEDDINGS, ERRORS, INGEST_INDEX, MANIFEST, PENDING
 from m9.stages.embed import embed
@@ -147,7 +147,7 @@ def test_an_update_killed_before_its_index_is_finished_by_the_same_command(spark
     # part the index does not name, and the pending record. The same command deletes it and reads nothing.
     stale = next(iter(_parts(out)))
     shutil.copy2(out / stale, out / stale.replace("part-", "part-99999-"))
-    pending = contract.read_manifest(str(out)).fingerprint
+    pending = lifecycle.read_manifest(str(out)).fingerprint
     (out / MANIFEST).unlink()
     (out / PENDING).write_text(json.dumps(pending))
     again = _ingest(tree, out)

@@ -32,7 +32,7 @@ from m9.bench.report import bounds_missing, decode_bound, int8_speed, targets, w
 from m9.bench.spark_engines import run_spark_predict, run_spark_udf
 from m9.errors import InputError
 from m9.model.spec import ModelSpec, resolve_model
-from m9.stages import contract
+from m9.stages import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict:
     models(precision=cfg.precision)  # the bench's own model resolved (refused with one line) before any engine runs
     if cfg.repeat < 1 or cfg.actors < 1 or cfg.batch_size < 1:
         raise InputError("--repeat, --actors and --batch-size must be at least 1")
-    contract.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
+    lifecycle.check_not_a_file(cfg.output)  # before the engines run, not when the report is written
     machine = machine_facts()
     work = Path(tempfile.mkdtemp(prefix="m9-bench-"))
     try:

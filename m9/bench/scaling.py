@@ -15,7 +15,7 @@ from m9.bench.inputs import load_rows, take, write_input
 from m9.bench.machine import machine_facts
 from m9.bench.run import Models, measure
 from m9.errors import InputError
-from m9.stages import contract
+from m9.stages import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], progress: Callable[[str], None] 
     """The `ray` engine at each size: per-image cost and peak memory, so flatness in N can be seen."""
     if not sizes or min(sizes) < 1:
         raise InputError("--scaling takes positive image counts, e.g. 1000,4000,16000")
-    contract.check_not_a_file(cfg.output)
+    lifecycle.check_not_a_file(cfg.output)
     machine = machine_facts()
     models = Models(cfg)
     work = Path(tempfile.mkdtemp(prefix="m9-scaling-"))

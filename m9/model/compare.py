@@ -41,10 +41,10 @@ def read_images(src: str, limit: int = DEFAULT_LIMIT) -> tuple[list[bytes], np.n
     """(contents, labels, splits) of the first `limit` images (by image id) of an `m9 ingest` output, of the
     ingested images behind an `m9 embed` output, or of a folder of image files."""
     from m9.io import storage
-    from m9.stages import contract
+    from m9.stages import lifecycle
 
     src = storage.normalize(src)
-    manifest = contract.read_manifest(src)
+    manifest = lifecycle.read_manifest(src)
     if manifest and manifest.stage == "embed":
         src = manifest.input
     if storage.list_files(src, ".parquet"):

@@ -17,8 +17,9 @@ from m9.errors import InputError
 from m9.io import lease, storage
 from m9.neighbors import features
 from m9.neighbors import index as m9index
-from m9.stages import contract
-from m9.stages.contract import DUPLICATES, DUPLICATES_NAME, DUPLICATES_SUMMARY, Manifest
+from m9.stages import contract, lifecycle
+from m9.stages.contract import DUPLICATES, DUPLICATES_NAME, DUPLICATES_SUMMARY
+from m9.stages.lifecycle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def for_embed(embed_dir: str) -> str | None:
     """The finished duplicates output made from this embed output in the same workdir, if there is one."""
     parent = embed_dir.rstrip("/").rsplit("/", 1)[0] if "/" in embed_dir.rstrip("/") else "."
     out = storage.join(parent, DUPLICATES.folder)
-    manifest = contract.read_manifest(out)
+    manifest = lifecycle.read_manifest(out)
     if manifest is None or manifest.stage != DUPLICATES.name:
         return None
     return out if storage.normalize(manifest.input) == storage.normalize(embed_dir) else None
@@ -272,10 +273,10 @@ def duplicates(cfg: DuplicatesConfig) -> Manifest:
     files = features.embeddings_files(folders.embed)
     if files:
         contract.check_columns(DUPLICATES, folders.embed, files[0])
-    contract.check_not_a_file(out)
-    print_ = contract.fingerprint(DUPLICATES, cfg, contract.input_identity(folders.embed))
+    lifecycle.check_not_a_file(out)
+    print_ = lifecycle.fingerprint(DUPLICATES, cfg, lifecycle.input_identity(folders.embed))
     with lease.hold(out, DUPLICATES.name):
-        done = contract.prepare(DUPLICATES, out, print_, cfg.overwrite)
+        done = lifecycle.prepare(DUPLICATES, out, print_, cfg.overwrite)
         if done is not None:
             log.info("duplicates: %s already holds this input's output; skipping", out)
             return done
@@ -303,7 +304,7 @@ def duplicates(cfg: DuplicatesConfig) -> Manifest:
         counts = {k: summary[k] for k in ("images", "groups", "images_in_groups", "crossing_groups")}
         counts["leaked_test_images"] = summary["leaked_test_images"]
         details = {"threshold": cfg.threshold, "read_s": round(read_s, 2), "wall_s": round(wall, 2)}
-        return contract.write_manifest(
+        return lifecycle.write_manifest(
             out,
             Manifest(stage=DUPLICATES.name, input=folders.embed, fingerprint=print_, counts=counts, details=details),
         )

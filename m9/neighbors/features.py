@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from m9.errors import InputError
 from m9.io import storage
-from m9.stages import contract
+from m9.stages import contract, lifecycle
 from m9.stages.contract import EMBED, EMBEDDINGS
 
 #: The metadata columns every neighbour output carries, as embed writes them.
@@ -30,7 +30,7 @@ def locate(src: str) -> Folders:
     its manifest names. InputError when src holds no finished embed output."""
     src = storage.normalize(src)
     for candidate in (storage.join(src, EMBED.folder), src):
-        manifest = contract.read_manifest(candidate)
+        manifest = lifecycle.read_manifest(candidate)
         if manifest is not None and manifest.stage == EMBED.name:
             images = manifest.input if manifest.input and storage.exists(manifest.input) else None
             return Folders(embed=candidate, images=images)

@@ -23,8 +23,9 @@ from m9.config import INDEX_KINDS
 from m9.errors import InputError
 from m9.io import lease, storage
 from m9.neighbors import features
-from m9.stages import contract
-from m9.stages.contract import EMBEDDINGS, INDEX, Manifest
+from m9.stages import lifecycle
+from m9.stages.contract import EMBEDDINGS, INDEX
+from m9.stages.lifecycle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def load(out: str) -> Loaded:
     """The index kept in out (an `m9 index` output), or InputError."""
     import faiss
 
-    manifest = contract.read_manifest(out)
+    manifest = lifecycle.read_manifest(out)
     if manifest is None or manifest.stage != INDEX.name:
         raise InputError(f"{out} holds no finished `m9 index` output; run `m9 index` first")
     index_name, rows_name = _files(int(manifest.details["generation"]))
@@ -172,8 +173,8 @@ def load(out: str) -> Loaded:
 def fingerprint(cfg: IndexConfig, embed_dir: str) -> dict:
     """The embed output's identity and its embeddings' files (names, sizes, times): an embed output grown
     in place (new shards) is a changed input, so the index takes the new images."""
-    files = contract.digest(contract.listing(storage.join(embed_dir, EMBEDDINGS), ".parquet"))
-    return contract.fingerprint(INDEX, cfg, f"{contract.input_identity(embed_dir)}+{files}")
+    files = lifecycle.digest(lifecycle.listing(storage.join(embed_dir, EMBEDDINGS), ".parquet"))
+    return lifecycle.fingerprint(INDEX, cfg, f"{lifecycle.input_identity(embed_dir)}+{files}")
 
 
 def index(cfg: IndexConfig) -> Manifest:
@@ -183,17 +184,17 @@ def index(cfg: IndexConfig) -> Manifest:
     out = storage.normalize(cfg.output)
     resolved_kind(cfg.kind, 0)  # a bad --kind fails before anything is read
     storage.check_access(read=folders.embed, write=out)
-    contract.check_not_a_file(out)
+    lifecycle.check_not_a_file(out)
     print_ = fingerprint(cfg, folders.embed)
     with lease.hold(out, INDEX.name):
-        existing = contract.read_manifest(out)
+        existing = lifecycle.read_manifest(out)
         if existing is not None and existing.stage == INDEX.name and not cfg.overwrite:
             if existing.fingerprint == print_:
                 log.info("index: %s is up to date; skipping", out)
                 return Manifest(**{**existing.__dict__, "skipped": True})
             if existing.fingerprint.get("kind") == cfg.kind:
                 return _update(cfg, folders, out, print_, existing)
-        done = contract.prepare(INDEX, out, print_, cfg.overwrite)
+        done = lifecycle.prepare(INDEX, out, print_, cfg.overwrite)
         if done is not None:
             return done
         return _build(cfg, folders, out, print_)
@@ -253,6 +254,6 @@ def _finish(out, folders, print_, built, rows, generation, *, added, removed, wa
     }
     counts = {"vectors": int(built.ntotal), "added": added, "removed": removed}
     assert built.ntotal == rows.num_rows, (built.ntotal, rows.num_rows)
-    return contract.write_manifest(
+    return lifecycle.write_manifest(
         out, Manifest(stage=INDEX.name, input=folders.embed, fingerprint=print_, counts=counts, details=details)
     )

@@ -11,7 +11,7 @@ from m9.errors import InputError
 from m9.io import storage
 from m9.neighbors import features
 from m9.neighbors import index as m9index
-from m9.stages import contract
+from m9.stages import lifecycle
 from m9.stages.contract import INDEX
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def embed_image(path: str, embed_dir: str) -> np.ndarray:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"--image {path}: no such file")
-    manifest = contract.read_manifest(embed_dir)
+    manifest = lifecycle.read_manifest(embed_dir)
     made = manifest.fingerprint if manifest else {}
     model = resolve_model(
         runtime=made.get("runtime", "onnx"),

@@ -21,8 +21,9 @@ from m9.engines import ray_pool
 from m9.errors import EngineError, InputError, TooManyRejectedError, first_line
 from m9.io import lease, storage
 from m9.model.spec import ModelSpec, resolve_model
-from m9.stages import contract, reuse
-from m9.stages.contract import EMBED, EMBEDDINGS, ERRORS, Manifest
+from m9.stages import contract, lifecycle, reuse
+from m9.stages.contract import EMBED, EMBEDDINGS, ERRORS
+from m9.stages.lifecycle import Manifest
 from m9.ui.progress import StageProgress
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,7 @@ def _share_out(pool: list, items: list[dict]) -> Iterator[dict[str, np.ndarray]]
 def fingerprint(cfg: EmbedConfig, src: str, model: ModelSpec) -> dict:
     """Everything that determines embed's output for cfg and its resolved model (see m9.stages.contract):
     the model's identity stands for the config's weights, runtime, precision and decode budget."""
-    return contract.fingerprint(EMBED, cfg, contract.input_identity(src), **model.identity())
+    return lifecycle.fingerprint(EMBED, cfg, lifecycle.input_identity(src), **model.identity())
 
 
 def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
@@ -397,7 +398,7 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
     if not shards:
         raise InputError(f"no Parquet files in {src}; run `m9 ingest` first")
     contract.check_columns(EMBED, src, shards[0])
-    contract.check_not_a_file(out)
+    lifecycle.check_not_a_file(out)
     # On the driver, before Ray starts: fail fast with one clear line if no model can be had, and convert
     # (once per cache) what the onnx runtime needs, so the actors never need TensorFlow.
     if model is None:
@@ -408,9 +409,9 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
     with lease.hold(out, EMBED.name):
         # A folder that records no run of this stage but holds other shards is refused before the pending
         # record marks it as ours; in one that does, the output of shards the input no longer has goes.
-        ours = contract.read_manifest(out) is not None or storage.exists(storage.join(out, contract.PENDING))
+        ours = lifecycle.read_manifest(out) is not None or storage.exists(storage.join(out, contract.PENDING))
         check = functools.partial(_prepare_resume, out, src, shards, ours)
-        done = contract.prepare(EMBED, out, print_, cfg.overwrite, before_start=check, in_place=True)
+        done = lifecycle.prepare(EMBED, out, print_, cfg.overwrite, before_start=check, in_place=True)
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)
@@ -487,6 +488,6 @@ def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, 
     }
     if model.runtime == "onnx":
         details["onnx_sha256"] = model.sha256
-    return contract.write_manifest(
+    return lifecycle.write_manifest(
         out, Manifest(stage=EMBED.name, input=src, fingerprint=print_, counts=counts, details=details)
     )

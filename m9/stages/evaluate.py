@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 from m9.config import DEFAULT_DECODE_MEMORY, DEFAULT_NEIGHBORS
 from m9.errors import InputError
 from m9.io import lease, storage
-from m9.stages import contract
-from m9.stages.contract import EVALUATE, Manifest
+from m9.stages import contract, lifecycle
+from m9.stages.contract import EVALUATE
+from m9.stages.lifecycle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ def _read(folder: str, columns: list[str]):
 def locate(src: str) -> dict[str, str | None]:
     """The reduce, embed and ingest outputs behind src (a reduce or an embed output), following each
     manifest's input; reduce is None for an embed output, ingest None when its output is gone."""
-    manifest = contract.read_manifest(src)
+    manifest = lifecycle.read_manifest(src)
     if manifest is None or manifest.stage not in (contract.REDUCE.name, contract.EMBED.name):
         raise InputError(f"{src} is not the finished output of `m9 reduce` or `m9 embed`; pass one of those folders")
-    chain = contract.upstream(src)
+    chain = lifecycle.upstream(src)
     if contract.EMBED.name not in chain:
         raise InputError(
             f"{src} is `m9 reduce`'s output of {manifest.input}, which holds no finished `m9 embed` output "
@@ -207,8 +208,8 @@ def _inputs(src: str) -> tuple[dict[str, str | None], str | None, str]:
 
     folders = locate(src)
     found = duplicates.for_embed(_embed_of(folders))
-    identity = contract.input_identity(src)
-    return folders, found, identity + (f"+{contract.input_identity(found)}" if found else "")
+    identity = lifecycle.input_identity(src)
+    return folders, found, identity + (f"+{lifecycle.input_identity(found)}" if found else "")
 
 
 def result(output: str) -> dict | None:
@@ -223,15 +224,15 @@ def evaluate(cfg: EvaluateConfig) -> Manifest:
     if cfg.neighbors < 1:
         raise InputError("--neighbors must be at least 1")
     storage.check_access(read=src, write=out)
-    contract.check_not_a_file(out)
+    lifecycle.check_not_a_file(out)
     folders, found, identity = _inputs(src)
     embeddings = storage.join(_embed_of(folders), contract.EMBEDDINGS)
     counts = Counter(_read(embeddings, ["label"])["label"].dropna())
     if len(counts) < 2:
         raise InputError(f"evaluate needs images of at least 2 labels (folders); {src} has {len(counts)}")
-    print_ = contract.fingerprint(EVALUATE, cfg, identity)
+    print_ = lifecycle.fingerprint(EVALUATE, cfg, identity)
     with lease.hold(out, EVALUATE.name):
-        done = contract.prepare(EVALUATE, out, print_, cfg.overwrite)
+        done = lifecycle.prepare(EVALUATE, out, print_, cfg.overwrite)
         if done is not None:
             log.info("evaluate: %s already holds this input's evaluation; skipping", out)
             return done
@@ -248,7 +249,7 @@ def evaluate(cfg: EvaluateConfig) -> Manifest:
             counts={**scored["counts"], "raw_left_out": scored["raw_left_out"]},
             details=details,
         )
-        return contract.write_manifest(out, manifest)
+        return lifecycle.write_manifest(out, manifest)
 
 
 def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found: str | None) -> dict:
@@ -276,7 +277,7 @@ def _score(cfg: EvaluateConfig, src: str, folders: dict[str, str | None], found:
         spaces[contract.RAW_SPACE] = np.nan_to_num(raw)
     protocol, folds = _protocol(frame["split"].to_numpy(object), labels)
     names = sorted(counts)
-    embed_manifest = contract.read_manifest(embed_dir)
+    embed_manifest = lifecycle.read_manifest(embed_dir)
     scored: dict[str, Any] = {
         "input": src,
         # The model whose features are scored, as embed's manifest records it ("onnx fp32", "onnx int8").

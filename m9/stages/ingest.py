@@ -22,8 +22,9 @@ from m9.config import IMAGE_EXTENSIONS, IngestConfig
 from m9.engines import spark as m9spark
 from m9.errors import InputError
 from m9.io import lease, storage
-from m9.stages import contract
-from m9.stages.contract import INGEST, INGEST_INDEX, Manifest
+from m9.stages import lifecycle
+from m9.stages.contract import INGEST, INGEST_INDEX
+from m9.stages.lifecycle import Manifest
 from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
         raise InputError("--images-per-file must be at least 1")
     if cfg.bytes_per_file < 1:
         raise InputError("--bytes-per-file must be at least 1")
-    contract.check_not_a_file(out)
+    lifecycle.check_not_a_file(out)
     listing = list_tree(src)
     images = [f for f in listing.files if _is_image(f[0].rsplit("/", 1)[-1], cfg.extensions)]
     unreadable = [(p, r) for p, r in listing.unreadable if _is_image(p.rsplit("/", 1)[-1], cfg.extensions)]
@@ -243,11 +244,11 @@ def ingest(cfg: IngestConfig) -> Manifest:
     # The input is the tree as listed (each image's path, size and modification time); where it is, the
     # source, is not: the same tree grown, shrunk or edited updates the output, another tree is refused.
     # extensions as a list: the fingerprint is compared with its JSON copy, where a tuple is a list.
-    print_ = contract.fingerprint(
-        INGEST, cfg, f"files:{contract.digest(images)}", source=src, extensions=list(cfg.extensions)
+    print_ = lifecycle.fingerprint(
+        INGEST, cfg, f"files:{lifecycle.digest(images)}", source=src, extensions=list(cfg.extensions)
     )
     with lease.hold(out, INGEST.name):
-        done = contract.prepare(INGEST, out, print_, cfg.overwrite, in_place=True)
+        done = lifecycle.prepare(INGEST, out, print_, cfg.overwrite, in_place=True)
         if done is not None:
             log.info("ingest: %s already holds this input's output; skipping", out)
             return done
@@ -351,8 +352,8 @@ def _write(
         m9spark.configure_s3(spark, src, out)
         if index is None:
             # Spark appends below: its "overwrite" mode would delete the folder, and with it the lease we
-            # hold. An interrupted run's files are ours (contract.prepare checked), so clear them first.
-            for name in contract.owned_files(INGEST, out):
+            # hold. An interrupted run's files are ours (lifecycle.prepare checked), so clear them first.
+            for name in lifecycle.owned_files(INGEST, out):
                 storage.remove(storage.join(out, name))
             _read_images(spark, src, out, cfg, images, None)
             rows = _index_rows(out, _parts(out), stats)
@@ -362,7 +363,7 @@ def _write(
         _write_index(out, rows)
     # The index is committed: what it does not name goes (parts an update replaced, Spark's commit files).
     kept = {part for *_, part in rows}
-    for name in contract.owned_files(INGEST, out):
+    for name in lifecycle.owned_files(INGEST, out):
         if name != INGEST_INDEX and name not in kept:
             storage.remove(storage.join(out, name))
     written = sum(_row_counts(out, kept).values())
@@ -404,7 +405,7 @@ def _write(
         "unreadable_reasons": dict(reasons),
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    return contract.write_manifest(
+    return lifecycle.write_manifest(
         out, Manifest(stage=INGEST.name, input=src, fingerprint=print_, counts=counts, details=details)
     )
 
@@ -429,7 +430,7 @@ def _update(spark, cfg: IngestConfig, src: str, out: str, images: list, stats: d
     indexed = index.to_pylist()
     holding = {row["part"] for row in indexed}
     # Parts the index does not name were written by a run killed before its index: leftovers.
-    for name in contract.owned_files(INGEST, out):
+    for name in lifecycle.owned_files(INGEST, out):
         if name != INGEST_INDEX and name not in holding:
             log.info("ingest: removing %s, left by an interrupted run", name)
             storage.remove(storage.join(out, name))

@@ -13,7 +13,8 @@ from typing import Any
 from m9.config import DEFAULT_WORKDIR, EmbedConfig, IngestConfig, ReduceConfig
 from m9.errors import InputError, TooManyRejectedError
 from m9.io import storage
-from m9.stages.contract import RUN_RECORD, STAGES, Manifest
+from m9.stages.contract import RUN_RECORD, STAGES
+from m9.stages.lifecycle import Manifest
 
 log = logging.getLogger(__name__)
 

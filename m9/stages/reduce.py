@@ -19,18 +19,9 @@ from m9.config import BASES, FEATURE_DIM, VARIANCE_THRESHOLDS, ReduceConfig
 from m9.engines import spark as m9spark
 from m9.errors import InputError
 from m9.io import lease, storage
-from m9.stages import contract
-from m9.stages.contract import (
-    BASIS_NAME,
-    CSV_NAME,
-    EMBEDDINGS,
-    PCA_COLUMN,
-    PCA_DIR,
-    PENDING,
-    REDUCE,
-    VARIANCE_NAME,
-    Manifest,
-)
+from m9.stages import contract, lifecycle
+from m9.stages.contract import BASIS_NAME, CSV_NAME, EMBEDDINGS, PCA_COLUMN, PCA_DIR, PENDING, REDUCE, VARIANCE_NAME
+from m9.stages.lifecycle import Manifest
 from m9.ui.progress import spark_tasks
 
 log = logging.getLogger(__name__)
@@ -102,20 +93,20 @@ def reduce(cfg: ReduceConfig) -> Manifest:
     if not files:
         raise InputError(f"no embeddings (Parquet files) in {src}; run `m9 embed` first")
     contract.check_columns(REDUCE, src, files[0])
-    contract.check_not_a_file(out)
+    lifecycle.check_not_a_file(out)
     if cfg.k is None and not (cfg.variance_target and 0 < cfg.variance_target <= 1):
         raise InputError("reduce needs --k N or --k auto:T with a share T above 0 and at most 1")
     if cfg.basis not in BASES:
         raise InputError(f"--basis {cfg.basis}: expected one of {', '.join(BASES)}")
-    input_id = contract.input_identity(src)
+    input_id = lifecycle.input_identity(src)
     with lease.hold(out, REDUCE.name):
         # --overwrite clears the folder, the basis with it: keep has nothing left to keep, and fits.
         kept = stored_basis(out, cfg) if cfg.basis == "keep" and not cfg.overwrite else None
         if cfg.basis == "refit" and not cfg.overwrite:
             _refuse_refit_over_kept(out)
-        print_ = contract.fingerprint(REDUCE, cfg, input_id, basis=kept.fitted_on if kept else input_id)
+        print_ = lifecycle.fingerprint(REDUCE, cfg, input_id, basis=kept.fitted_on if kept else input_id)
         # A kept basis updates in place: basis.npz stays until the manifest says the new output is whole.
-        done = contract.prepare(REDUCE, out, print_, cfg.overwrite, in_place=kept is not None)
+        done = lifecycle.prepare(REDUCE, out, print_, cfg.overwrite, in_place=kept is not None)
         if done is not None:
             log.info("reduce: %s already holds this input's output with k=%s; skipping", out, done.details.get("k"))
             return done
@@ -134,7 +125,7 @@ class Basis:
     components: np.ndarray
     #: Their explained-variance ratios on the embeddings they were fitted on, (k,) float64.
     ratios: np.ndarray
-    #: The identity of the input it was fitted on (contract.input_identity), and that input's path or URI.
+    #: The identity of the input it was fitted on (lifecycle.input_identity), and that input's path or URI.
     fitted_on: str
     fitted_input: str
     #: When it was fitted (UTC, ISO 8601), and on how many embeddings.
@@ -212,7 +203,7 @@ def stored_basis(out: str, cfg: ReduceConfig) -> Basis | None:
 
 def _made(out: str) -> dict | None:
     """The fingerprint of the reduce output in out, finished or interrupted; None when there is none."""
-    manifest = contract.read_manifest(out)
+    manifest = lifecycle.read_manifest(out)
     if manifest is not None:
         return manifest.fingerprint if manifest.stage == REDUCE.name else None
     return storage.read_json(storage.join(out, PENDING))
@@ -404,7 +395,7 @@ def _finish(
         "basis": report["basis"],
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    return contract.write_manifest(
+    return lifecycle.write_manifest(
         out, Manifest(stage=REDUCE.name, input=src, fingerprint=print_, counts={"rows": rows}, details=details)
     )
 

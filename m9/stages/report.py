@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 from m9 import __version__
 from m9.errors import InputError
 from m9.io import lease, storage
-from m9.stages import contract
-from m9.stages.contract import REPORT, Manifest
+from m9.stages import contract, lifecycle
+from m9.stages.contract import REPORT
 from m9.stages.evaluate import model_name
+from m9.stages.lifecycle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -386,9 +387,9 @@ def inputs(work: str) -> dict[str, str]:
     a reduce output, and the duplicates output made from the same embed output."""
     from m9.neighbors import duplicates
 
-    found = contract.upstream(storage.join(work, contract.EVALUATE.folder))
+    found = lifecycle.upstream(storage.join(work, contract.EVALUATE.folder))
     if contract.REDUCE.name not in found:
-        found = {**contract.upstream(storage.join(work, contract.REDUCE.folder)), **found}
+        found = {**lifecycle.upstream(storage.join(work, contract.REDUCE.folder)), **found}
     embed_dir = found.get(contract.EMBED.name)
     duplicates_dir = duplicates.for_embed(embed_dir) if embed_dir else None
     if duplicates_dir:
@@ -411,17 +412,17 @@ def report(workdir: str, overwrite: bool = False) -> Manifest:
     out = storage.join(work, contract.REPORT.folder)
     storage.check_access(read=work, write=out)
     run = storage.read_json(storage.join(work, contract.RUN_RECORD))
-    identity = "+".join(contract.input_identity(found[name]) for name in sorted(found))
-    print_ = contract.fingerprint(REPORT, None, f"{identity}+run:{contract.digest(run)}")
+    identity = "+".join(lifecycle.input_identity(found[name]) for name in sorted(found))
+    print_ = lifecycle.fingerprint(REPORT, None, f"{identity}+run:{lifecycle.digest(run)}")
     with lease.hold(out, REPORT.name):
         # The report is a view of the workdir with no settings of its own: when the stage outputs or the
         # run record behind it changed, it is written again rather than refused.
-        earlier = contract.read_manifest(out)
+        earlier = lifecycle.read_manifest(out)
         stale = False
         if earlier is not None and earlier.stage == REPORT.name and earlier.fingerprint != print_:
             stale = True
-            log.info("report: %s (%s); writing it again", out, contract.describe_change(earlier.fingerprint, print_))
-        done = contract.prepare(REPORT, out, print_, overwrite or stale)
+            log.info("report: %s (%s); writing it again", out, lifecycle.describe_change(earlier.fingerprint, print_))
+        done = lifecycle.prepare(REPORT, out, print_, overwrite or stale)
         if done is not None:
             log.info("report: %s already holds the report of these outputs; skipping", out)
             return done
@@ -431,7 +432,7 @@ def report(workdir: str, overwrite: bool = False) -> Manifest:
         manifest = Manifest(
             stage=REPORT.name, input=work, fingerprint=print_, counts={"figures": figures}, details=details
         )
-        return contract.write_manifest(out, manifest)
+        return lifecycle.write_manifest(out, manifest)
 
 
 def basis_text(basis: dict | None) -> str:
@@ -447,7 +448,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
     """The page and its PNGs into out; returns how many figures it drew."""
     manifests: dict[str, Manifest] = {}
     for name, folder in found.items():
-        manifest = contract.read_manifest(folder)
+        manifest = lifecycle.read_manifest(folder)
         if manifest is not None:  # an output removed since inputs() found it is left out, as a missing one is
             manifests[name] = manifest
     reduce_dir = found[contract.REDUCE.name]
