@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import io
 import logging
 import os
 import platform
@@ -21,6 +20,7 @@ from m9 import __version__
 from m9.errors import InputError
 from m9.io import lease, storage
 from m9.stages import contract, lifecycle
+from m9.stages import figures as draw
 from m9.stages.contract import REPORT
 from m9.stages.evaluate import model_name
 from m9.stages.lifecycle import Manifest
@@ -34,14 +34,8 @@ SCATTER_MAX_POINTS = 3000
 #: Query images shown beside their nearest neighbours, and how many neighbours each.
 QUERIES, QUERY_NEIGHBORS = 6, 5
 
-#: Side in pixels of each thumbnail in the neighbours figure.
-THUMB_PX = 96
-
 #: The report's figures (each also a PNG beside the page: contract.figure_name).
 SCREE, SCATTER, NEIGHBOURS, EVALUATION = contract.FIGURES
-
-#: Labels given their own legend entry in the scatter; past this a legend hides the points.
-LEGEND_MAX_LABELS = 20
 
 
 def machine() -> dict:
@@ -71,131 +65,6 @@ def read_pca(reduce_dir: str):
 def _read(folder: str, columns: list[str]):
     fs, path = storage.filesystem(folder)
     return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)  # pyplot keeps every figure it made until closed
-    return buf.getvalue()
-
-
-def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: the figures only become PNGs
-    import matplotlib.pyplot as plt
-
-    return plt.figure(*args, **kwargs)
-
-
-def scree_figure(variance: dict) -> bytes:
-    """Explained variance per component (bars) and its running sum (line) with the 90/95/99 % marks."""
-    ratios = np.asarray(variance["explained_variance_ratio"])
-    cumulative = np.asarray(variance["cumulative"])
-    ks = np.arange(1, len(ratios) + 1)
-    fig = _figure(figsize=(8, 4))
-    ax = fig.add_subplot()
-    ax.bar(ks, ratios, color="#4c72b0", label="explained by each component")
-    ax.set_xlabel("component")
-    ax.set_ylabel("share of the variance")
-    ax2 = ax.twinx()
-    ax2.plot(ks, cumulative, color="#dd8452", marker=".", label="cumulative")
-    ax2.set_ylim(0, 1.02)
-    ax2.set_ylabel("cumulative share")
-    for label, k in variance.get("smallest_k_reaching", {}).items():
-        share = float(label.rstrip("%")) / 100
-        ax2.axhline(share, color="grey", linestyle=":", linewidth=1)
-        text = f"{label} at k={k}" if k else f"{label} not reached by k={len(ratios)}"
-        ax2.annotate(text, (1, share), xytext=(2, 2), textcoords="offset points", fontsize=8, color="dimgrey")
-        if k:
-            ax2.axvline(k, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(f"PCA: {len(ratios)} components explain {100 * cumulative[-1]:.1f} % of the variance")
-    return _png(fig)
-
-
-def scatter_figure(xy: np.ndarray, point_labels: np.ndarray, sampled: bool) -> bytes:
-    """PC1 x PC2 of (a sample of) the images, one colour per label."""
-    import matplotlib
-
-    point_labels = np.array(["(none)" if v is None else str(v) for v in point_labels], dtype=object)
-    labels = sorted(set(point_labels))
-    colours = matplotlib.colormaps["tab20"]
-    fig = _figure(figsize=(8, 6))
-    ax = fig.add_subplot()
-    for i, label in enumerate(labels):
-        mask = point_labels == label
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours(i % 20), label=label, alpha=0.8)
-    ax.set_xlabel("PC1")
-    ax.set_ylabel("PC2")
-    title = f"PC1 x PC2, coloured by label ({len(xy)} images"
-    ax.set_title(title + (", a random sample)" if sampled else ")"))
-    if len(labels) <= LEGEND_MAX_LABELS:
-        ax.legend(fontsize=7, markerscale=2, loc="best")
-    return _png(fig)
-
-
-def _thumb(content: bytes):
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(content)) as opened:
-        im = ImageOps.exif_transpose(opened).convert("RGB")
-        im.thumbnail((THUMB_PX, THUMB_PX))
-        return np.asarray(im)
-
-
-def neighbours_figure(rows: list[dict]) -> bytes:
-    """Each query image (left) beside its nearest neighbours in the PCA space; green: same label."""
-    # One mosaic drawn once: 36 separate axes would cost seconds of matplotlib layout.
-    cell, pad, top = THUMB_PX + 8, 4, 18
-    cols = QUERY_NEIGHBORS + 1
-    mosaic = np.full((len(rows) * (cell + top), cols * cell, 3), 255, np.uint8)
-    captions = []
-    for r, row in enumerate(rows):
-        for c, (image, label, distance) in enumerate(row["images"]):
-            y, x = r * (cell + top) + top, c * cell
-            colour = (0, 0, 0) if c == 0 else ((0, 150, 0) if label == row["images"][0][1] else (210, 0, 0))
-            mosaic[y : y + cell - pad, x : x + cell - pad] = colour  # the frame
-            if image is not None:
-                h, w = image.shape[:2]
-                oy, ox = y + (cell - pad - h) // 2, x + (cell - pad - w) // 2
-                mosaic[oy : oy + h, ox : ox + w] = image[..., :3]
-            name = str(label) if len(str(label)) <= 16 else str(label)[:15] + "…"
-            text = ("query: " if c == 0 else f"{distance:.1f}: ") + name
-            captions.append((x + (cell - pad) / 2, y - 3, text, np.array(colour) / 255))
-    fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(mosaic, interpolation="nearest")
-    for cx, cy, text, rgb in captions:
-        ax.text(cx, cy, text, ha="center", va="bottom", fontsize=6, color=rgb)
-    ax.set_axis_off()
-    return _png(fig)
-
-
-def evaluate_figure(result: dict) -> bytes:
-    """kNN accuracy per space, and recall per label in the PCA (else full) space."""
-    pca, full, raw = contract.SPACES
-    names = {pca: f"PCA-{result['dims'].get(pca)}", full: f"full {result['dims'][full]}-d", raw: "raw 28x28"}
-    space = pca if pca in result["spaces"] else full
-    recall = result["spaces"][space]["recall"]
-    fig = _figure(figsize=(10, min(12, max(3.5, 0.13 * len(recall)))))
-    ax = fig.add_subplot(1, 3, 1)
-    spaces = [s for s in contract.SPACES if s in result["accuracy"]]
-    bars = ax.bar([names[s] for s in spaces], [result["accuracy"][s] for s in spaces], color="#55a868")
-    ax.bar_label(bars, labels=[f"{100 * result['accuracy'][s]:.1f} %" for s in spaces], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"{result['neighbors']}-NN accuracy", fontsize=9)
-    ax.tick_params(axis="x", labelsize=8, rotation=20)
-    ax = fig.add_subplot(1, 3, (2, 3))
-    order = sorted(recall, key=lambda label: recall[label])
-    ax.barh(order, [recall[label] for label in order], color="#4c72b0")
-    ax.set_xlim(0, 1)
-    ax.tick_params(axis="y", labelsize=6)
-    ax.set_title(f"recall per label ({names[space]})", fontsize=9)
-    fig.subplots_adjust(wspace=0.9)  # room for the label names between the two charts
-    return _png(fig)
 
 
 def _rejections(embed_dir: str) -> dict[str, int]:
@@ -253,11 +122,11 @@ def _neighbour_rows(pca, x: np.ndarray, images_dir: str | None) -> list[dict]:
     indices = np.take_along_axis(nearest, order, 1)
     distances = np.sqrt(np.maximum(np.take_along_axis(squared, indices, 1), 0))
     wanted = {pca["image_id"].iloc[j] for row in indices for j in row}
-    thumbs = {}
+    thumbs: dict[str, np.ndarray | None] = {}
     if images_dir and storage.exists(images_dir):
         for image_id, content in _contents(images_dir, wanted):
             try:
-                thumbs[image_id] = _thumb(content)
+                thumbs[image_id] = draw.thumbnail(content)
             except Exception:  # noqa: BLE001 - a thumbnail that will not decode is drawn as a blank
                 thumbs[image_id] = None
     rows = []
@@ -307,12 +176,12 @@ def duplicates_section(folder: str | None, images_dir: str | None, out: str) -> 
     rows = [r for r in table.to_pylist() if r["group"] in largest]
     shown = {g: [r for r in rows if r["group"] == g][:8] for g in largest}
     per_row = max(len(members) for members in shown.values())
-    thumbs = {}
+    thumbs: dict[str, np.ndarray | None] = {}
     if images_dir and storage.exists(images_dir):
         wanted = {r["image_id"] for members in shown.values() for r in members}
         for image_id, content in _contents(images_dir, wanted):
             try:
-                thumbs[image_id] = _thumb(content)
+                thumbs[image_id] = draw.thumbnail(content)
             except Exception:  # noqa: BLE001 - a thumbnail that will not decode is drawn as a blank
                 thumbs[image_id] = None
     figure_rows = [
@@ -324,7 +193,7 @@ def duplicates_section(folder: str | None, images_dir: str | None, out: str) -> 
         }
         for members in shown.values()
     ]
-    png = _groups_figure(figure_rows, per_row)
+    png = draw.groups(figure_rows, per_row)
     storage.write_bytes_atomic(storage.join(out, contract.figure_name(contract.DUPLICATES_FIGURE)), png)
     parts.append("<h3>The largest groups</h3>")
     parts.append(
@@ -333,29 +202,6 @@ def duplicates_section(folder: str | None, images_dir: str | None, out: str) -> 
     )
     parts.append(_img(png, "the largest groups of duplicates"))
     return parts
-
-
-def _groups_figure(rows: list[dict], per_row: int) -> bytes:
-    cell, pad, top = THUMB_PX + 8, 4, 18
-    mosaic = np.full((len(rows) * (cell + top), per_row * cell, 3), 255, np.uint8)
-    captions = []
-    for r, row in enumerate(rows):
-        for c, (image, caption, other) in enumerate(row["images"]):
-            y, x = r * (cell + top) + top, c * cell
-            colour = (0, 0, 0) if not other else (120, 120, 120)
-            mosaic[y : y + cell - pad, x : x + cell - pad] = colour
-            if image is not None:
-                h, w = image.shape[:2]
-                oy, ox = y + (cell - pad - h) // 2, x + (cell - pad - w) // 2
-                mosaic[oy : oy + h, ox : ox + w] = image[..., :3]
-            captions.append((x + (cell - pad) / 2, y - 3, caption))
-    fig = _figure(figsize=(mosaic.shape[1] / 100, mosaic.shape[0] / 100))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(mosaic, interpolation="nearest")
-    for cx, cy, text in captions:
-        ax.text(cx, cy, text, ha="center", va="bottom", fontsize=6)
-    ax.set_axis_off()
-    return _png(fig)
 
 
 _CSS = """
@@ -466,18 +312,21 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
     storage.makedirs(out)
 
     figures: dict[str, tuple[bytes, str]] = {}
-    figures[SCREE] = (scree_figure(variance), "explained variance per component and cumulative")
+    figures[SCREE] = (draw.scree(variance), "explained variance per component and cumulative")
     sampled = len(pca) > SCATTER_MAX_POINTS
     shown = np.sort(np.random.default_rng(0).choice(len(pca), SCATTER_MAX_POINTS, replace=False)) if sampled else None
     if variance["k"] >= 2:
         labels = pca["label"].to_numpy(object)
         figures[SCATTER] = (
-            scatter_figure(x[shown, :2] if sampled else x[:, :2], labels[shown] if sampled else labels, sampled),
+            draw.scatter(x[shown, :2] if sampled else x[:, :2], labels[shown] if sampled else labels, sampled),
             "PC1 x PC2 coloured by label",
         )
-    figures[NEIGHBOURS] = (neighbours_figure(_neighbour_rows(pca, x, images_dir)), "nearest neighbours")
+    figures[NEIGHBOURS] = (
+        draw.neighbours(_neighbour_rows(pca, x, images_dir), QUERY_NEIGHBORS + 1),
+        "nearest neighbours",
+    )
     if evaluation:
-        figures[EVALUATION] = (evaluate_figure(evaluation), "kNN accuracy and recall per label")
+        figures[EVALUATION] = (draw.evaluation(evaluation), "kNN accuracy and recall per label")
     for name, (png, _) in figures.items():
         storage.write_bytes_atomic(storage.join(out, contract.figure_name(name)), png)
 
@@ -546,7 +395,7 @@ def _write(work: str, found: dict[str, str], run: dict, out: str) -> int:
             else f"All {len(pca):,} images are drawn."
         )
         labels = pca["label"].nunique()
-        if labels > LEGEND_MAX_LABELS:
+        if labels > draw.LEGEND_MAX_LABELS:
             note += f" {labels} labels: colours repeat and the legend is left out."
         parts.append(f"<p class=note>{note}</p>")
     parts.append("<h2>Nearest neighbours</h2>")
