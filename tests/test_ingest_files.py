@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from m9.stages.ingest import list_tree, parse_extensions
+from m9.stages.listing import list_tree, parse_extensions
 from tests.conftest import SAMPLE
 
 
@@ -102,7 +102,7 @@ def test_files_and_row_groups_are_sized_by_bytes(spark, tmp_path):
         Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
     total = sum(p.stat().st_size for p in src.iterdir())
     result = ingest(IngestConfig(input=str(tmp_path / "noise"), output=str(tmp_path / "out"), bytes_per_file=2**21))
-    files = sorted((tmp_path / "out").glob("*.parquet"))
+    files = sorted((tmp_path / "out").glob("part-*.parquet"))
     assert result.counts["parquet_files"] == len(files) == math.ceil(total / 2**21)
     assert result.counts["rows"] == 40
     for f in files:

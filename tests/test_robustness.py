@@ -332,7 +332,7 @@ def many(spark, tmp_path_factory) -> dict:
     write_bad_images(root / "fruit and nuts" / "broken")
     images = tmp_path_factory.mktemp("many-work") / "images"
     ingest(IngestConfig(input=str(root), output=str(images), images_per_file=25))
-    shards = sorted(p.name for p in images.glob("*.parquet"))
+    shards = sorted(p.name for p in images.glob("part-*.parquet"))
     assert len(shards) >= 8
     return {"images": images, "shards": shards}
 

@@ -117,7 +117,7 @@ class Extensions(_Parsed):
     parsed = (tuple,)
 
     def parse(self, text: str):
-        from m9.stages.ingest import parse_extensions
+        from m9.stages.listing import parse_extensions
 
         return parse_extensions(text)
 

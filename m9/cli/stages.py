@@ -29,7 +29,7 @@ def ignored(result) -> str:
     counts = result.counts
     text = f"{counts['ignored_files']} other files and {counts.get('hidden_files', 0)} hidden files ignored"
     if counts.get("unreadable_files"):
-        from m9.stages.ingest import unreadable_summary
+        from m9.stages.listing import unreadable_summary
 
         text += f", {counts['unreadable_files']} unreadable: {unreadable_summary(result.details['unreadable_reasons'])}"
     return text

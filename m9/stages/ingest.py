@@ -5,24 +5,21 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from m9.config import IMAGE_EXTENSIONS, IngestConfig
 from m9.engines import spark as m9spark
 from m9.errors import InputError
 from m9.io import lease, storage
-from m9.stages import lifecycle
+from m9.stages import lifecycle, listing
 from m9.stages.contract import INGEST, INGEST_INDEX
 from m9.stages.lifecycle import Manifest
 from m9.ui.progress import spark_tasks
@@ -45,113 +42,12 @@ ROW_GROUP_CHECK_ROWS = 4
 UNREADABLE_LISTED = 100
 
 
-def _glob(extensions=IMAGE_EXTENSIONS) -> str:
-    """A Hadoop glob matching the extensions in any case, e.g. *.{[jJ][pP][gG],…}."""
-
-    def anycase(ext: str) -> str:
-        return "".join(f"[{c.lower()}{c.upper()}]" for c in ext)
-
-    return "*.{" + ",".join(anycase(e) for e in extensions) + "}"
-
-
 def _check_input(src: str) -> None:
     if storage.is_s3(src):
         if not storage.exists(src):
             raise InputError(f"input {src} does not exist or is empty")
     elif not Path(src).is_dir():
         raise InputError(f"input {src} is not a folder" if Path(src).exists() else f"input {src} does not exist")
-
-
-def _is_image(name: str, extensions=IMAGE_EXTENSIONS) -> bool:
-    return "." in name and name.rsplit(".", 1)[-1].lower() in extensions
-
-
-def parse_extensions(text: str) -> tuple[str, ...]:
-    """`--extensions jpg,PNG,.webp` → ("jpg", "png", "webp")."""
-    exts = tuple(dict.fromkeys(e.strip().lstrip(".").lower() for e in text.split(",") if e.strip()))
-    if not exts or not all(e.isalnum() for e in exts):
-        raise ValueError(f"--extensions {text}: expected comma-separated extensions like jpg,png,webp")
-    return exts
-
-
-@dataclass
-class Listing:
-    """Every entry under an input: the files Spark reads (path inside the filesystem, size, mtime in ns), how
-    many hidden ones it skips, and the ones nobody can read, each with its reason."""
-
-    files: list[tuple[str, int, int]] = field(default_factory=list)
-    hidden: int = 0
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def _walk_local(root: str) -> Listing:
-    """The local tree as Hadoop's local filesystem lists it: symlinks followed (to files and to folders, as
-    Hadoop's getFileStatus does; a file reached through two paths is two images, as Spark reads it), except
-    a link whose target is gone, which Hadoop drops without a word and m9 counts as unreadable; a file the
-    user cannot read is counted too (Spark would fail on it)."""
-    listing = Listing()
-    for top, dirs, names in os.walk(root, followlinks=True):
-        real_top = os.path.realpath(top)
-        for d in list(dirs):
-            real = os.path.realpath(os.path.join(top, d))
-            if real_top == real or real_top.startswith(real + os.sep):
-                # Hadoop's listing follows it again and again (until the path is too long): no count of
-                # the tree would be right, so the user removes the link.
-                raise InputError(
-                    f"{os.path.join(top, d)} links back to {real}, a folder above it: Spark would read that "
-                    f"tree over and over; remove the link (or move the images out of its way)"
-                )
-        for name in sorted(names):
-            path = os.path.join(top, name)
-            rel = path[len(root) :].lstrip("/")
-            if _hidden(rel):
-                listing.hidden += 1
-                continue
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                listing.unreadable.append((path, f"dangling symlink to {os.readlink(path)}"))
-                continue
-            except OSError as exc:  # a symlink loop, an I/O error
-                listing.unreadable.append((path, f"cannot stat: {exc.strerror or exc}"))
-                continue
-            if not os.path.isfile(path):
-                listing.unreadable.append((path, "not a regular file"))
-            elif not os.access(path, os.R_OK):
-                listing.unreadable.append((path, "permission denied"))
-            else:
-                listing.files.append((path, st.st_size, st.st_mtime_ns))
-    return listing
-
-
-def list_tree(src: str) -> Listing:
-    """Every entry under src: what Spark will see, the hidden files it skips, and the unreadable ones.
-
-    Hadoop skips names starting with '.' or '_' (hidden and bookkeeping files, or any file below such a
-    folder); so does this listing, and m9 never reads them, but it counts them so the user can see them.
-    Spark's file scans also drop zero-byte files without a word, so m9 lists the tree itself to find them.
-    """
-    fs, root = storage.filesystem(src)
-    if not storage.is_s3(src):
-        return _walk_local(root)
-    listing = Listing()
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        if _hidden(info.path[len(root) :].lstrip("/")):
-            listing.hidden += 1
-            continue
-        listing.files.append((info.path, info.size, int(info.mtime_ns or 0)))
-    return listing
-
-
-def unreadable_summary(reasons: dict[str, int]) -> str:
-    """`2 dangling symlink, 1 permission denied` from {reason kind: count}."""
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items()))
 
 
 def images_frame(
@@ -185,7 +81,7 @@ def images_frame(
         raw = (
             spark.read.format("binaryFile")
             .option("recursiveFileLookup", "true")
-            .option("pathGlobFilter", _glob(extensions))
+            .option("pathGlobFilter", listing.glob_of(extensions))
             # A file m9's listing found unreadable (permission denied) is counted there; Spark must skip it,
             # not fail the job. The count check after the read catches any other file Spark skipped.
             .option("ignoreCorruptFiles", "true")
@@ -233,9 +129,9 @@ def ingest(cfg: IngestConfig) -> Manifest:
     if cfg.bytes_per_file < 1:
         raise InputError("--bytes-per-file must be at least 1")
     lifecycle.check_not_a_file(out)
-    listing = list_tree(src)
-    images = [f for f in listing.files if _is_image(f[0].rsplit("/", 1)[-1], cfg.extensions)]
-    unreadable = [(p, r) for p, r in listing.unreadable if _is_image(p.rsplit("/", 1)[-1], cfg.extensions)]
+    tree = listing.list_tree(src)
+    images = [f for f in tree.files if listing.is_image(f[0].rsplit("/", 1)[-1], cfg.extensions)]
+    unreadable = [(p, r) for p, r in tree.unreadable if listing.is_image(p.rsplit("/", 1)[-1], cfg.extensions)]
     if not images:
         raise InputError(
             f"no images (.{', .'.join(cfg.extensions)}) found under {src}"
@@ -252,7 +148,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
         if done is not None:
             log.info("ingest: %s already holds this input's output; skipping", out)
             return done
-        return _write(cfg, src, out, images, listing, unreadable, print_)
+        return _write(cfg, src, out, images, tree, unreadable, print_)
 
 
 #: The schema of INGEST_INDEX: one row per ingested image, and the part file (its name) holding it.
@@ -340,10 +236,10 @@ def _parts(out: str) -> set[str]:
 
 
 def _write(
-    cfg: IngestConfig, src: str, out: str, images: list, listing: Listing, unreadable: list, print_: dict
+    cfg: IngestConfig, src: str, out: str, images: list, tree: listing.Listing, unreadable: list, print_: dict
 ) -> Manifest:
     started = time.perf_counter()
-    ignored = len(listing.files) + len(listing.unreadable) - len(images) - len(unreadable)
+    ignored = len(tree.files) + len(tree.unreadable) - len(images) - len(unreadable)
     total_bytes = sum(size for _, size, _ in images)
     root = storage.filesystem(src)[1]
     stats = {path[len(root) :].lstrip("/"): (size, mtime) for path, size, mtime in images}
@@ -371,11 +267,11 @@ def _write(
         raise RuntimeError(f"ingest wrote {written} rows ({len(rows)} indexed) for {len(images)} files listed")
     reasons = Counter(reason.split(" to ")[0] for _, reason in unreadable)
     counts = {
-        "entries": len(listing.files) + len(listing.unreadable) + listing.hidden,
+        "entries": len(tree.files) + len(tree.unreadable) + tree.hidden,
         "files_found": len(images),
         "rows": written,
         "ignored_files": ignored,
-        "hidden_files": listing.hidden,
+        "hidden_files": tree.hidden,
         "unreadable_files": len(unreadable),
         "parquet_files": len(kept),
         **change,
@@ -391,9 +287,9 @@ def _write(
         change["removed"],
         change["unchanged"],
         ignored,
-        listing.hidden,
+        tree.hidden,
         len(unreadable),
-        f": {unreadable_summary(reasons)}" if unreadable else "",
+        f": {listing.unreadable_summary(reasons)}" if unreadable else "",
     )
     for path, reason in unreadable[:UNREADABLE_LISTED]:
         log.warning("ingest: unreadable: %s: %s", path, reason)
