@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m9.config import AUTO_VARIANCE_TARGET, parse_k
-from m9.stages.reduce import choose_k, k_choice
+from m9.stages.pca import choose_k, k_choice
 from tests.conftest import TEST_K
 
 

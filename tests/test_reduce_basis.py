@@ -16,7 +16,8 @@ from m9.errors import InputError
 from m9.stages import contract, lifecycle
 from m9.stages.contract import BASIS_NAME, EMBEDDINGS, MANIFEST, PCA_DIR, REDUCE, VARIANCE_NAME
 from m9.stages.lifecycle import Manifest
-from m9.stages.reduce import Basis, project, read_basis, stored_basis
+from m9.stages.pca import Basis, project, read_basis
+from m9.stages.reduce import stored_basis
 from tests.conftest import TEST_K
 
 

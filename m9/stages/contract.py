@@ -171,7 +171,7 @@ EMBED = Contract(
 #: Outputs of the reduce stage, and the column of pca/ holding the components.
 PCA_DIR, CSV_NAME, VARIANCE_NAME = "pca", "pca.csv", "variance.json"
 PCA_COLUMN = "pca"
-#: reduce's fitted basis (m9.stages.reduce.Basis): the mean, the components and their explained-variance
+#: reduce's fitted basis (m9.stages.pca.Basis): the mean, the components and their explained-variance
 #: ratios as float64 arrays in one NumPy .npz, with where and when it was fitted. One small file (1280 × k
 #: doubles), written in one atomic write and read back bit for bit without Spark; `--basis keep` projects
 #: a changed input onto it.
