@@ -149,9 +149,10 @@ def covariance(frame, column: str, dim: int) -> tuple[int, np.ndarray, np.ndarra
 
     Each partition sums its count, Σx and ΣxxT with numpy; the partial sums are added in a tree, so the
     driver never holds more than two dim×dim matrices at once, however many partitions there are.
-    Spark ML's PCA needs three scans for the same (the mean for centering, the covariance, and m9's check
-    of it) and computes the covariance one row at a time: on 70,000 synthetic 1280-d embeddings (AMD EPYC,
-    2 cores, load ~10, `m9 reduce`'s Spark session) this took 26 s where scaler + PCA + check took 161 s.
+    Spark ML's PCA takes three scans for the same (the mean for centering, the covariance one row at a time,
+    and a check of its SVD, which Spark's pure-Java LAPACK gets wrong on rank-deficient covariances): on
+    70,000 synthetic 1280-d embeddings (2026-12-04, AMD EPYC, 2 cores, load ~10, one Spark session) this
+    took 26 s where StandardScaler + PCA.fit + the check took 161 s.
     """
 
     def add(a, b):
