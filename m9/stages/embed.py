@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -230,15 +230,16 @@ def plan_slices(uris: list[str], max_rows: int) -> list[dict]:
     return items
 
 
-def _prepare_resume(out: str, src: str, shards: list[str], ours: bool) -> None:
+def _prepare_resume(out: str, src: str, shard_rows: Callable[[], dict[str, int]], ours: bool) -> None:
     """Make an unfinished embed output safe to resume or update: drop temporary files a killed run left
     behind, and the output (embeddings/ and errors/) of every shard the input no longer has, or whose rows
     it no longer matches; the output of every other shard is kept. ours: the folder records a run of this
     stage (a manifest or a pending record); a folder that records none but holds shards this input does not
-    have is refused, untouched (it may be the unfinished output of another input)."""
+    have is refused, untouched (it may be the unfinished output of another input). shard_rows: the rows of
+    each input shard, by URI."""
     import pyarrow.fs as pafs
 
-    rows = {part_name(s): n for s, n in _count_rows(shards).items()}
+    rows = {part_name(s): n for s, n in shard_rows().items()}
     found: dict[str, dict[str, str]] = {EMBEDDINGS: {}, ERRORS: {}}
     for sub in (EMBEDDINGS, ERRORS):
         fs, path = storage.filesystem(storage.join(out, sub))
@@ -410,19 +411,23 @@ def embed(cfg: EmbedConfig, model: ModelSpec | None = None) -> Manifest:
         # A folder that records no run of this stage but holds other shards is refused before the pending
         # record marks it as ours; in one that does, the output of shards the input no longer has goes.
         ours = lifecycle.read_manifest(out) is not None or storage.exists(storage.join(out, contract.PENDING))
-        check = functools.partial(_prepare_resume, out, src, shards, ours)
+        # Each shard's footer read once, and only if the stage runs (on S3 a request each).
+        shard_rows = functools.cache(lambda: _count_rows(shards))
+        check = functools.partial(_prepare_resume, out, src, shard_rows, ours)
         done = lifecycle.prepare(EMBED, out, print_, cfg.overwrite, before_start=check, in_place=True)
         if done is not None:
             log.info("embed: %s already holds this input's output; skipping", out)
             return check_rejections(done, cfg.max_errors, out)
-        return check_rejections(_run(cfg, src, out, shards, print_, model), cfg.max_errors, out)
+        return check_rejections(_run(cfg, src, out, shards, shard_rows(), print_, model), cfg.max_errors, out)
 
 
-def _run(cfg: EmbedConfig, src: str, out: str, shards: list[str], print_: dict, model: ModelSpec) -> Manifest:
+def _run(
+    cfg: EmbedConfig, src: str, out: str, shards: list[str], rows: dict[str, int], print_: dict, model: ModelSpec
+) -> Manifest:
+    """Embed what the output lacks; rows: each shard's rows, by URI."""
     import ray
 
     pending = [s for s in shards if not storage.exists(storage.join(out, EMBEDDINGS, part_name(s)))]
-    rows = _count_rows(shards)  # one footer read per shard, on S3 a request each
     expected = {s: rows[s] for s in pending}
     rows_in = sum(rows.values())
     started = time.perf_counter()
