@@ -35,7 +35,20 @@ NODE_IP = "127.0.0.1"
 # Ray refuses object stores below 75 MiB; three nodes share this machine.
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 START_TIMEOUT_S = 120
-WORKER_PORT_BASE = 36100
+#: Several raylets share this host, each handing its workers (and every driver that connects through
+#: it) ports from its own range without checking them: the ranges must not overlap, must sit below
+#: the kernel's ephemeral ports (32768 on), and must be wide. Ray takes a while to give a finished
+#: driver's or killed actor's port back; with 10 ports a node, about the tenth `m9 embed` in a row
+#: was refused ("Failed to register worker to Raylet: No available ports") or hung.
+WORKER_PORT_BASE = 20000
+WORKER_PORTS = 200
+
+
+def worker_port_range(index: int, base: int = WORKER_PORT_BASE) -> list[str]:
+    """`ray start` options giving the index-th simulated node its own worker ports."""
+    low = base + index * WORKER_PORTS
+    return [f"--min-worker-port={low}", f"--max-worker-port={low + WORKER_PORTS - 1}"]
+
 
 PREFLIGHT = REPO / "bootstrap" / "m9_preflight.py"
 NODE_NAMES = ("master", "core1", "core2")
@@ -99,7 +112,6 @@ def _node_env(info: Path, index: int, tag: str, gcs_port: int, temp_dir: str, to
     """Everything that makes bootstrap.sh treat this folder as an EMR node on loopback."""
     # Several raylets on one host: every port Ray would otherwise fix must differ.
     nm, om, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
-    base = WORKER_PORT_BASE + index * 20  # worker ports are picked from a range, not checked
     extra = [
         f"--node-manager-port={nm}",
         f"--object-manager-port={om}",
@@ -107,8 +119,7 @@ def _node_env(info: Path, index: int, tag: str, gcs_port: int, temp_dir: str, to
         f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--metrics-export-port={metrics}",
         f"--runtime-env-agent-port={runtime_env}",
-        f"--min-worker-port={base}",
-        f"--max-worker-port={base + 9}",
+        *worker_port_range(index),
     ]
     env = dict(os.environ)
     env.update(

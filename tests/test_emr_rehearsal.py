@@ -37,10 +37,13 @@ from tests.test_bootstrap import (
     _free_ports,
     _kill_tagged,
     _wait_for,
+    worker_port_range,
 )
 
 pytestmark = pytest.mark.slow
 PYTHON311 = shutil.which("python3.11")
+#: Worker ports of the rehearsal's nodes: apart from the simulated cluster's (tests/test_bootstrap.py).
+REHEARSAL_PORT_BASE = 25000
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +84,10 @@ def rehearsal(tmp_path_factory):
 
     def env_for(info: Path, index: int) -> dict[str, str]:
         nm, om, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
-        base = 36400 + index * 20
         ports = (
             f"--node-manager-port={nm} --object-manager-port={om} --dashboard-agent-listen-port={agent} "
             f"--dashboard-agent-grpc-port={agent_grpc} --metrics-export-port={metrics} "
-            f"--runtime-env-agent-port={runtime_env} --min-worker-port={base} --max-worker-port={base + 9}"
+            f"--runtime-env-agent-port={runtime_env} " + " ".join(worker_port_range(index, base=REHEARSAL_PORT_BASE))
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("M9_", "RAY_", "VIRTUAL_ENV"))}
         env.update(
