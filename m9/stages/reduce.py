@@ -202,7 +202,12 @@ def _keep(src: str, out: str, emb: str, print_: dict, basis: Basis) -> Manifest:
 
 def _write_pca(spark, raw, out: str, basis: Basis) -> pa.Table:
     """Write pca/ (the embeddings' coordinates on basis, by image_id) and return it as one Arrow table."""
-    result = raw.select(*_META_COLUMNS, projection_udf(basis)("features").alias(PCA_COLUMN)).orderBy("image_id")
+    # Each part sorted by image_id, parts as the input's partitions: a global orderBy would add a sampling
+    # job and a shuffle (1.5 against 0.8 s for 4,150 embeddings, both timed twice in one Spark session, AMD
+    # EPYC, 2 cores, 2026-12-04), and the table returned is sorted here anyway.
+    result = raw.select(*_META_COLUMNS, projection_udf(basis)("features").alias(PCA_COLUMN)).sortWithinPartitions(
+        "image_id"
+    )
     result.write.mode("overwrite").parquet(m9spark.spark_uri(storage.join(out, PCA_DIR)))
     fixed_size_pca(storage.join(out, PCA_DIR), basis.k)
     fs, path = storage.filesystem(storage.join(out, PCA_DIR))
