@@ -66,7 +66,7 @@ DEFAULT_K = 50
 BASES = ("refit", "keep")
 
 #: Neighbours that vote in `m9 evaluate`'s kNN classifier: 5 is scikit-learn's default and the usual first
-#: look; odd, so two labels cannot tie.
+#: look (with 5 votes two labels can still tie 2-2; the first label in sorted order wins, as in scikit-learn).
 DEFAULT_NEIGHBORS = 5
 
 #: Variance thresholds for which variance.json reports the smallest k that reaches them.

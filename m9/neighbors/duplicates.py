@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 #: nearest centroid differs from its original's is still found. Measured in docs/neighbors.md.
 DUPLICATE_CELLS = 2
 
-#: Images per block of the exact search (a block × n similarity matrix at a time), and per product within a cell.
-BLOCK = 4096
+#: The exact search's tiles (BLOCK × COLUMN_BLOCK similarities, 128 MB of float32 at a time), and the
+#: queries per product within a cell.
+BLOCK, COLUMN_BLOCK = 2048, 16384
 CELL_BLOCK = 1024
 
 #: Groups drawn in the report, largest first; groups whose medoid is computed (past it, the first member).
@@ -51,22 +52,28 @@ class DuplicatesConfig:
 
 def near_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity) of every pair i < j of unit rows whose cosine similarity is at least threshold:
-    exact search up to m9index.EXACT_MAX rows, else a search within k-means cells (_pairs_in_cells)."""
-    import faiss
+    exact search up to m9index.EXACT_MAX rows, else a search within k-means cells (_pairs_in_cells).
 
+    The exact search computes each pair once: block of rows i × the rows j ≥ the block's first, one matrix
+    product (BLAS) per BLOCK × COLUMN_BLOCK tile. On 70,000 Fashion-MNIST features at threshold 0.92
+    (2026-12-04, AMD EPYC, 2 cores) this found 80,721 pairs in 37.5 s (about 175 GFLOP/s, the BLAS rate of
+    one tile), where a faiss range search of every row over all rows, each pair twice, took 67.0 s for a
+    duplicates table equal to this one, similarities bit for bit; 4096 × 8192 tiles took 42.8 s."""
     n = len(x)
     if n > m9index.EXACT_MAX:
         return _pairs_in_cells(x, threshold)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    x = np.ascontiguousarray(x, np.float32)
     found_i, found_j, found_s = [], [], []
     for start in range(0, n, BLOCK):
-        lims, sims, ids = index.range_search(np.ascontiguousarray(x[start : start + BLOCK]), float(threshold))
-        rows = np.repeat(np.arange(start, min(n, start + BLOCK)), np.diff(lims).astype(np.int64))
-        keep = ids > rows
-        found_i.append(rows[keep])
-        found_j.append(ids[keep])
-        found_s.append(sims[keep])
+        rows = x[start : start + BLOCK]
+        for first in range(start, n, COLUMN_BLOCK):
+            sims = rows @ x[first : first + COLUMN_BLOCK].T
+            qi, ci = np.nonzero(sims >= threshold)
+            i, j = qi + start, ci + first
+            keep = j > i
+            found_i.append(i[keep])
+            found_j.append(j[keep])
+            found_s.append(sims[qi[keep], ci[keep]])
     return _joined(found_i, found_j, found_s)
 
 
